@@ -1,0 +1,8 @@
+"""Make the top-level modules importable from tests/ and keep CPU tests on few threads."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))

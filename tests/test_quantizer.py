@@ -1,0 +1,131 @@
+"""LFQ: the fast exact entropy against a brute-force softmax over all 2^K codes, bit order, factorization, STE, DDP."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from quantizer import (LFQ, bits_to_indices, codebook_usage, codes_to_indices, entropy_terms, indices_to_bits,
+                       indices_to_codemap, indices_to_codes, merge_indices, split_indices)
+
+
+def brute_force_entropies(z, temperature):
+    """The official definition, written out: softmax of 2<z,c>/T over every code c in {-1,1}^K (float64)."""
+    K = z.shape[1]
+    codes = indices_to_codes(torch.arange(2 ** K), K).double()  # (2^K, K), row c is the code of index c
+    probs = F.softmax(2 * z.double() @ codes.T / temperature, dim=1)  # (N, 2^K)
+    per_sample = -(probs * torch.log(probs.clamp_min(1e-300))).sum(1).mean()
+    avg = probs.mean(0)
+    codebook = -(avg * torch.log(avg.clamp_min(1e-300))).sum()
+    return per_sample, codebook
+
+
+@pytest.mark.parametrize("K", [4, 7, 10])
+@pytest.mark.parametrize("scale", [0.003, 0.02, 0.3])
+def test_entropy_matches_brute_force_value_and_gradient(K, scale):
+    torch.manual_seed(K)
+    z = (torch.randn(64, K, dtype=torch.float64) * scale).requires_grad_()
+    fast_ps, fast_cb = entropy_terms(z, 0.01)
+    slow_ps, slow_cb = brute_force_entropies(z, 0.01)
+    assert torch.allclose(fast_ps.double(), slow_ps, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(fast_cb.double(), slow_cb, rtol=1e-4, atol=1e-5)
+    # gradient of the whole Eq. (3) loss w.r.t. z
+    g_fast, = torch.autograd.grad(fast_ps - fast_cb, z)
+    g_slow, = torch.autograd.grad(slow_ps - slow_cb, z)
+    assert torch.allclose(g_fast, g_slow, rtol=1e-3, atol=1e-4 * g_slow.abs().max().item())
+
+
+def test_entropy_limits():
+    K = 18
+    # confident, all codes distinct -> per-sample entropy ~0, codebook entropy = ln N
+    idx = torch.randperm(2 ** K)[:1024]
+    z = indices_to_codes(idx, K)
+    ps, cb = entropy_terms(z, 0.01)
+    assert ps.item() < 1e-6 and abs(cb.item() - torch.log(torch.tensor(1024.)).item()) < 1e-4
+    # z = 0: every code equally likely -> both entropies are K ln 2
+    ps, cb = entropy_terms(torch.zeros(8, K), 0.01)
+    assert abs(ps.item() - K * 0.6931472) < 1e-3 and abs(cb.item() - K * 0.6931472) < 1e-3
+
+
+def test_bit_order_and_round_trips():
+    K = 18
+    bits = torch.zeros(K, dtype=torch.long)
+    bits[0] = 1; bits[3] = 1; bits[17] = 1  # channel 0 is the least significant bit
+    assert bits_to_indices(bits).item() == 1 + 8 + 2 ** 17
+    idx = torch.randint(0, 2 ** K, (3, 5, 7))
+    assert torch.equal(bits_to_indices(indices_to_bits(idx, K)), idx)
+    assert torch.equal(codes_to_indices(indices_to_codes(idx, K)), idx)
+    pre, post = split_indices(idx)
+    assert pre.max() < 64 and post.max() < 4096
+    assert torch.equal(merge_indices(pre, post), idx)
+    # pre holds channels 0-5, post channels 6-17
+    assert torch.equal(indices_to_bits(pre, 6), indices_to_bits(idx, K)[..., :6])
+    assert torch.equal(indices_to_bits(post, 12), indices_to_bits(idx, K)[..., 6:])
+    cmap = indices_to_codemap(idx, K)  # (B, K, H, W)
+    assert cmap.shape == (3, K, 5, 7) and torch.equal(codes_to_indices(cmap.permute(0, 2, 3, 1)), idx)
+    assert codebook_usage(torch.tensor([0, 1, 1, 3]), 2) == 0.75
+
+
+def test_lfq_forward_ste_and_commitment():
+    lfq = LFQ(num_bits=6).train()
+    z = torch.randn(2, 6, 4, 4, requires_grad=True)
+    z_q, idx, losses = lfq(z)
+    assert set(torch.unique(z_q.detach()).tolist()) <= {-1.0, 1.0}
+    assert torch.equal(idx, codes_to_indices(z.detach().permute(0, 2, 3, 1)))
+    assert torch.equal(z_q, indices_to_codemap(idx, 6))
+    # zero maps to -1
+    z0, _, _ = lfq(torch.zeros(1, 6, 1, 1))
+    assert (z0 == -1).all()
+    # straight-through: d(sum z_q)/dz = 1
+    z_q.sum().backward()
+    assert torch.allclose(z.grad, torch.ones_like(z))
+    expected = ((z.detach() - torch.sign(z.detach())) ** 2).mean()
+    assert torch.allclose(losses['commitment_loss'], expected)
+    assert torch.allclose(losses['entropy_loss'], losses['per_sample_entropy'] - losses['codebook_entropy'])
+    lfq.eval()
+    _, _, losses = lfq(z)
+    assert losses['entropy_loss'].item() == 0
+
+
+# ------------------------------------------------------------------ DDP: global batch entropy, gloo, 2 processes
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world_size, port, x_all, result_path):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=rank, world_size=world_size)
+    torch.manual_seed(0)
+    proj = torch.nn.Conv2d(3, 8, 1)
+    model = torch.nn.parallel.DistributedDataParallel(proj)
+    lfq = LFQ(num_bits=8).train()
+    x = x_all.chunk(world_size)[rank]
+    _, _, losses = lfq(model(x))
+    losses['entropy_loss'].backward()
+    # the per-sample term is a local mean; averaged over ranks (as DDP averages gradients) it is the global mean
+    loss = losses['entropy_loss'].detach().clone()
+    dist.all_reduce(loss)
+    if rank == 0:
+        torch.save({'loss': loss / world_size, 'cb': losses['codebook_entropy'].detach(),
+                    'grad': proj.weight.grad.clone()}, result_path)
+    dist.destroy_process_group()
+
+
+def test_ddp_entropy_equals_single_process(tmp_path):
+    x_all = torch.randn(4, 3, 4, 4) * 0.05
+    torch.manual_seed(0)
+    proj = torch.nn.Conv2d(3, 8, 1)
+    _, _, ref = LFQ(num_bits=8).train()(proj(x_all))
+    ref['entropy_loss'].backward()
+    path = str(tmp_path / 'rank0.pt')
+    mp.spawn(_ddp_worker, args=(2, _free_port(), x_all, path), nprocs=2, join=True)
+    got = torch.load(path)
+    assert torch.allclose(got['cb'], ref['codebook_entropy'], atol=1e-5)
+    assert torch.allclose(got['loss'], ref['entropy_loss'], atol=1e-5)
+    assert torch.allclose(got['grad'], proj.weight.grad, rtol=1e-4, atol=1e-6)
