@@ -1,0 +1,328 @@
+"""
+Datasets and token extraction.
+
+Every dataset returns (image (3, H, W) float in [-1, 1], label int64) and takes a spec string:
+    'synthetic'                     built-in class-conditional shapes, no files (the quick start and the tests)
+    /path/to/imagenet/train         an ImageNet-style folder root/<class>/<image>, classes in sorted order
+    a.npz[,b.npz,...]               image archives as in shared/data/README.md: `images` uint8 (N,H,W,3), or packed
+                                    JPEG bytes (`jpeg` + `offsets`), with `labels`
+
+Augmentation is a pure function of (seed, epoch, index): the sampler yields (epoch, index) pairs, so a resumed run,
+any number of DataLoader workers and the token extraction below all see exactly the same crops.
+Train: resize the shorter side to `size` (bicubic), random crop (and an optional horizontal flip); eval: center crop.
+
+A corrupt or unreadable image is reported with its path and dropped from its batch (the collate function counts it);
+the trainers stop with an error once more than 1% of the images seen were bad.
+
+`extract_codes` encodes a dataset once into a memory-mapped array of 18-bit token indices (several augmented views
+per image) for train_gpt.py; run it as `python train_gpt.py --extract ...` (see there), under torchrun too.
+"""
+
+import glob
+import io
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+# -----------------------------------------------------------------------------
+# the augmentation shared by every dataset
+
+
+def crop_image(img, size, train, rng, hflip):
+    """PIL image -> (3, size, size) float tensor in [-1, 1]. rng is a numpy Generator (None for eval)."""
+    img = img.convert('RGB')  # grayscale / CMYK / palette files become RGB
+    w, h = img.size
+    scale = size / min(w, h)
+    if scale != 1:
+        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+        w, h = img.size
+    if train:
+        left, top = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
+    else:
+        left, top = (w - size) // 2, (h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    if train and hflip and rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W) uint8
+    return x.float() / 127.5 - 1
+
+
+class _Base(torch.utils.data.Dataset):
+    """Shared __getitem__: item is an index or an (epoch, index) pair; returns None for an unreadable image."""
+
+    def __init__(self, size, train, seed, hflip):
+        self.size, self.train, self.seed, self.hflip = size, train, seed, hflip
+
+    def __getitem__(self, item):
+        epoch, i = item if isinstance(item, tuple) else (0, item)
+        rng = np.random.default_rng((self.seed, epoch, i)) if self.train else None
+        try:
+            return crop_image(self.load(i), self.size, self.train, rng, self.hflip), int(self.labels[i])
+        except Exception as e:  # corrupt file, truncated JPEG, permission error, ...
+            print(f"warning: skipping unreadable image {self.describe(i)}: {e}", file=sys.stderr, flush=True)
+            return None
+
+
+class ImageFolder(_Base):
+    EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.JPEG', '.JPG', '.PNG')
+
+    def __init__(self, root, size, train=True, seed=0, hflip=False):
+        super().__init__(size, train, seed, hflip)
+        classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        self.paths, self.labels = [], []
+        for label, name in enumerate(classes):
+            files = sorted(f for f in os.listdir(os.path.join(root, name)) if f.endswith(self.EXTENSIONS))
+            self.paths += [os.path.join(root, name, f) for f in files]
+            self.labels += [label] * len(files)
+        if not self.paths:
+            raise FileNotFoundError(f"no images found under {root} (expected root/<class>/<image>.jpg)")
+        self.num_classes = len(classes)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def load(self, i):
+        with open(self.paths[i], 'rb') as f:
+            img = Image.open(io.BytesIO(f.read()))
+            img.load()  # decode now so a truncated file fails here, inside the try
+        return img
+
+    def describe(self, i):
+        return self.paths[i]
+
+
+class NpzImages(_Base):
+    """One or more .npz archives (comma-separated): raw `images` or packed JPEG bytes, see shared/data/README.md."""
+
+    def __init__(self, paths, size, train=True, seed=0, hflip=False):
+        super().__init__(size, train, seed, hflip)
+        self.parts = []  # (path, images or None, jpeg, offsets) per file
+        labels = []
+        for path in paths.split(','):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"image archive not found: {path}")
+            d = np.load(path)
+            if 'images' in d.files:
+                self.parts.append((path, d['images'], None, None))
+            elif 'jpeg' in d.files:
+                self.parts.append((path, None, d['jpeg'], d['offsets']))
+            else:
+                raise ValueError(f"{path}: expected key 'images' or 'jpeg'+'offsets', found {d.files}")
+            labels.append(d['labels'].astype(np.int64))
+        self.labels = np.concatenate(labels)
+        self.starts = np.cumsum([0] + [len(lab) for lab in labels])  # first global index of each part
+        self.num_classes = int(self.labels.max()) + 1
+
+    def __len__(self):
+        return len(self.labels)
+
+    def _locate(self, i):
+        part = int(np.searchsorted(self.starts, i, side='right')) - 1
+        return part, i - self.starts[part]
+
+    def load(self, i):
+        part, j = self._locate(i)
+        _, images, jpeg, offsets = self.parts[part]
+        if images is not None:
+            return Image.fromarray(images[j])
+        img = Image.open(io.BytesIO(jpeg[offsets[j]:offsets[j + 1]].tobytes()))
+        img.load()
+        return img
+
+    def describe(self, i):
+        part, j = self._locate(i)
+        return f"{self.parts[part][0]}[{j}]"
+
+
+class SyntheticShapes(_Base):
+    """Built-in class-conditional data: class c is a shape (c % 5: disc, square, triangle, ring, cross) in a colour
+    (c // 5) on a random background, at a random position and size. Image i is a pure function of (seed, i)."""
+
+    PALETTE = np.array([[230, 40, 40], [40, 90, 230], [40, 200, 70], [240, 200, 30], [200, 60, 220],
+                        [30, 210, 220], [250, 130, 20], [250, 250, 250]], np.float32)
+
+    def __init__(self, n=2000, size=32, num_classes=10, seed=0, train=True, hflip=False):
+        super().__init__(size, train, seed, hflip)
+        assert num_classes <= 5 * len(self.PALETTE)
+        self.n, self.num_classes = n, num_classes
+        self.labels = np.arange(n) % num_classes
+
+    def __len__(self):
+        return self.n
+
+    def load(self, i):
+        rng = np.random.default_rng((self.seed, 12345, i))
+        s, c = self.size, int(self.labels[i])
+        yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5
+        r = s * rng.uniform(0.22, 0.34)  # shape radius
+        cy, cx = rng.uniform(r, s - r, size=2)
+        dy, dx = (yy - cy) / r, (xx - cx) / r
+        shape = c % 5
+        if shape == 0:
+            mask = dy ** 2 + dx ** 2 < 1
+        elif shape == 1:
+            mask = (abs(dy) < 0.8) & (abs(dx) < 0.8)
+        elif shape == 2:
+            mask = (dy < 0.8) & (abs(dx) < (dy + 1) * 0.5)
+        elif shape == 3:
+            mask = (dy ** 2 + dx ** 2 < 1) & (dy ** 2 + dx ** 2 > 0.36)
+        else:
+            mask = ((abs(dy) < 0.25) | (abs(dx) < 0.25)) & (abs(dy) < 1) & (abs(dx) < 1)
+        background = rng.uniform(0, 90, size=3).astype(np.float32) + 20 * rng.standard_normal((s, s, 1))
+        colour = self.PALETTE[c // 5] * rng.uniform(0.8, 1.0)
+        img = np.where(mask[..., None], colour, background) + 6 * rng.standard_normal((s, s, 3))
+        return Image.fromarray(img.clip(0, 255).astype(np.uint8))
+
+    def describe(self, i):
+        return f"synthetic[{i}]"
+
+
+def build_dataset(spec, size, train=True, seed=0, hflip=False):
+    if spec == 'synthetic':
+        # train and held-out splits are different images (different seeds), same classes
+        return SyntheticShapes(n=4000 if train else 200, size=size, seed=seed if train else seed + 1,
+                               train=train, hflip=hflip)
+    if spec.endswith('.npz'):
+        return NpzImages(spec, size, train, seed, hflip)
+    if os.path.isdir(spec):
+        return ImageFolder(spec, size, train, seed, hflip)
+    raise FileNotFoundError(f"dataset {spec!r} is neither 'synthetic', an existing folder, nor .npz file(s)")
+
+
+# -----------------------------------------------------------------------------
+# sampling order and batching
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffled, rank-sharded order that can start mid-epoch: yields (epoch, index) pairs.
+
+    Like DistributedSampler (reshuffled each epoch from seed + epoch, every rank a disjoint 1/world share, the tail
+    dropped so ranks have equal counts), plus `start`: the number of this rank's samples of the epoch already done,
+    which is how a resumed run continues with exactly the batches it would have seen.
+    """
+
+    def __init__(self, n, rank=0, world_size=1, seed=0, shuffle=True):
+        self.n, self.rank, self.world_size, self.seed, self.shuffle = n, rank, world_size, seed, shuffle
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def __len__(self):
+        return self.n // self.world_size - self.start
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        else:
+            order = list(range(self.n))
+        order = order[:self.n // self.world_size * self.world_size][self.rank::self.world_size]
+        return iter([(self.epoch, i) for i in order[self.start:]])
+
+
+def collate_skip_bad(batch):
+    """Default collate, minus the images that failed to load. Returns (images, labels, number dropped)."""
+    good = [b for b in batch if b is not None]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), len(batch)
+    images, labels = torch.utils.data.default_collate(good)
+    return images, labels, len(batch) - len(good)
+
+
+def check_bad_fraction(num_bad, num_seen, limit=0.01):
+    if num_bad > max(limit * num_seen, 0) and num_seen >= 100:
+        raise RuntimeError(f"{num_bad} of {num_seen} images could not be read (> {limit:.0%}); "
+                           "check the dataset (the warnings above list the files)")
+
+
+# -----------------------------------------------------------------------------
+# token extraction for the generator: dataset -> memory-mapped (views, N, h, w) int32 array of 18-bit indices
+
+
+@torch.no_grad()
+def extract_codes(tokenizer, dataset, out_dir, views, batch_size, dist_info, num_workers=4, amp=True):
+    """Encode every image of `dataset` `views` times (view v = augmentation epoch v: its own random crop and flip).
+
+    Writes out_dir/codes.npy (views, N, h, w) int32, out_dir/labels.npy (N,) and out_dir/meta.json. Rank r of W
+    encodes images r, r+W, ... and writes them into the one shared memmap (ranks touch disjoint rows; several nodes
+    need a shared filesystem). Each rank records finished chunks in out_dir/progress_rank{r}.json, so a killed
+    extraction resumes where it stopped (with the same world size).
+    """
+    from tqdm import tqdm
+
+    from utils import autocast, barrier
+
+    rank, world = dist_info.rank, dist_info.world_size
+    n = len(dataset)
+    h = w = dataset.size // tokenizer.downsample
+    codes_path = os.path.join(out_dir, 'codes.npy')
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        if not os.path.exists(codes_path):
+            np.lib.format.open_memmap(codes_path, mode='w+', dtype=np.int32, shape=(views, n, h, w)).flush()
+            np.save(os.path.join(out_dir, 'labels.npy'), np.asarray(dataset.labels, np.int64))
+    barrier()
+    codes = np.load(codes_path, mmap_mode='r+')
+    if codes.shape != (views, n, h, w):
+        raise ValueError(f"{codes_path} has shape {codes.shape}, expected {(views, n, h, w)}: use a new --codes dir")
+    progress_path = os.path.join(out_dir, f'progress_rank{rank}_of{world}.json')
+    done = json.load(open(progress_path))['chunks_done'] if os.path.exists(progress_path) else 0
+
+    mine = list(range(rank, n, world))
+    chunks = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    jobs = [(v, chunk) for v in range(views) for chunk in chunks]
+    batch_sampler = [[(v, i) for i in chunk] for v, chunk in jobs[done:]]
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
+                                         collate_fn=list)
+    tokenizer.eval()
+    for k, batch in enumerate(tqdm(loader, desc=f'extract rank {rank}', initial=done, total=len(jobs),
+                                   disable=rank != 0)):
+        v, chunk = jobs[done + k]
+        if any(b is None for b in batch):
+            raise RuntimeError("unreadable image during extraction (see warning above); remove it and rerun")
+        x = torch.stack([b[0] for b in batch]).to(dist_info.device)
+        with autocast(dist_info.device_type, amp):
+            _, indices, _ = tokenizer.encode(x)  # (B, h, w)
+        codes[v, chunk] = indices.cpu().numpy().astype(np.int32)
+        if k % 50 == 49 or done + k + 1 == len(jobs):
+            codes.flush()
+            with open(progress_path + '.tmp', 'w') as f:
+                json.dump({'chunks_done': done + k + 1, 'chunks_total': len(jobs)}, f)
+            os.replace(progress_path + '.tmp', progress_path)
+    codes.flush()
+    barrier()
+    if rank == 0:
+        finished = all(json.load(open(p))['chunks_done'] == json.load(open(p))['chunks_total']
+                       for p in glob.glob(os.path.join(out_dir, f'progress_rank*_of{world}.json')))
+        meta = {'views': views, 'num_images': n, 'grid': [h, w], 'num_bits': tokenizer.config.num_bits,
+                'image_size': dataset.size, 'num_classes': int(dataset.num_classes), 'complete': finished}
+        with open(os.path.join(out_dir, 'meta.json'), 'w') as f:
+            json.dump(meta, f, indent=1)
+    barrier()
+
+
+class CodesDataset(torch.utils.data.Dataset):
+    """Pre-extracted tokens: item (epoch, i) -> (tokens (h*w,) int64 of view epoch % views, label)."""
+
+    def __init__(self, out_dir):
+        meta_path = os.path.join(out_dir, 'meta.json')
+        if not os.path.exists(meta_path):
+            raise FileNotFoundError(f"no {meta_path}: run the extraction first (python train_gpt.py --extract ...)")
+        self.meta = json.load(open(meta_path))
+        if not self.meta['complete']:
+            raise RuntimeError(f"extraction in {out_dir} is incomplete: rerun it to finish")
+        self.codes = np.load(os.path.join(out_dir, 'codes.npy'), mmap_mode='r')  # (views, N, h, w)
+        self.labels = np.load(os.path.join(out_dir, 'labels.npy'))
+        self.num_classes = self.meta['num_classes']
+
+    def __len__(self):
+        return self.codes.shape[1]
+
+    def __getitem__(self, item):
+        epoch, i = item if isinstance(item, tuple) else (0, item)
+        tokens = torch.from_numpy(self.codes[epoch % self.codes.shape[0], i].astype(np.int64)).flatten()
+        return tokens, int(self.labels[i])

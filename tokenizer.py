@@ -1,0 +1,337 @@
+"""
+The MAGVIT-v2 / Open-MAGVIT2 image tokenizer: a convolutional encoder, the lookup-free quantizer (quantizer.py,
+paper Eq. 1-3) and a decoder with Adaptive GroupNorm. An image (B, 3, H, W) in [-1, 1] becomes an (H/f, W/f) grid
+of 18-bit tokens (f = 16 for the 256px model, 8 for the 128px one) and back.
+
+The network is the official v2 one (Open-MAGVIT2 `improved_model.py`, `lfqgan.py`), module for module and with
+the same parameter names, so the released checkpoints load with an almost-identity mapping
+(`convert_official_tokenizer`). No attention anywhere; 115.13M parameters at 256px, 112.02M at 128px.
+
+Quick look at a reconstruction (writes input | reconstruction side by side):
+    python tokenizer.py --reconstruct photo.jpg --ckpt out/tok.pt --out rec.png                # our checkpoint
+    python tokenizer.py --reconstruct photo.jpg --ckpt open-magvit2:imagenet_256_L.ckpt        # released weights
+    python tokenizer.py --reconstruct photo.jpg --ckpt imagenet_256_L.ckpt --device npu        # Ascend NPU
+Without --ckpt, --preset NAME builds an untrained tokenizer (its output is noise: a smoke test only).
+Training is in train_tok.py.
+"""
+
+import argparse
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from quantizer import LFQ, indices_to_codemap
+
+# -----------------------------------------------------------------------------
+# building blocks
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> swish -> conv3x3 -> GroupNorm -> swish -> conv3x3, plus the input (1x1 conv if channels change).
+    Convs have no bias: each is followed by a GroupNorm (or by the residual sum and then one), as in the official code."""
+
+    def __init__(self, in_ch, out_ch):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(32, in_ch, eps=1e-6)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)
+        self.norm2 = nn.GroupNorm(32, out_ch, eps=1e-6)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False)
+        self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1, bias=False) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))  # silu is swish: x * sigmoid(x)
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.nin_shortcut(x) + h
+
+
+class AdaptiveGroupNorm(nn.Module):
+    """GroupNorm whose scale and shift come from the quantized latent z_q (MAGVIT-v2's decoder conditioning):
+        out = gamma(std_hw(z_q)) * GroupNorm(x) + beta(mean_hw(z_q))     (no "1 +" on the scale)
+    std_hw / mean_hw are per-channel statistics over the token grid. Like the official code we use the *unbiased*
+    variance (torch.var's default; the official comment says "not unbias" but the call is unbiased) plus eps under
+    the square root, so released weights reproduce their outputs. Statistics are taken in fp32: z_q is +-1 and its
+    variance is a difference of near-equal sums, which bf16 would round badly. Needs at least 2 tokens per image."""
+
+    def __init__(self, z_channels, channels, eps=1e-6):
+        super().__init__()
+        self.gn = nn.GroupNorm(32, channels, eps=eps, affine=False)
+        self.gamma = nn.Linear(z_channels, channels)
+        self.beta = nn.Linear(z_channels, channels)
+        self.eps = eps
+
+    def forward(self, x, z_q):
+        z = z_q.float()  # (B, K, h, w)
+        std = (z.var(dim=(2, 3)) + self.eps).sqrt().to(self.gamma.weight.dtype)  # (B, K)
+        mean = z.mean(dim=(2, 3)).to(self.beta.weight.dtype)  # (B, K)
+        scale = self.gamma(std)[:, :, None, None]  # (B, C, 1, 1)
+        shift = self.beta(mean)[:, :, None, None]
+        return scale * self.gn(x) + shift
+
+
+def depth_to_space(x):
+    """(B, 4C, H, W) -> (B, C, 2H, 2W) in the official (TensorFlow "DCR") channel order: input channel
+    (i*2 + j)*C + c lands at output pixel (2h + i, 2w + j), channel c. nn.PixelShuffle uses c*4 + i*2 + j instead,
+    which would scramble the released upsampler weights, hence this function. reshape (not view) so that
+    channels_last inputs work; the result is a fresh contiguous tensor."""
+    B, C4, H, W = x.shape
+    x = x.reshape(B, 2, 2, C4 // 4, H, W)  # (B, i, j, C, H, W)
+    x = x.permute(0, 3, 4, 1, 5, 2)  # (B, C, H, i, W, j)
+    return x.reshape(B, C4 // 4, 2 * H, 2 * W)
+
+
+class Upsampler(nn.Module):
+    """conv3x3 C -> 4C, then depth-to-space: 2x resolution, C channels (the decoder's learned upsampling)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, 4 * channels, 3, padding=1)
+
+    def forward(self, x):
+        return depth_to_space(self.conv1(x))
+
+
+class Encoder(nn.Module):
+    """image (B, 3, H, W) -> latent z (B, K, H/f, W/f), f = 2^(len(ch_mult) - 1).
+    Levels of num_res_blocks ResBlocks at ch*ch_mult[i] channels, a strided 3x3 conv between levels, then
+    num_res_blocks middle ResBlocks and GroupNorm -> swish -> 1x1 conv to K channels.
+    Names (down[i].block[j], down[i].downsample, mid_block, ...) are those of the official checkpoints."""
+
+    def __init__(self, ch, ch_mult, num_res_blocks, z_channels):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, ch, 3, padding=1, bias=False)
+        self.down = nn.ModuleList()
+        in_ch = ch
+        for i, mult in enumerate(ch_mult):
+            level = nn.ModuleDict({'block': nn.ModuleList()})
+            for _ in range(num_res_blocks):
+                level['block'].append(ResBlock(in_ch, ch * mult))
+                in_ch = ch * mult
+            if i < len(ch_mult) - 1:
+                level['downsample'] = nn.Conv2d(in_ch, in_ch, 3, stride=2, padding=1)
+            self.down.append(level)
+        self.mid_block = nn.ModuleList([ResBlock(in_ch, in_ch) for _ in range(num_res_blocks)])
+        self.norm_out = nn.GroupNorm(32, in_ch, eps=1e-6)
+        self.conv_out = nn.Conv2d(in_ch, z_channels, 1)
+
+    def forward(self, x):
+        x = self.conv_in(x)  # (B, ch, H, W)
+        for level in self.down:
+            for block in level['block']:
+                x = block(x)
+            if 'downsample' in level:
+                x = level['downsample'](x)  # (B, C, H/2, W/2)
+        for block in self.mid_block:
+            x = block(x)
+        return self.conv_out(F.silu(self.norm_out(x)))  # (B, K, H/f, W/f)
+
+
+class Decoder(nn.Module):
+    """quantized latent (B, K, h, w) -> image (B, 3, h*f, w*f). conv3x3 K -> ch*ch_mult[-1], num_res_blocks middle
+    ResBlocks, then per level from the deepest: AdaptiveGroupNorm conditioned on z_q, num_res_blocks ResBlocks,
+    and (except at the last level) an Upsampler; GroupNorm -> swish -> conv3x3 to RGB.
+    up[i] / adaptive[i] are indexed like the encoder's down[i] (up[0] runs last), as in the official code."""
+
+    def __init__(self, ch, ch_mult, num_res_blocks, z_channels):
+        super().__init__()
+        in_ch = ch * ch_mult[-1]
+        self.conv_in = nn.Conv2d(z_channels, in_ch, 3, padding=1)
+        self.mid_block = nn.ModuleList([ResBlock(in_ch, in_ch) for _ in range(num_res_blocks)])
+        up, adaptive = [], []
+        for i in reversed(range(len(ch_mult))):
+            adaptive.insert(0, AdaptiveGroupNorm(z_channels, in_ch))
+            level = nn.ModuleDict({'block': nn.ModuleList()})
+            for _ in range(num_res_blocks):
+                level['block'].append(ResBlock(in_ch, ch * ch_mult[i]))
+                in_ch = ch * ch_mult[i]
+            if i > 0:
+                level['upsample'] = Upsampler(in_ch)
+            up.insert(0, level)
+        self.up, self.adaptive = nn.ModuleList(up), nn.ModuleList(adaptive)
+        self.norm_out = nn.GroupNorm(32, in_ch, eps=1e-6)
+        self.conv_out = nn.Conv2d(in_ch, 3, 3, padding=1)
+
+    def forward(self, z_q):
+        x = self.conv_in(z_q)  # (B, C, h, w)
+        for block in self.mid_block:
+            x = block(x)
+        for i in reversed(range(len(self.up))):
+            x = self.adaptive[i](x, z_q)
+            for block in self.up[i]['block']:
+                x = block(x)
+            if 'upsample' in self.up[i]:
+                x = self.up[i]['upsample'](x)  # (B, C, 2h, 2w)
+        return self.conv_out(F.silu(self.norm_out(x)))  # (B, 3, H, W)
+
+
+# -----------------------------------------------------------------------------
+# config and presets
+
+
+@dataclass
+class TokenizerConfig:
+    ch: int = 128  # base width; level i has ch * ch_mult[i] channels
+    ch_mult: tuple = (1, 1, 2, 2, 4)  # one entry per level; downsampling f = 2^(len - 1)
+    num_res_blocks: int = 4  # ResBlocks per level, and in the middle
+    num_bits: int = 18  # K: latent channels = bits per token, 2^K codes
+    image_size: int = 256  # the training resolution (the network itself takes any multiple of f)
+
+
+PRESETS = {
+    'imagenet256': TokenizerConfig(ch_mult=(1, 1, 2, 2, 4), image_size=256),  # 256px -> 16x16 tokens, 115.13M
+    'imagenet128': TokenizerConfig(ch_mult=(1, 2, 2, 4), image_size=128),  # 128px -> 16x16 tokens, 112.02M
+    'tiny': TokenizerConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, image_size=32),  # 32px -> 8x8, CPU minutes
+}
+
+# -----------------------------------------------------------------------------
+# official checkpoints
+
+
+def convert_official_tokenizer(state_dict, ema=True):
+    """Official Open-MAGVIT2 Lightning `state_dict` -> `Tokenizer.state_dict()` layout.
+
+        encoder.*  -> encoder.*     identity: our modules carry the official names and shapes
+        decoder.*  -> decoder.*     identity, including Upsampler.conv1: our depth_to_space uses the official
+                                    channel order, so no weight is permuted
+        model_ema.<name with the dots removed> -> <name>   with ema=True (LitEma stores one buffer per parameter,
+                                    named without dots, e.g. model_ema.encoderconv_inweight -> encoder.conv_in.weight)
+        quantize.*, loss.* (discriminator, LPIPS), model_ema.loss*, model_ema.decay, model_ema.num_updates -> dropped
+                                    (LFQ has no learned state; the rest is only for training)
+    Keys outside these groups, or EMA entries that are missing or left over, raise a KeyError that lists them.
+    """
+    known = ('encoder.', 'decoder.', 'quantize.', 'loss.', 'model_ema.')
+    unknown = [k for k in state_dict if not k.startswith(known)]
+    if unknown:
+        raise KeyError(f"not an Open-MAGVIT2 tokenizer checkpoint, unknown keys: {unknown[:20]}")
+    raw = {k: v for k, v in state_dict.items() if k.startswith(('encoder.', 'decoder.'))}
+    if not ema:
+        return raw
+    ema_name = {k: 'model_ema.' + k.replace('.', '') for k in raw}  # encoder/decoder have parameters only
+    missing = [e for e in ema_name.values() if e not in state_dict]
+    if missing:
+        raise KeyError(f"checkpoint has no EMA weights for {len(missing)} tensors, e.g. {missing[:10]}; "
+                       f"load with ema=False (--no-ema) to use the raw weights")
+    ignored = set(ema_name.values()) | {'model_ema.decay', 'model_ema.num_updates'}
+    leftover = [k for k in state_dict if k.startswith('model_ema.') and k not in ignored
+                and not k.startswith('model_ema.loss')]
+    if leftover:
+        raise KeyError(f"EMA entries that match no encoder/decoder parameter: {leftover[:20]}")
+    return {k: state_dict[e] for k, e in ema_name.items()}
+
+
+# -----------------------------------------------------------------------------
+# the tokenizer
+
+
+class Tokenizer(nn.Module):
+    """Encoder + LFQ + decoder. Images are (B, 3, H, W) in [-1, 1], H and W multiples of `downsample`."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        args = (config.ch, tuple(config.ch_mult), config.num_res_blocks, config.num_bits)
+        self.encoder = Encoder(*args)
+        self.quantizer = LFQ(config.num_bits)
+        self.decoder = Decoder(*args)
+
+    @property
+    def downsample(self):
+        return 2 ** (len(self.config.ch_mult) - 1)
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        if name not in PRESETS:
+            raise ValueError(f"unknown tokenizer preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(TokenizerConfig(**{**asdict(PRESETS[name]), **overrides}))
+
+    @classmethod
+    def from_checkpoint(cls, path_or_state, ema=True):
+        """Build from our checkpoint ({'kind': 'tokenizer', 'config', 'model', optional 'ema'}) or from an official
+        Open-MAGVIT2 one (a Lightning dict with 'state_dict', or any path prefixed 'open-magvit2:'), given as a
+        path or as the loaded dict. ema=True takes the EMA weights when the checkpoint has them."""
+        from utils import load_checkpoint
+        ckpt = path_or_state
+        if isinstance(ckpt, str):
+            ckpt = load_checkpoint(ckpt.removeprefix('open-magvit2:'))
+        if not isinstance(ckpt, dict) or ('state_dict' not in ckpt and ckpt.get('kind') != 'tokenizer'):
+            kind = ckpt.get('kind') if isinstance(ckpt, dict) else type(ckpt).__name__
+            raise ValueError(f"not a tokenizer checkpoint (kind {kind!r}): expected ours (kind 'tokenizer') "
+                             f"or an official Open-MAGVIT2 Lightning checkpoint (with 'state_dict')")
+        if ckpt.get('kind') == 'tokenizer':
+            model = cls(TokenizerConfig(**ckpt['config']))
+            state = ckpt['ema'] if ema and ckpt.get('ema') is not None else ckpt['model']
+        else:
+            state = convert_official_tokenizer(ckpt['state_dict'], ema=ema)
+            # the architecture is read off the tensor shapes; both released models make 16x16 tokens
+            ch = state['encoder.conv_in.weight'].shape[0]
+            levels = 1 + max(int(k.split('.')[2]) for k in state if k.startswith('encoder.down.'))
+            ch_mult = tuple(state[f'encoder.down.{i}.block.0.conv1.weight'].shape[0] // ch for i in range(levels))
+            blocks = len({k.split('.')[2] for k in state if k.startswith('encoder.mid_block.')})
+            model = cls(TokenizerConfig(ch, ch_mult, blocks, state['encoder.conv_out.weight'].shape[0],
+                                        image_size=16 * 2 ** (levels - 1)))
+        model.load_state_dict(state, strict=True)  # lists any missing / unexpected keys
+        return model
+
+    def encode(self, x):
+        """x (B, 3, H, W) -> z_q (B, K, H/f, W/f) in {-1, +1}, indices (B, H/f, W/f) int64, losses (see LFQ)."""
+        f = self.downsample
+        if x.shape[-2] % f or x.shape[-1] % f:
+            raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of the downsampling factor {f}")
+        return self.quantizer(self.encoder(x))
+
+    def decode(self, z_q):
+        """z_q (B, K, h, w) -> images (B, 3, h*f, w*f), not clamped."""
+        return self.decoder(z_q)
+
+    def decode_indices(self, indices):
+        """indices (B, h, w) int64 -> images (B, 3, h*f, w*f): tokens to their +-1 code map, then decode."""
+        z_q = indices_to_codemap(indices, self.config.num_bits)
+        return self.decoder(z_q.to(self.decoder.conv_in.weight.dtype))
+
+    def forward(self, x):
+        z_q, indices, losses = self.encode(x)
+        return self.decode(z_q), indices, losses
+
+
+# -----------------------------------------------------------------------------
+# python tokenizer.py --reconstruct IMAGE --ckpt PATH
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser(description="reconstruct one image through a tokenizer")
+    parser.add_argument('--reconstruct', required=True, metavar='IMAGE', help="any image Pillow can read")
+    parser.add_argument('--ckpt', help="our checkpoint, or an official one (open-magvit2:PATH or detected by keys)")
+    parser.add_argument('--preset', default='imagenet256', help="untrained model of this preset when no --ckpt")
+    parser.add_argument('--no-ema', dest='ema', action='store_false', help="raw weights instead of the EMA ones")
+    parser.add_argument('--size', type=int, help="center crop and resize to this (default: the model's image_size)")
+    parser.add_argument('--out', default='rec.png')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help="cuda | npu | cpu")
+    args = parser.parse_args()
+    from PIL import Image
+    from utils import save_image_grid, setup
+
+    dist = setup(args.device)
+    if args.ckpt:
+        model = Tokenizer.from_checkpoint(args.ckpt, ema=args.ema)
+    else:
+        print(f"no --ckpt: untrained {args.preset} tokenizer, the reconstruction will be noise")
+        model = Tokenizer.from_preset(args.preset)
+    model = model.to(dist.device).eval()
+    try:
+        image = Image.open(args.reconstruct).convert('RGB')
+    except (OSError, ValueError) as e:  # missing file, not an image, truncated data
+        raise SystemExit(f"cannot read image {args.reconstruct}: {e}")
+    size = args.size or model.config.image_size
+    if size % model.downsample:
+        raise SystemExit(f"--size {size} is not a multiple of the downsampling factor {model.downsample}")
+    side = min(image.size)  # center crop to a square, then resize
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+    x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(size, size, 3)
+    x = (x.permute(2, 0, 1).float() / 127.5 - 1)[None].to(dist.device)  # (1, 3, size, size) in [-1, 1]
+    with torch.no_grad():
+        x_rec, indices, _ = model(x)
+    print(f"{tuple(indices.shape[1:])} tokens, {indices.unique().numel()} distinct codes; "
+          f"PSNR {10 * torch.log10(4 / F.mse_loss(x_rec.clamp(-1, 1), x)).item():.2f} dB")
+    print(f"wrote {save_image_grid(torch.cat([x, x_rec]), args.out, nrow=2)} (input | reconstruction)")

@@ -1,0 +1,175 @@
+"""
+Plumbing shared by train_tok.py, train_gpt.py, sample.py and fid.py: device choice and DDP set-up, bf16 autocast,
+atomic checkpoints with clear errors, RNG state capture for exact resume, and image grids.
+
+Device: `--device cuda | npu | cpu`. Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK in the environment) `setup`
+joins the process group with the backend that goes with the device: nccl (cuda), hccl (Ascend npu, needs torch_npu),
+gloo (cpu). Nothing else in the repository needs to know which one it is.
+"""
+
+import os
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+# -----------------------------------------------------------------------------
+# device and distributed set-up
+
+
+@dataclass
+class Dist:
+    device: torch.device
+    device_type: str  # 'cuda' | 'npu' | 'cpu'
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def ddp(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def setup(device_name='cuda'):
+    """Pick the device and, under torchrun, init the process group. Returns a Dist."""
+    if device_name not in ('cuda', 'npu', 'cpu'):
+        raise ValueError(f"unknown --device {device_name!r}: choose cuda, npu or cpu")
+    if device_name == 'npu':
+        try:
+            import torch_npu  # noqa: F401  (registers the 'npu' device and the hccl backend with torch)
+        except ImportError as e:
+            raise RuntimeError("--device npu needs Huawei's torch_npu package (pip install torch-npu matching "
+                               "your torch and CANN versions)") from e
+    if device_name == 'cuda' and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda but no CUDA GPU is visible; use --device cpu (or npu)")
+    rank, world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    if device_name == 'cpu':
+        device = torch.device('cpu')
+    else:
+        device = torch.device(device_name, local_rank)
+        getattr(torch, device_name).set_device(device)
+    if world_size > 1:
+        backend = {'cuda': 'nccl', 'npu': 'hccl', 'cpu': 'gloo'}[device_name]
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                device_id=device if device_name == 'cuda' else None)
+    if device_name == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the fp32 matmuls left outside autocast
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest conv algorithms
+    return Dist(device, device_name, rank, local_rank, world_size)
+
+
+def cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def autocast(device_type, enabled=True):
+    """bf16 autocast on accelerators; full fp32 on CPU (bf16 on CPU is slow and only adds noise to the tests)."""
+    if device_type == 'cpu' or not enabled:
+        return nullcontext()
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get('RANK', 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce_mean(x):
+    """Average a tensor over ranks (no-op without DDP); used for logging and evaluation metrics."""
+    if dist.is_available() and dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
+def barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(path, obj):
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact, never a truncated file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, expect_kind=None, map_location='cpu'):
+    """Load one of our checkpoints (a dict with 'kind' and 'config') with errors a person can act on."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise RuntimeError(f"could not read checkpoint {path} (truncated or not a PyTorch file?): {e}") from e
+    if expect_kind is not None:
+        kind = ckpt.get('kind') if isinstance(ckpt, dict) else None
+        if kind != expect_kind:
+            raise ValueError(f"{path} is not a {expect_kind} checkpoint (its kind is {kind!r})")
+    return ckpt
+
+
+def check_config(saved, current, path):
+    """Refuse to resume a run whose model/optimisation config differs from the one on the command line."""
+    diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+    if diff:
+        lines = '\n'.join(f"  {k}: checkpoint {a!r} vs. now {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"checkpoint {path} was written with another config:\n{lines}")
+
+
+def rng_state():
+    state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state['python'])
+    np.random.set_state(state['numpy'])
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+# -----------------------------------------------------------------------------
+# images
+
+
+def to_uint8(x):
+    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8 numpy, official convention: clamp, scale, truncate."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_image_grid(images, path, nrow=8):
+    """Save (N, 3, H, W) in [-1, 1] or (N, H, W, 3) uint8 as one PNG grid, nrow images per row."""
+    from PIL import Image
+    if torch.is_tensor(images):
+        images = to_uint8(images)
+    n, h, w, _ = images.shape
+    ncol = min(nrow, n)
+    nrows = (n + ncol - 1) // ncol
+    grid = np.full((nrows * (h + 2) + 2, ncol * (w + 2) + 2, 3), 255, np.uint8)  # white 2px borders
+    for i, img in enumerate(images):
+        r, c = divmod(i, ncol)
+        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + c * (w + 2): 2 + c * (w + 2) + w] = img
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(grid).save(path)
+    return path
