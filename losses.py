@@ -29,7 +29,8 @@ import torch.nn.functional as F
 # -----------------------------------------------------------------------------
 # LPIPS (VGG16, v0.1 linear heads)
 
-# name -> (url, sha256, size in words for messages). The sha256 of both files is the one published widely.
+# file -> (url, sha256, size, command-line flag). vgg16's sha256 starts with the 397923af in its name; vgg.pth's
+# (7,289 bytes, MD5 d507d734... as taming checks) is the digest that projects pinning LPIPS v0.1 list for it.
 VGG_FILE = "vgg16-397923af.pth"
 LIN_FILE = "vgg.pth"
 WEIGHT_SOURCES = {
@@ -89,7 +90,7 @@ class LPIPS(nn.Module):
             if i in TAPS:
                 # unit-normalise over channels in float32 (bf16 autocast would round the tiny norms), eps as LPIPS
                 f = h.float()
-                f = f / (f.pow(2).sum(1, keepdim=True).sqrt() + 1e-3)  # (2N, C, h, w)
+                f = f / (f.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # (2N, C, h, w)
                 diff = (f[:n] - f[n:]).pow(2)  # (N, C, h, w)
                 # the 1x1 conv without bias is a channel-weighted sum; written so it stays in float32 under autocast
                 weighted = (diff * self.lins[TAPS.index(i)].float()).sum(1)  # (N, h, w)

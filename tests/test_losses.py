@@ -196,11 +196,15 @@ def test_d_loss_updates_lecam_before_the_penalty():
     torch.manual_seed(3)
     disc = PatchDiscriminator(ndf=8)
     real, fake = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
-    lecam = LeCAM()
+    # a fast decay and EMAs far from the logits, so that updating after the penalty instead of before shows
+    lecam = LeCAM(decay=0.5)
+    lecam.ema_real.fill_(3.0)
+    lecam.ema_fake.fill_(-3.0)
+    fresh = LeCAM(decay=0.5)
+    fresh.load_state_dict(lecam.state_dict())
     loss, parts = d_loss(disc, real, fake, lecam, lecam_weight=0.5)
     # separate passes in train mode: the same logits as d_loss saw (BN uses batch statistics of each set)
     logits_real, logits_fake = disc(real), disc(fake)
-    fresh = LeCAM()
     fresh.update(logits_real, logits_fake)
     torch.testing.assert_close(lecam.ema_real, fresh.ema_real)
     expected = hinge_d_loss(logits_real, logits_fake) + 0.5 * fresh(logits_real, logits_fake)
