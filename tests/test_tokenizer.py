@@ -1,0 +1,242 @@
+"""Tests for tokenizer.py: shapes, decode paths, parameter counts of the official presets, Adaptive GroupNorm and
+depth-to-space against hand-written references, and loading official Open-MAGVIT2 checkpoints (random weights in
+the official layout, written here)."""
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tokenizer import AdaptiveGroupNorm, Tokenizer, TokenizerConfig, convert_official_tokenizer, depth_to_space
+from utils import save_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize('hw', [(32, 32), (48, 64)])
+def test_tiny_shapes(hw):
+    torch.manual_seed(0)
+    model = Tokenizer.from_preset('tiny')
+    assert model.downsample == 4
+    x = torch.rand(2, 3, *hw) * 2 - 1
+    z_q, indices, losses = model.encode(x)
+    h, w = hw[0] // 4, hw[1] // 4
+    assert z_q.shape == (2, 18, h, w) and indices.shape == (2, h, w) and indices.dtype == torch.int64
+    assert set(z_q.unique().tolist()) <= {-1.0, 1.0}
+    assert set(losses) == {'per_sample_entropy', 'codebook_entropy', 'entropy_loss', 'commitment_loss'}
+    x_rec, indices2, _ = model(x)
+    assert x_rec.shape == x.shape and torch.equal(indices, indices2)
+    x_rec.square().mean().backward()  # gradients reach the encoder through the straight-through estimator
+    assert model.encoder.conv_in.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="multiple of the downsampling factor 4"):
+        model.encode(torch.zeros(1, 3, 30, 32))
+
+
+def test_decode_indices_equals_decode():
+    torch.manual_seed(0)
+    model = Tokenizer.from_preset('tiny').eval()
+    with torch.no_grad():
+        z_q, indices, _ = model.encode(torch.rand(2, 3, 32, 32) * 2 - 1)
+        assert torch.equal(model.decode_indices(indices), model.decode(z_q))
+
+
+def test_channels_last_matches():
+    torch.manual_seed(0)
+    model = Tokenizer.from_preset('tiny').eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        ref, ref_idx, _ = model(x)
+        model = model.to(memory_format=torch.channels_last)
+        out, idx, _ = model(x.contiguous(memory_format=torch.channels_last))
+    assert torch.equal(idx, ref_idx) and torch.allclose(out, ref, atol=1e-4)
+
+
+@pytest.mark.parametrize('name, total, enc, dec', [('imagenet256', 115.13, 49.75, 65.38),
+                                                   ('imagenet128', 112.02, 48.42, 63.60)])
+def test_official_parameter_counts(name, total, enc, dec):
+    with torch.device('meta'):  # no memory, no init time
+        model = Tokenizer.from_preset(name)
+    got = [n_params(m) / 1e6 for m in (model, model.encoder, model.decoder)]
+    print(f"{name}: {got[0]:.2f}M (encoder {got[1]:.2f}M, decoder {got[2]:.2f}M); official {total}M ({enc}M, {dec}M)")
+    for g, want in zip(got, (total, enc, dec)):
+        assert abs(g - want) / want < 0.005
+
+
+def test_official_key_names_and_shapes():
+    """A few keys of the released 256px checkpoint, listed by hand from the official improved_model.py."""
+    with torch.device('meta'):
+        shapes = {k: tuple(v.shape) for k, v in Tokenizer.from_preset('imagenet256').state_dict().items()}
+    expected = {
+        'encoder.conv_in.weight': (128, 3, 3, 3),
+        'encoder.down.0.block.3.conv2.weight': (128, 128, 3, 3),
+        'encoder.down.2.block.0.nin_shortcut.weight': (256, 128, 1, 1),
+        'encoder.down.3.downsample.bias': (256,),
+        'encoder.mid_block.3.norm2.weight': (512,),
+        'encoder.norm_out.bias': (512,),
+        'encoder.conv_out.weight': (18, 512, 1, 1),
+        'decoder.conv_in.weight': (512, 18, 3, 3),
+        'decoder.mid_block.0.conv1.weight': (512, 512, 3, 3),
+        'decoder.adaptive.4.gamma.weight': (512, 18),
+        'decoder.adaptive.0.beta.bias': (128,),  # runs last; its input comes from level 1 (128 channels)
+        'decoder.up.4.upsample.conv1.weight': (2048, 512, 3, 3),
+        'decoder.up.1.block.0.nin_shortcut.weight': (128, 256, 1, 1),
+        'decoder.up.1.upsample.conv1.bias': (512,),
+        'decoder.conv_out.weight': (3, 128, 3, 3),
+    }
+    for k, shape in expected.items():
+        assert shapes.get(k) == shape, k
+    assert not any('upsample' in k for k in shapes if k.startswith('decoder.up.0.'))
+    assert not any('downsample' in k for k in shapes if k.startswith('encoder.down.4.'))
+    assert not any(k.startswith(('quantizer.', 'decoder.adaptive.0.gn')) for k in shapes)  # no state there
+    for name in ('imagenet256', 'imagenet128'):  # LitEma's dot-free names must stay unambiguous
+        with torch.device('meta'):
+            keys = list(Tokenizer.from_preset(name).state_dict())
+        assert len({k.replace('.', '') for k in keys}) == len(keys)
+
+
+def test_adaptive_group_norm_reference():
+    torch.manual_seed(0)
+    agn = AdaptiveGroupNorm(18, 64)
+    x = torch.randn(2, 64, 6, 5) * 3 + 1
+    z_q = torch.randn(2, 18, 4, 3).sign()
+    out = agn(x, z_q).double()  # the reference below runs in float64
+    x, z_q, agn = x.double(), z_q.double(), agn.double()
+    ref = torch.empty_like(x)
+    for b in range(2):
+        zz = z_q[b].reshape(18, -1)
+        n = zz.shape[1]
+        mean = zz.sum(1) / n
+        std = ((((zz - mean[:, None]) ** 2).sum(1) / (n - 1)) + 1e-6).sqrt()  # unbiased, like the official code
+        scale = agn.gamma.weight @ std + agn.gamma.bias  # (64,)
+        shift = agn.beta.weight @ mean + agn.beta.bias
+        for g in range(32):  # GroupNorm(32) by hand: 2 channels per group, biased variance
+            xs = x[b, 2 * g:2 * g + 2]
+            normed = (xs - xs.mean()) / (((xs - xs.mean()) ** 2).mean() + 1e-6).sqrt()
+            ref[b, 2 * g:2 * g + 2] = scale[2 * g:2 * g + 2, None, None] * normed + shift[2 * g:2 * g + 2, None, None]
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_depth_to_space_official_order():
+    B, C, H, W = 2, 3, 4, 5
+    x = torch.randn(B, 4 * C, H, W)
+    out = depth_to_space(x)
+    assert out.shape == (B, C, 2 * H, 2 * W)
+    for i in range(2):
+        for j in range(2):
+            for c in range(C):  # official channel (i*2 + j)*C + c -> pixel (2h + i, 2w + j), channel c
+                assert torch.equal(out[:, c, i::2, j::2], x[:, (i * 2 + j) * C + c])
+    assert not torch.equal(out, F.pixel_shuffle(x, 2))  # PixelShuffle's order differs
+    assert torch.equal(depth_to_space(x.contiguous(memory_format=torch.channels_last)), out)
+
+
+# -----------------------------------------------------------------------------
+# official checkpoints
+
+
+def fake_official_state_dict(config, seed=0):
+    """Random tensors under the official Lightning key names: raw weights, LitEma copies (dots removed), loss.*."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {k: v.shape for k, v in Tokenizer(config).state_dict().items()}  # == official names (test above)
+    sd = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    sd.update({'model_ema.' + k.replace('.', ''): torch.randn(s, generator=gen) for k, s in shapes.items()})
+    sd.update({'loss.discriminator.main.0.weight': torch.randn(8, 3, 4, 4), 'loss.logvar': torch.zeros(()),
+               'model_ema.lossdiscriminatormain0weight': torch.randn(8, 3, 4, 4),
+               'model_ema.decay': torch.tensor(0.999), 'model_ema.num_updates': torch.tensor(1000)})
+    return sd
+
+
+@pytest.fixture
+def small_config():
+    return TokenizerConfig(ch=32, ch_mult=(1, 2), num_res_blocks=2, num_bits=18, image_size=32)
+
+
+def test_convert_official_ema_and_raw(small_config):
+    sd = fake_official_state_dict(small_config)
+    for ema in (True, False):
+        model = Tokenizer.from_checkpoint({'state_dict': sd, 'epoch': 3}, ema=ema)
+        assert (model.config.ch, tuple(model.config.ch_mult), model.config.num_res_blocks) == (32, (1, 2), 2)
+        for k, v in model.state_dict().items():  # every tensor where it belongs
+            want = sd['model_ema.' + k.replace('.', '')] if ema else sd[k]
+            assert torch.equal(v, want), k
+    assert torch.equal(model.decoder.adaptive[1].gamma.weight, sd['decoder.adaptive.1.gamma.weight'])
+
+
+def test_official_upsampler_weights_through_our_module(small_config):
+    """An official upsampler conv that copies channel c, times (i*2+j+1), into official channel (i*2+j)*C + c must
+    put that value at output pixel (2h+i, 2w+j), channel c, of our decoder's upsampler."""
+    sd = fake_official_state_dict(small_config)
+    C = 32 * 2  # decoder.up.1 works at ch * ch_mult[1]
+    weight, bias = torch.zeros(4 * C, C, 3, 3), torch.zeros(4 * C)
+    for i in range(2):
+        for j in range(2):
+            for c in range(C):
+                weight[(i * 2 + j) * C + c, c, 1, 1] = i * 2 + j + 1
+    conv_in = torch.zeros(32, 3, 3, 3)
+    conv_in[:3, :, 1, 1] = torch.eye(3)  # official encoder.conv_in as identity on the first 3 channels
+    sd.update({'decoder.up.1.upsample.conv1.weight': weight, 'decoder.up.1.upsample.conv1.bias': bias,
+               'encoder.conv_in.weight': conv_in})
+    model = Tokenizer.from_checkpoint({'state_dict': sd}, ema=False)
+    x = torch.randn(1, C, 3, 4)
+    out = model.decoder.up[1]['upsample'](x)
+    for i in range(2):
+        for j in range(2):
+            assert torch.allclose(out[:, :, i::2, j::2], (i * 2 + j + 1) * x)
+    image = torch.randn(1, 3, 8, 8)
+    assert torch.allclose(model.encoder.conv_in(image)[:, :3], image, atol=1e-6)
+
+
+def test_truncated_or_wrong_official_checkpoint(small_config, tmp_path):
+    sd = fake_official_state_dict(small_config)
+    no_ema = {k: v for k, v in sd.items() if k != 'model_ema.decoderconv_outweight'}
+    with pytest.raises(KeyError, match='model_ema.decoderconv_outweight'):
+        Tokenizer.from_checkpoint({'state_dict': no_ema})
+    Tokenizer.from_checkpoint({'state_dict': no_ema}, ema=False)  # the raw weights are complete
+    truncated = {k: v for k, v in sd.items() if 'conv_out' not in k or 'encoder' in k}
+    with pytest.raises(RuntimeError, match=r'decoder\.conv_out\.weight'):
+        Tokenizer.from_checkpoint({'state_dict': truncated})
+    with pytest.raises(KeyError, match='transformer.wte.weight'):
+        Tokenizer.from_checkpoint({'state_dict': {**sd, 'transformer.wte.weight': torch.zeros(1)}})
+    with pytest.raises(KeyError, match='model_ema.encoderextraweight'):
+        convert_official_tokenizer({**sd, 'model_ema.encoderextraweight': torch.zeros(1)})
+    path = tmp_path / 'official.ckpt'  # from a path, with the explicit prefix
+    torch.save({'state_dict': sd, 'global_step': 10}, path)
+    model = Tokenizer.from_checkpoint(f'open-magvit2:{path}')
+    assert torch.equal(model.encoder.conv_in.weight, sd['model_ema.encoderconv_inweight'])
+
+
+def test_our_checkpoint_ema_and_raw(tmp_path):
+    torch.manual_seed(0)
+    raw, ema = Tokenizer.from_preset('tiny'), Tokenizer.from_preset('tiny')
+    path = str(tmp_path / 'tok.pt')
+    save_checkpoint(path, {'kind': 'tokenizer', 'config': asdict(raw.config), 'model': raw.state_dict(),
+                           'ema': ema.state_dict()})
+    for use_ema, src in ((True, ema), (False, raw)):
+        model = Tokenizer.from_checkpoint(path, ema=use_ema)
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), src.state_dict().values()))
+    with pytest.raises(ValueError, match='not a tokenizer checkpoint'):
+        Tokenizer.from_checkpoint({'kind': 'gpt', 'config': {}, 'model': {}})
+
+
+def test_reconstruct_cli(tmp_path):
+    from PIL import Image
+    torch.manual_seed(0)
+    model = Tokenizer.from_preset('tiny')
+    ckpt = str(tmp_path / 'tok.pt')
+    save_checkpoint(ckpt, {'kind': 'tokenizer', 'config': asdict(model.config), 'model': model.state_dict()})
+    Image.fromarray(torch.randint(0, 256, (40, 50, 3), dtype=torch.uint8).numpy()).save(tmp_path / 'in.png')
+    (tmp_path / 'bad.png').write_bytes(b'not an image')
+    cmd = [sys.executable, os.path.join(ROOT, 'tokenizer.py'), '--ckpt', ckpt, '--device', 'cpu']
+    out = tmp_path / 'rec.png'
+    run = subprocess.run(cmd + ['--reconstruct', str(tmp_path / 'in.png'), '--out', str(out)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert Image.open(out).size == (2 * 32 + 6, 32 + 4)  # two 32px images side by side, 2px borders
+    run = subprocess.run(cmd + ['--reconstruct', str(tmp_path / 'bad.png')], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode != 0 and 'cannot read image' in run.stderr
