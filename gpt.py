@@ -1,0 +1,398 @@
+"""
+The stage-2 generator of Open-MAGVIT2 (paper Sec. 2.3, Eq. 4-7, Table 1): a Llama-style transformer over
+asymmetrically factorized tokens with "next sub-token prediction".
+
+An 18-bit LFQ index is split into a 6-bit `pre` and a 12-bit `post` sub-token (quantizer.split_indices:
+pre = idx & 63, post = idx >> 6). This file only ever sees (pre, post), both int64 (B, T).
+  - the token at position t is embedded as e_t = pre_emb[pre_t] + post_emb[post_t];
+  - N "inter" blocks run causally over [class, e_0, ..., e_{T-2}] and give one context vector h_t per position;
+  - L "intra" blocks run on the length-2 sequence [h_t, pre_emb[pre_t]]: intra position 0 predicts pre_t, position 1
+    predicts post_t given the true pre_t (teacher forcing), i.e. p(pre_t | <t) p(post_t | pre_t, <t)
+    ("next sub-token prediction");
+  - loss = CE(pre) + CE(post), each a mean over tokens (Eq. 7; a sum of the two, as the official code).
+Generation decodes one position at a time with static KV caches and classifier-free guidance per sub-token.
+`convert_official_gpt` loads the released Open-MAGVIT2 AR checkpoints (AR_256_B/L/XL.ckpt).
+
+Not a script: train_gpt.py trains it and sample.py samples from it. Typical use:
+    model = GPT.from_preset('B', num_classes=1000)
+    logits_pre, logits_post, loss = model(pre, post, labels)          # (B,T,64), (B,T,4096), scalar
+    pre, post = model.generate(labels)                                # paper's sampling settings for the preset
+    model = GPT.from_official(torch.load('AR_256_B.ckpt', map_location='cpu'))   # released weights
+"""
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in at least fp32 (bf16 squares lose too much), eps 1e-5 as Llama."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 for bf16/fp16, float64 stays float64 (tests)
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_2d(grid_size, head_dim, base=10000.0):
+    """2D rotary table as LlamaGen / Open-MAGVIT2: (1 + grid_size**2, head_dim // 2, 2) holding (cos, sin).
+
+    Row 1 + r * grid_size + c is the token at grid row r, column c (raster order). Channels are rotated in interleaved
+    pairs (2i, 2i+1); the first head_dim // 4 pairs rotate with the row index, the last head_dim // 4 with the column
+    index, each with frequencies base^(-2j / (head_dim / 2)). Row 0 is the class position and holds (cos, sin) = (0, 0):
+    the official code prepends such a row, which multiplies q and k of the class token by zero. So the class token gets
+    no position, every query scores it with the constant logit 0 (a learned "attention sink" with value v_class), and at
+    its own position it can only attend to itself. The released weights were trained with this, so we keep it. The
+    intra blocks reuse rows 0 and 1: intra position 0 (h_t) gets q = k = 0 too, and position 1 the identity rotation.
+    """
+    quarter = head_dim // 4
+    freqs = 1.0 / base ** (torch.arange(quarter, dtype=torch.float64) * 2 / (head_dim // 2))  # (hd/4,), fp64 angles
+    rows = torch.arange(grid_size).repeat_interleave(grid_size)  # (G*G,) row of each raster position
+    cols = torch.arange(grid_size).repeat(grid_size)  # (G*G,)
+    angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=1)  # (G*G, hd/2)
+    table = torch.stack([angles.cos(), angles.sin()], dim=-1).float()  # (G*G, hd/2, 2), exact to fp32 rounding
+    return torch.cat([torch.zeros(1, head_dim // 2, 2), table])  # class row first
+
+
+def apply_rope(x, rope):
+    """Rotate interleaved channel pairs of x (B, S, nh, hs) by rope (S, hs/2, 2); computed in at least fp32."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2))  # (B, S, nh, hs/2, 2)
+    cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]  # (1, S, 1, hs/2)
+    even, odd = xf[..., 0], xf[..., 1]
+    return torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention, fused qkv, no biases; optional static KV cache for decoding."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.qkv = nn.Linear(config.dim, 3 * config.dim, bias=False)  # rows [q; k; v], heads contiguous inside each
+        self.proj = nn.Linear(config.dim, config.dim, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope, cache=None, pos=None):
+        B, S, C = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.n_head, C // self.n_head).unbind(2)  # each (B, S, nh, hs)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, S, hs)
+        if cache is None:
+            # training / full forward: flash attention when the backend has it
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            # decoding one position (S = 1) at index pos (a (1,) int64 tensor): write k, v into the preallocated
+            # (B, nh, L, hs) buffers and attend to slots 0..pos; slots after pos hold stale values and are masked out.
+            # Fixed shapes at every step, so the step can be compiled / captured in a CUDA graph.
+            k_cache, v_cache = cache
+            k_cache.index_copy_(2, pos, k.to(k_cache.dtype))
+            v_cache.index_copy_(2, pos, v.to(v_cache.dtype))
+            visible = (torch.arange(k_cache.shape[2], device=x.device) <= pos)[None]  # (1, L) bool, True = attend
+            y = F.scaled_dot_product_attention(q, k_cache.to(q.dtype), v_cache.to(q.dtype), attn_mask=visible)
+        y = y.transpose(1, 2).reshape(B, S, C)  # (B, S, C)
+        return self.dropout(self.proj(y))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), hidden = round_up(8 * dim / 3, 256) as Llama / the official code."""
+
+    def __init__(self, config):
+        super().__init__()
+        hidden = 256 * math.ceil(int(8 * config.dim / 3) / 256)
+        self.gate_up = nn.Linear(config.dim, 2 * hidden, bias=False)  # [w1; w3] of the official code in one matmul
+        self.down = nn.Linear(hidden, config.dim, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # (B, S, hidden) each
+        return self.dropout(self.down(F.silu(gate) * up))
+
+
+class Block(nn.Module):
+    """Pre-norm Llama block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.dim)
+        self.attn = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim)
+        self.ffn = FeedForward(config)
+
+    def forward(self, x, rope, cache=None, pos=None):
+        x = x + self.attn(self.attn_norm(x), rope, cache, pos)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+@dataclass
+class GPTConfig:
+    vocab_bits: int = 18  # LFQ code bits K; the vocabulary is 2^18
+    pre_bits: int = 6  # bits of the `pre` sub-token (64 values); post has vocab_bits - pre_bits = 12 (4096 values)
+    block_size: int = 256  # tokens per image (16 x 16 grid for 256px and a 16x downsampling tokenizer)
+    num_classes: int = 1000  # class embedding has num_classes + 1 rows; the last one is the null class for CFG
+    n_inter: int = 24  # N: blocks over the token sequence
+    n_intra: int = 2  # L: blocks over the 2 sub-tokens of one position
+    dim: int = 1024
+    n_head: int = 16
+    dropout: float = 0.1  # on the input embeddings, after the attention projection and after the FFN
+    class_dropout: float = 0.1  # probability that a training label is replaced by the null class
+    rope_base: float = 10000.0
+    cfg_scale: tuple = (1.9, 2.0)  # default sampling settings (pre, post) of the released model of this size
+    temperature: tuple = (1.0, 1.0)
+
+    @property
+    def grid_size(self):  # the 2D RoPE grid: sqrt(block_size)
+        return math.isqrt(self.block_size)
+
+
+# Table 1 of the paper; sampling defaults from the official sampling scripts (top-k off, top-p 1.0 for all).
+PRESETS = {
+    'tiny': dict(n_inter=4, n_intra=2, dim=128, n_head=4),  # CPU quick start and tests
+    'B': dict(n_inter=24, n_intra=2, dim=1024, n_head=16, cfg_scale=(1.9, 2.0), temperature=(1.0, 1.0)),  # 343.6M
+    'L': dict(n_inter=36, n_intra=3, dim=1280, n_head=20, cfg_scale=(1.9, 1.9), temperature=(1.1, 1.0)),  # 804.4M
+    'XL': dict(n_inter=48, n_intra=4, dim=1536, n_head=24, cfg_scale=(1.75, 1.85), temperature=(1.1, 1.0)),  # 1.49B
+}
+
+
+def top_k_top_p_filter(logits, top_k=0, top_p=1.0):
+    """logits (B, V) -> same with -inf outside the support: first the top_k largest (0 = off; ties at the k-th value
+    are kept), then the smallest set of most probable tokens whose probability reaches top_p (1.0 = off)."""
+    if top_k > 0:
+        kth_largest = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_largest, float('-inf'))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # probability of all strictly more likely tokens
+        drop_sorted = mass_before >= top_p  # the most likely token always stays (mass_before = 0)
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float('-inf'))
+    return logits
+
+
+def sample_from_logits(logits, temperature, top_k, top_p, generator):
+    """One token per row of logits (B, V): temperature, then top-k / top-p, then a multinomial draw. (B,) int64."""
+    logits = top_k_top_p_filter(logits.float() / temperature, top_k, top_p)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.grid_size ** 2 == config.block_size, "block_size must be a square (2D RoPE grid)"
+        assert (config.dim // config.n_head) % 4 == 0, "2D RoPE needs a head dim divisible by 4"
+        self.config = config
+        self.pre_emb = nn.Embedding(2 ** config.pre_bits, config.dim)  # (64, D)
+        self.post_emb = nn.Embedding(2 ** (config.vocab_bits - config.pre_bits), config.dim)  # (4096, D)
+        self.class_emb = nn.Embedding(config.num_classes + 1, config.dim)  # last row: null class
+        self.dropout = nn.Dropout(config.dropout)
+        self.inter_blocks = nn.ModuleList(Block(config) for _ in range(config.n_inter))
+        self.intra_blocks = nn.ModuleList(Block(config) for _ in range(config.n_intra))
+        self.norm = RMSNorm(config.dim)  # shared by both heads
+        self.head_pre = nn.Linear(config.dim, 2 ** config.pre_bits, bias=False)
+        self.head_post = nn.Linear(config.dim, 2 ** (config.vocab_bits - config.pre_bits), bias=False)
+        # recomputed, never saved: (1 + T, hs/2, 2)
+        self.register_buffer('rope', rope_2d(config.grid_size, config.dim // config.n_head, config.rope_base),
+                             persistent=False)
+        for module in self.modules():  # N(0, 0.02) everywhere, as the official code
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        nn.init.zeros_(self.head_pre.weight)  # zero-initialised heads: the first loss is exactly log 64 + log 4096
+        nn.init.zeros_(self.head_post.weight)
+        self.inter_cache, self.intra_cache = [], []  # static KV buffers, made by setup_caches
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        return cls(GPTConfig(**{**PRESETS[name], **overrides}))
+
+    @classmethod
+    def from_official(cls, official_state_dict, **overrides):
+        """A GPT holding a released Open-MAGVIT2 AR checkpoint (the loaded .ckpt dict or its state_dict).
+        Sizes come from the tensor shapes, the head count from the preset of that width and depth."""
+        state_dict = convert_official_gpt(official_state_dict)
+        dim = state_dict['norm.weight'].shape[0]
+        depth = (sum(k.endswith('attn_norm.weight') and k.startswith('inter') for k in state_dict),
+                 sum(k.endswith('attn_norm.weight') and k.startswith('intra') for k in state_dict))
+        names = [n for n, p in PRESETS.items() if (p['dim'], p['n_inter'], p['n_intra']) == (dim, *depth)]
+        if not names:
+            raise ValueError(f"no preset with dim={dim}, n_inter={depth[0]}, n_intra={depth[1]}: build "
+                             f"GPT(GPTConfig(...)) yourself and load_state_dict(convert_official_gpt(...))")
+        pre_bits = state_dict['pre_emb.weight'].shape[0].bit_length() - 1
+        sizes = dict(pre_bits=pre_bits, vocab_bits=pre_bits + state_dict['post_emb.weight'].shape[0].bit_length() - 1,
+                     num_classes=state_dict['class_emb.weight'].shape[0] - 1)
+        model = cls.from_preset(names[0], **{**sizes, **overrides})
+        model.load_state_dict(state_dict)  # strict: any leftover or missing key is an error
+        return model
+
+    def forward(self, pre, post, labels):
+        """pre, post (B, T) int64 with T <= block_size, labels (B,) int64 -> logits_pre (B, T, 64),
+        logits_post (B, T, 4096), loss = CE(pre) + CE(post). Labels are dropped to the null class in training mode."""
+        B, T = pre.shape
+        if self.training and self.config.class_dropout > 0:  # for classifier-free guidance
+            drop = torch.rand(B, device=labels.device) < self.config.class_dropout
+            labels = torch.where(drop, self.config.num_classes, labels)
+        pre_emb = self.pre_emb(pre)  # (B, T, C)
+        tokens = pre_emb + self.post_emb(post)  # e_t: sum of the sub-token embeddings
+        x = torch.cat([self.class_emb(labels)[:, None], tokens[:, :-1]], dim=1)  # (B, T, C): [class, e_0..e_{T-2}]
+        x = self.dropout(x)
+        for block in self.inter_blocks:  # h_t sees the class and the tokens < t
+            x = block(x, self.rope[:T])
+        # next sub-token prediction: every position becomes its own length-2 sequence [h_t, pre_emb[pre_t]]
+        h = torch.stack([x, pre_emb], dim=2).view(B * T, 2, -1)  # (B*T, 2, C)
+        for block in self.intra_blocks:
+            h = block(h, self.rope[:2])
+        h = self.norm(h).view(B, T, 2, -1)
+        logits_pre = self.head_pre(h[:, :, 0])  # (B, T, 64): from h_t alone
+        logits_post = self.head_post(h[:, :, 1])  # (B, T, 4096): from h_t and pre_t
+        loss = (F.cross_entropy(logits_pre.flatten(0, 1), pre.flatten())  # Eq. (7)
+                + F.cross_entropy(logits_post.flatten(0, 1), post.flatten()))
+        return logits_pre, logits_post, loss
+
+    def setup_caches(self, batch_size, dtype, device):
+        """Preallocate the KV buffers: (batch, nh, block_size, hs) per inter block, (batch, nh, 2, hs) per intra
+        block. Kept across calls of the same shape, so a captured CUDA graph stays valid."""
+        hs = self.config.dim // self.config.n_head
+        inter_shape = (batch_size, self.config.n_head, self.config.block_size, hs)
+        old = self.inter_cache[0][0] if self.inter_cache else None
+        if old is not None and (old.shape, old.dtype, old.device) == (inter_shape, dtype, torch.device(device)):
+            return
+        buffers = lambda shape: (torch.zeros(shape, dtype=dtype, device=device),
+                                 torch.zeros(shape, dtype=dtype, device=device))
+        self.inter_cache = [buffers(inter_shape) for _ in self.inter_blocks]
+        self.intra_cache = [buffers((batch_size, self.config.n_head, 2, hs)) for _ in self.intra_blocks]
+
+    def decode_pre(self, x, pos):
+        """One decoding step, first half. x (B, 1, C) is the input at sequence position pos ((1,) int64 tensor:
+        the class embedding at 0, e_{t-1} at t); runs the inter blocks with their caches, then intra position 0.
+        Returns logits_pre (B, 64) for token t = pos. Fixed shapes: a later pass may torch.compile it."""
+        rope = self.rope.index_select(0, pos)  # (1, hs/2, 2)
+        for block, cache in zip(self.inter_blocks, self.inter_cache):
+            x = block(x, rope, cache, pos)
+        for block, cache in zip(self.intra_blocks, self.intra_cache):  # intra slot 0 is overwritten every position
+            x = block(x, self.rope[0:1], cache, pos.new_zeros(1))
+        return self.head_pre(self.norm(x))[:, 0]
+
+    def decode_post(self, pre):
+        """Second half of the step: pre (B,) of this position enters intra position 1 -> logits_post (B, 4096)."""
+        x = self.pre_emb(pre)[:, None]  # (B, 1, C)
+        for block, cache in zip(self.intra_blocks, self.intra_cache):
+            x = block(x, self.rope[1:2], cache, pre.new_ones(1))
+        return self.head_post(self.norm(x))[:, 0]
+
+    @torch.no_grad()
+    def generate(self, labels, cfg_scale=None, temperature=None, top_k=0, top_p=1.0, generator=None, force=None):
+        """Sample block_size tokens for labels (B,) -> (pre, post), each (B, T) int64.
+
+        cfg_scale, temperature: (pre, post) pairs, default the preset's (paper) values; top_k, top_p: an int / float
+        or a (pre, post) pair. generator: a torch.Generator on labels' device makes it reproducible.
+        Classifier-free guidance by batch doubling: rows [cond; null] run together and
+        logits = uncond + s * (cond - uncond) per sub-token. Scale 1 takes the same path (and cost) as any other.
+        force: (pre, post) (B, T) that replace the sampled sub-tokens (teacher forcing); then the guided logits
+        (B, T, 64), (B, T, 4096) are returned instead of tokens. Tests use it to check the KV cache and CFG.
+        """
+        config = self.config
+        cfg_scale = config.cfg_scale if cfg_scale is None else cfg_scale
+        temperature = config.temperature if temperature is None else temperature
+        top_k, top_p = (v if isinstance(v, (tuple, list)) else (v, v) for v in (top_k, top_p))
+        B, T, device = labels.shape[0], config.block_size, labels.device
+        was_training = self.training
+        self.eval()  # no dropout while sampling
+        self.setup_caches(2 * B, self.pre_emb.weight.dtype, device)
+        positions = torch.arange(T, device=device)
+        pre, post = labels.new_zeros(B, T), labels.new_zeros(B, T)  # filled in place, nothing grows
+        if force is not None:
+            logits_pre = self.head_pre.weight.new_zeros(B, T, self.head_pre.out_features)
+            logits_post = self.head_post.weight.new_zeros(B, T, self.head_post.out_features)
+        null = torch.full_like(labels, config.num_classes)
+        x = self.class_emb(torch.cat([labels, null]))[:, None]  # (2B, 1, C): sequence position 0
+        for t in range(T):
+            cond, uncond = self.decode_pre(x, positions[t:t + 1]).chunk(2)  # (B, 64) each
+            guided = uncond + cfg_scale[0] * (cond - uncond)
+            if force is not None:
+                logits_pre[:, t], pre[:, t] = guided, force[0][:, t]
+            else:
+                pre[:, t] = sample_from_logits(guided, temperature[0], top_k[0], top_p[0], generator)
+            cond, uncond = self.decode_post(pre[:, t].repeat(2)).chunk(2)  # (B, 4096) each
+            guided = uncond + cfg_scale[1] * (cond - uncond)
+            if force is not None:
+                logits_post[:, t], post[:, t] = guided, force[1][:, t]
+            else:
+                post[:, t] = sample_from_logits(guided, temperature[1], top_k[1], top_p[1], generator)
+            x = (self.pre_emb(pre[:, t]) + self.post_emb(post[:, t])).repeat(2, 1)[:, None]  # (2B, 1, C): e_t
+        self.train(was_training)
+        return (logits_pre, logits_post) if force is not None else (pre, post)
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW as nanoGPT: weight decay on matrices and embeddings (dim >= 2), none on norm gains. The official
+        code builds the same two groups but then its lr/wd schedule (lr_wd_annealing) writes the current weight
+        decay into every group each step, so in effect it decays all parameters."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+                  {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+        use_fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **(dict(fused=True) if use_fused else {}))
+
+    def estimate_mfu(self, tokens_per_sec, peak_flops):
+        """Model flops utilisation as nanoGPT (PaLM appendix B): 6 flops per weight per token for forward + backward
+        (embedding lookups excluded) plus the attention scores, 12 * dim * sequence length per layer and token
+        (inter blocks attend over T = block_size, intra blocks over 2). Returns a fraction of peak_flops."""
+        c = self.config
+        n_matmul = sum(p.numel() for p in self.parameters()) - sum(
+            e.weight.numel() for e in (self.pre_emb, self.post_emb, self.class_emb))
+        flops_per_token = 6 * n_matmul + 12 * c.dim * (c.n_inter * c.block_size + c.n_intra * 2)
+        return flops_per_token * tokens_per_sec / peak_flops
+
+
+def convert_official_gpt(state_dict):
+    """Map an official Open-MAGVIT2 AR checkpoint (Lightning .ckpt dict or its 'state_dict') onto GPT's keys.
+
+    official key (the Lightning module prefixes 'transformer.')          ours
+      pre_emb.weight (64, D), post_emb.weight (4096, D)                  same names
+      class_emb.embedding_table.weight (num_classes + 1, D)              class_emb.weight
+      spatial_blocks.i.{attention_norm, ffn_norm}.weight                 inter_blocks.i.{attn_norm, ffn_norm}.weight
+      spatial_blocks.i.attention.wqkv.weight (3D, D)                     inter_blocks.i.attn.qkv.weight (same row order:
+                                                                         [q; k; v], head-major inside, as we split it)
+      spatial_blocks.i.attention.wo.weight                               inter_blocks.i.attn.proj.weight
+      spatial_blocks.i.feed_forward.w1 / w3 / w2 .weight                 inter_blocks.i.ffn.gate_up = cat([w1, w3]),
+                                                                         inter_blocks.i.ffn.down = w2
+      factorized_blocks.j.*                                              intra_blocks.j.* (same as above)
+      norm.weight; head.0.weight (64, D); head.1.weight (4096, D)        norm.weight; head_pre.weight; head_post.weight
+    Dropped: first_stage_model.* (the tokenizer stored inside the AR checkpoint), *.kv_cache.* (sampling buffers),
+    *freqs_cis (RoPE table, recomputed). Any other key, or a missing one, raises a KeyError that lists them.
+    """
+    state_dict = state_dict.get('state_dict', state_dict)
+    official = {k.removeprefix('transformer.'): v for k, v in state_dict.items()
+                if not k.startswith('first_stage_model.') and '.kv_cache.' not in k and not k.endswith('freqs_cis')}
+    block_keys = ['attention_norm.weight', 'attention.wqkv.weight', 'attention.wo.weight', 'ffn_norm.weight',
+                  'feed_forward.w1.weight', 'feed_forward.w2.weight', 'feed_forward.w3.weight']
+    depth = {}  # blocks per stack: 1 + the largest index present, so a gap shows up as missing keys
+    for stack in ('spatial_blocks', 'factorized_blocks'):
+        indices = [int(k.split('.')[1]) for k in official if k.startswith(stack + '.') and k.split('.')[1].isdigit()]
+        depth[stack] = max(indices, default=-1) + 1
+    expected = {'pre_emb.weight', 'post_emb.weight', 'class_emb.embedding_table.weight', 'norm.weight',
+                'head.0.weight', 'head.1.weight'}
+    expected |= {f'{stack}.{i}.{k}' for stack, n in depth.items() for i in range(n) for k in block_keys}
+    missing, unexpected = sorted(expected - official.keys()), sorted(official.keys() - expected)
+    if missing or unexpected or depth['spatial_blocks'] == 0:
+        raise KeyError(f"not an Open-MAGVIT2 AR checkpoint we can load: missing keys {missing}, "
+                       f"unexpected keys {unexpected}")
+    ours = {'pre_emb.weight': official['pre_emb.weight'], 'post_emb.weight': official['post_emb.weight'],
+            'class_emb.weight': official['class_emb.embedding_table.weight'], 'norm.weight': official['norm.weight'],
+            'head_pre.weight': official['head.0.weight'], 'head_post.weight': official['head.1.weight']}
+    for stack, name in (('spatial_blocks', 'inter_blocks'), ('factorized_blocks', 'intra_blocks')):
+        for i in range(depth[stack]):
+            src, dst = f'{stack}.{i}.', f'{name}.{i}.'
+            ours[dst + 'attn_norm.weight'] = official[src + 'attention_norm.weight']
+            ours[dst + 'attn.qkv.weight'] = official[src + 'attention.wqkv.weight']
+            ours[dst + 'attn.proj.weight'] = official[src + 'attention.wo.weight']
+            ours[dst + 'ffn_norm.weight'] = official[src + 'ffn_norm.weight']
+            ours[dst + 'ffn.gate_up.weight'] = torch.cat([official[src + 'feed_forward.w1.weight'],
+                                                          official[src + 'feed_forward.w3.weight']])
+            ours[dst + 'ffn.down.weight'] = official[src + 'feed_forward.w2.weight']
+    return ours
