@@ -175,10 +175,13 @@ def top_k_top_p_filter(logits, top_k=0, top_p=1.0):
     return logits
 
 
-def sample_from_logits(logits, temperature, top_k, top_p, generator):
-    """One token per row of logits (B, V): temperature, then top-k / top-p, then a multinomial draw. (B,) int64."""
-    logits = top_k_top_p_filter(logits.float() / temperature, top_k, top_p)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+def sample_from_logits(logits, temperature, top_k, top_p, uniform):
+    """One token per row of logits (B, V): temperature, then top-k / top-p, then an inverse-CDF draw with the given
+    uniform numbers (B,) in [0, 1): the smallest token whose cumulative probability exceeds u. Equivalent to
+    torch.multinomial, but the randomness is drawn up front, so a CUDA graph can replay the step. (B,) int64."""
+    probs = top_k_top_p_filter(logits.float() / temperature, top_k, top_p).softmax(dim=-1)
+    cdf = probs.cumsum(dim=-1)  # (B, V)
+    return (cdf <= uniform[:, None] * cdf[:, -1:]).sum(dim=-1).clamp_max(logits.shape[-1] - 1)
 
 
 class GPT(nn.Module):
@@ -285,48 +288,93 @@ class GPT(nn.Module):
             x = block(x, self.rope[1:2], cache, pre.new_ones(1))
         return self.head_post(self.norm(x))[:, 0]
 
+    def decode_position(self, x, pos, pre, post, uniforms, sampling, force=None, logits=None):
+        """Sample token t = pos for every row: x (2B, 1, C) is the input at sequence position pos for the rows
+        [cond; null]. Writes pre[:, t], post[:, t] (B, T) in place and returns e_t (2B, 1, C), the next input.
+        Only tensors change between positions (pos is a (1,) tensor), so the whole step can be a CUDA graph."""
+        cfg_scale, temperature, top_k, top_p = sampling
+        wide = torch.promote_types(self.head_pre.weight.dtype, torch.float32)  # CFG in fp32 (fp64 in the tests)
+        cond, uncond = self.decode_pre(x, pos).to(wide).chunk(2)  # (B, 64) each
+        guided = uncond + cfg_scale[0] * (cond - uncond)  # classifier-free guidance on the logits
+        if force is None:
+            pre_t = sample_from_logits(guided, temperature[0], top_k[0], top_p[0], uniforms[0].index_select(0, pos)[0])
+        else:  # teacher forcing (tests): keep the guided logits, feed the given token
+            logits[0].index_copy_(1, pos, guided[:, None])
+            pre_t = force[0].index_select(1, pos)[:, 0]
+        pre.index_copy_(1, pos, pre_t[:, None])
+        cond, uncond = self.decode_post(pre_t.repeat(2)).to(wide).chunk(2)  # (B, 4096) each
+        guided = uncond + cfg_scale[1] * (cond - uncond)
+        if force is None:
+            post_t = sample_from_logits(guided, temperature[1], top_k[1], top_p[1], uniforms[1].index_select(0, pos)[0])
+        else:
+            logits[1].index_copy_(1, pos, guided[:, None])
+            post_t = force[1].index_select(1, pos)[:, 0]
+        post.index_copy_(1, pos, post_t[:, None])
+        return (self.pre_emb(pre_t) + self.post_emb(post_t)).repeat(2, 1)[:, None]  # (2B, 1, C): e_t
+
     @torch.no_grad()
-    def generate(self, labels, cfg_scale=None, temperature=None, top_k=0, top_p=1.0, generator=None, force=None):
+    def generate(self, labels, cfg_scale=None, temperature=None, top_k=0, top_p=1.0, generator=None, force=None,
+                 cuda_graph=False):
         """Sample block_size tokens for labels (B,) -> (pre, post), each (B, T) int64.
 
         cfg_scale, temperature: (pre, post) pairs, default the preset's (paper) values; top_k, top_p: an int / float
         or a (pre, post) pair. generator: a torch.Generator on labels' device makes it reproducible.
         Classifier-free guidance by batch doubling: rows [cond; null] run together and
         logits = uncond + s * (cond - uncond) per sub-token. Scale 1 takes the same path (and cost) as any other.
+        Under bf16 autocast the KV caches are bf16 (half the bytes to read per step; the step is bound by them).
         force: (pre, post) (B, T) that replace the sampled sub-tokens (teacher forcing); then the guided logits
         (B, T, 64), (B, T, 4096) are returned instead of tokens. Tests use it to check the KV cache and CFG.
+
+        cuda_graph=True (fast path, CUDA only): the ~30 layers of one position are ~400 small kernels, so at small
+        batch the plain loop is bound by kernel launches (official code: ~30 ms per position at batch 50). We
+        record one position once in a CUDA graph and replay it T times: same kernels, same numbers, same tokens
+        for the same seed (tests/test_gpt.py checks it on a GPU), one launch per position.
         """
         config = self.config
-        cfg_scale = config.cfg_scale if cfg_scale is None else cfg_scale
-        temperature = config.temperature if temperature is None else temperature
-        top_k, top_p = (v if isinstance(v, (tuple, list)) else (v, v) for v in (top_k, top_p))
+        sampling = (config.cfg_scale if cfg_scale is None else cfg_scale,
+                    config.temperature if temperature is None else temperature,
+                    *(v if isinstance(v, (tuple, list)) else (v, v) for v in (top_k, top_p)))
         B, T, device = labels.shape[0], config.block_size, labels.device
         was_training = self.training
         self.eval()  # no dropout while sampling
-        self.setup_caches(2 * B, self.pre_emb.weight.dtype, device)
-        positions = torch.arange(T, device=device)
+        autocast_on = device.type != "cpu" and torch.is_autocast_enabled(device.type)
+        self.setup_caches(2 * B, torch.bfloat16 if autocast_on else self.pre_emb.weight.dtype, device)
+        uniforms = torch.rand(2, T, B, generator=generator, device=device)  # all the randomness, drawn up front
         pre, post = labels.new_zeros(B, T), labels.new_zeros(B, T)  # filled in place, nothing grows
+        logits = None
         if force is not None:
-            logits_pre = self.head_pre.weight.new_zeros(B, T, self.head_pre.out_features)
-            logits_post = self.head_post.weight.new_zeros(B, T, self.head_post.out_features)
+            wide = torch.promote_types(self.head_pre.weight.dtype, torch.float32)
+            logits = (torch.zeros(B, T, 2 ** config.pre_bits, device=device, dtype=wide),
+                      torch.zeros(B, T, 2 ** (config.vocab_bits - config.pre_bits), device=device, dtype=wide))
         null = torch.full_like(labels, config.num_classes)
         x = self.class_emb(torch.cat([labels, null]))[:, None]  # (2B, 1, C): sequence position 0
-        for t in range(T):
-            cond, uncond = self.decode_pre(x, positions[t:t + 1]).chunk(2)  # (B, 64) each
-            guided = uncond + cfg_scale[0] * (cond - uncond)
-            if force is not None:
-                logits_pre[:, t], pre[:, t] = guided, force[0][:, t]
-            else:
-                pre[:, t] = sample_from_logits(guided, temperature[0], top_k[0], top_p[0], generator)
-            cond, uncond = self.decode_post(pre[:, t].repeat(2)).chunk(2)  # (B, 4096) each
-            guided = uncond + cfg_scale[1] * (cond - uncond)
-            if force is not None:
-                logits_post[:, t], post[:, t] = guided, force[1][:, t]
-            else:
-                post[:, t] = sample_from_logits(guided, temperature[1], top_k[1], top_p[1], generator)
-            x = (self.pre_emb(pre[:, t]) + self.post_emb(post[:, t])).repeat(2, 1)[:, None]  # (2B, 1, C): e_t
+        pos = torch.zeros(1, dtype=torch.long, device=device)
+
+        def step():  # one position; advances pos in place
+            x.copy_(self.decode_position(x, pos, pre, post, uniforms, sampling, force, logits))
+            pos.add_(1)
+
+        if cuda_graph and force is None:
+            assert device.type == 'cuda', "cuda_graph=True needs a CUDA device"
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            x0 = x.clone()
+            with torch.cuda.stream(stream):  # warm-up on a side stream, as CUDA graph capture requires
+                for _ in range(2):
+                    step()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            x.copy_(x0)
+            pos.zero_()  # the warm-up wrote positions 0-2; the replays below overwrite them
+            for _ in range(T):
+                graph.replay()
+        else:
+            for _ in range(T):
+                step()
         self.train(was_training)
-        return (logits_pre, logits_post) if force is not None else (pre, post)
+        return logits if force is not None else (pre, post)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW as nanoGPT: weight decay on matrices and embeddings (dim >= 2), none on norm gains. The official

@@ -116,7 +116,7 @@ def test_top_k_top_p_keep_exactly_the_intended_support():
             expected[order[:n]] = True
             assert torch.equal(kept[row], expected), (top_k, top_p, row)
     # and sampling never leaves the support
-    draws = sample_from_logits(logits[:1].expand(2000, -1), 1.0, 5, 1.0, torch.Generator().manual_seed(0))
+    draws = sample_from_logits(logits[:1].expand(2000, -1), 1.0, 5, 1.0, torch.rand(2000, generator=torch.Generator().manual_seed(0)))
     assert set(draws.tolist()) == set(logits[0].topk(5).indices.tolist())
 
 
@@ -285,3 +285,25 @@ def test_official_checkpoint_errors_list_missing_and_unexpected_keys():
         GPT.from_official(truncated)
     with pytest.raises(KeyError, match='head.1.weight'):
         convert_official_gpt({k: v for k, v in sd.items() if not k.endswith('head.1.weight')})
+
+
+def test_inverse_cdf_sampling_matches_the_distribution():
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0, 0.5]])
+    u = torch.rand(40000, generator=torch.Generator().manual_seed(1))
+    draws = sample_from_logits(logits.expand(40000, -1), 1.0, 0, 1.0, u)
+    freq = torch.bincount(draws, minlength=5).float() / 40000
+    assert (freq - logits[0].softmax(0)).abs().max() < 0.01  # 4 sigma at n = 40000
+    assert sample_from_logits(logits, 1.0, 0, 1.0, torch.zeros(1)).item() == 0  # u = 0: first token with mass
+    assert sample_from_logits(logits, 1.0, 1, 1.0, torch.full((1,), 0.999)).item() == 2  # top-1 is greedy
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph sampling path needs a GPU")
+def test_cuda_graph_sampling_gives_the_plain_tokens():
+    torch.manual_seed(0)
+    model = GPT.from_preset('tiny', num_classes=10).cuda()
+    for p in model.parameters():  # heads are zero at init: give them weights so the samples depend on everything
+        torch.nn.init.normal_(p, std=0.1) if p.dim() > 1 else None
+    labels = torch.arange(6, device='cuda')
+    plain = model.generate(labels, generator=torch.Generator('cuda').manual_seed(3), top_p=0.9)
+    graph = model.generate(labels, generator=torch.Generator('cuda').manual_seed(3), top_p=0.9, cuda_graph=True)
+    assert torch.equal(plain[0], graph[0]) and torch.equal(plain[1], graph[1])
