@@ -1,0 +1,192 @@
+"""train_tok.py on CPU: the tiny preset learns, resume == an uninterrupted run, DDP (gloo, 2 processes) keeps the
+generator identical on both ranks, another config is refused, a corrupt image is skipped and counted, and the
+evaluation's PSNR / codebook usage / streamed rFID agree with slow direct computations. The LPIPS and Inception
+weight files are random: the numbers here test the code, they are not results."""
+import csv
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+
+import fid
+import train_tok
+import utils
+from data import build_dataset
+from losses import TAP_CHANNELS, VGG_LAYOUT
+from quantizer import codebook_usage
+from tokenizer import Tokenizer
+
+# small and fast: 32px is the smallest size the PatchGAN takes (three stride-2 convs, then two 4x4 convs)
+FAST = ['--preset', 'tiny', '--device', 'cpu', '--batch-size', '4', '--eval-images', '8', '--log-every', '1']
+
+
+def read_log(out):
+    with open(os.path.join(out, 'log.csv')) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('tiny') / 'run')
+    return out, train_tok.main(FAST + ['--batch-size', '8', '--max-steps', '20', '--log-every', '5', '--out', out])
+
+
+def test_tiny_learns_and_checkpoint_loads(tiny_run):
+    out, t = tiny_run
+    rows = read_log(out)
+    train_rows = [r for r in rows if r['recon']]
+    eval_rows = [r for r in rows if r['psnr']]
+    recon = [float(r['recon']) for r in train_rows]
+    assert len(recon) == 4 and recon[-1] < 0.85 * recon[0], recon  # the L1 reconstruction loss falls
+    assert [int(r['step']) for r in eval_rows] == [0, 20]  # before training and at the end
+    assert float(eval_rows[-1]['psnr']) > float(eval_rows[0]['psnr']) + 1, eval_rows
+    assert os.path.exists(os.path.join(out, 'recon_step20.png'))
+    # the checkpoint feeds the next stage: Tokenizer.from_checkpoint takes its EMA weights and config
+    ckpt = utils.load_checkpoint(os.path.join(out, 'ckpt.pt'), expect_kind='tokenizer')
+    assert ckpt['step'] == 20 and ckpt['epoch'] == 0 and ckpt['batch_in_epoch'] == 20
+    loaded = Tokenizer.from_checkpoint(os.path.join(out, 'ckpt.pt'))
+    for a, b in zip(loaded.state_dict().values(), t.ema.state_dict().values()):
+        assert torch.equal(a, b)
+    # the EMA differs from the raw weights (it averages them) but has moved away from the initialisation
+    init = Tokenizer.from_preset('tiny')
+    w_ema, w_raw = t.ema.decoder.conv_out.weight, t.raw_model.decoder.conv_out.weight
+    assert not torch.equal(w_ema, w_raw) and not torch.equal(w_ema, init.decoder.conv_out.weight)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
+    train_tok.main(FAST + ['--max-steps', '4', '--out', straight])
+    train_tok.main(FAST + ['--max-steps', '2', '--out', resumed])
+    train_tok.main(FAST + ['--max-steps', '4', '--out', resumed, '--resume'])
+    a = utils.load_checkpoint(os.path.join(straight, 'ckpt.pt'))
+    b = utils.load_checkpoint(os.path.join(resumed, 'ckpt.pt'))
+    assert a['step'] == b['step'] == 4
+    for part in ('model', 'ema', 'disc', 'lecam'):
+        for key in a[part]:
+            assert torch.allclose(a[part][key].float(), b[part][key].float(), rtol=0, atol=1e-6), (part, key)
+    assert b['lecam']['ema_real'] != 0  # the LeCAM EMAs are in the checkpoint, not restarted at 0
+    for opt in ('opt_g', 'opt_d'):
+        for index, state in a[opt]['state'].items():
+            assert torch.allclose(state['exp_avg_sq'], b[opt]['state'][index]['exp_avg_sq'], rtol=0, atol=1e-6)
+    # the same training rows in the log (the resumed run appends to it)
+    rows_a = [r for r in read_log(straight) if r['recon']]
+    rows_b = [r for r in read_log(resumed) if r['recon']]
+    assert [r['step'] for r in rows_b] == ['1', '2', '3', '4']
+    assert np.allclose([float(r['recon']) for r in rows_a], [float(r['recon']) for r in rows_b], atol=1e-6)
+
+
+def test_resume_refuses_another_config(tiny_run, tmp_path):
+    out, _ = tiny_run
+    same = FAST + ['--batch-size', '8', '--max-steps', '21', '--out', out, '--resume']
+    with pytest.raises(ValueError, match=r"another config(.|\n)*image_size"):
+        train_tok.main(same + ['--image-size', '64'])
+    with pytest.raises(ValueError, match=r"another config(.|\n)*gan_weight"):
+        train_tok.main(same + ['--gan-weight', '0.5'])
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        train_tok.main(FAST + ['--max-steps', '2', '--out', str(tmp_path / 'nothing'), '--resume'])
+
+
+def write_random_lpips_weights(folder):
+    """A random VGG16 in torchvision's layout (features.N.*) and random LPIPS v0.1 heads (linK.model.1.weight)."""
+    vgg, index, in_ch = {}, 0, 3
+    for v in VGG_LAYOUT:
+        if v == 'M':
+            index += 1
+            continue
+        vgg[f'features.{index}.weight'] = torch.randn(v, in_ch, 3, 3) * (2 / (9 * in_ch)) ** 0.5
+        vgg[f'features.{index}.bias'] = torch.zeros(v)
+        index, in_ch = index + 2, v
+    torch.save(vgg, folder / 'vgg16.pth')
+    heads = {f'lin{i}.model.1.weight': torch.rand(1, c, 1, 1) for i, c in enumerate(TAP_CHANNELS)}
+    torch.save(heads, folder / 'lin.pth')
+    return ['--perceptual-weight', '1', '--vgg-weights', str(folder / 'vgg16.pth'),
+            '--lpips-weights', str(folder / 'lin.pth')]
+
+
+def _ddp_worker(rank, world_size, port, out, lpips_flags):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    t = train_tok.main(FAST + ['--max-steps', '3', '--out', out] + lpips_flags)
+    flat = lambda module: torch.cat([p.detach().flatten() for p in module.parameters()])  # noqa: E731
+    torch.save({'model': flat(t.raw_model), 'ema': flat(t.ema), 'disc': flat(t.raw_disc)},
+               os.path.join(out, f'rank{rank}.pt'))
+
+
+def test_ddp_two_processes_keep_generator_identical(tmp_path):
+    """gloo, 2 processes, with the LPIPS term on (random weights; rank 0 loads them first, the other waits)."""
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / 'ddp')
+    torch.manual_seed(0)
+    mp.spawn(_ddp_worker, args=(2, port, out, write_random_lpips_weights(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(os.path.join(out, f'rank{r}.pt')) for r in (0, 1))
+    for part in ('model', 'ema', 'disc'):
+        assert torch.equal(rank0[part], rank1[part]), part
+    init = torch.cat([p.flatten() for p in Tokenizer.from_preset('tiny').parameters()])
+    assert not torch.allclose(rank0['model'], init)  # it trained
+    assert utils.load_checkpoint(os.path.join(out, 'ckpt.pt'))['step'] == 3
+    rows = [r for r in read_log(out) if r['recon']]
+    assert len(rows) == 3 and all(float(r['lpips']) > 0 for r in rows)
+
+
+def test_corrupt_image_is_skipped_and_counted(tmp_path, capfd):
+    root = tmp_path / 'images'
+    rng = np.random.default_rng(0)
+    for c in ('cat', 'dog'):
+        (root / c).mkdir(parents=True)
+        for i in range(8 if c == 'cat' else 7):
+            Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(root / c / f'{i}.png')
+    (root / 'dog' / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n' + b'not really a png' * 10)
+    out = str(tmp_path / 'run')
+    # 16 files, batch 4, 4 steps: one epoch, so every file (the broken one too) is read exactly once
+    t = train_tok.main(FAST + ['--data', str(root), '--max-steps', '4', '--out', out])
+    assert t.num_bad == 1
+    assert read_log(out)[-2]['bad_images'] == '1'  # the last training row (the last row is the evaluation)
+    assert 'broken.png' in capfd.readouterr().err
+
+
+def test_evaluate_matches_direct_computation(tmp_path, monkeypatch):
+    """PSNR per image on uint8, codebook usage over the whole set, and the rFID statistics streamed as feature
+    moments, against the plain formulas and fid.py's own feature extraction and statistics on the same images.
+    Random weights everywhere: a check of the code, not a metric."""
+
+    class SmallInception(fid.InceptionV3):  # 75px network input instead of 299: the same code path, 16x cheaper
+        def forward(self, images, resize='tf', size=75):
+            return super().forward(images, resize, size)
+
+    monkeypatch.setattr(fid, 'InceptionV3', SmallInception)  # what fid.load_inception builds
+    weights = tmp_path / fid.WEIGHTS_NAME
+    torch.manual_seed(0)
+    torch.save(SmallInception().state_dict(), weights)
+    received = []  # the statistics handed to the Frechet distance (its 2048x2048 sqrtm is fid.py's, tested there)
+    monkeypatch.setattr(fid, 'frechet_distance', lambda *stats: received.extend(stats) or 1.5)
+    args = train_tok.get_args(FAST + ['--eval-images', '6', '--inception-weights', str(weights),
+                                      '--out', str(tmp_path)])
+    dist = utils.setup('cpu')
+    model = Tokenizer.from_preset('tiny').eval()
+    val_set = build_dataset('synthetic', 32, train=False)
+    metrics = train_tok.evaluate(model, val_set, args, dist, step=7)
+
+    x = torch.stack([val_set[i][0] for i in range(6)])
+    with torch.no_grad():
+        x_rec, indices, _ = model(x)
+    x_rec = x_rec.clamp(-1, 1)
+    real = ((x + 1) * 127.5).to(torch.uint8).numpy().astype(np.float64)
+    fake = ((x_rec + 1) * 127.5).to(torch.uint8).numpy().astype(np.float64)
+    psnr = [10 * np.log10(255 ** 2 / np.mean((a - b) ** 2)) for a, b in zip(real, fake)]
+    assert metrics['psnr'] == pytest.approx(np.mean(psnr), rel=1e-6)
+    assert metrics['codebook_usage'] == codebook_usage(indices, 18)
+    assert metrics['rfid'] == 1.5 and len(received) == 4
+    inception = fid.load_inception(str(weights))
+    for images, mu, sigma in ((x, *received[:2]), (x_rec, *received[2:])):  # as fid.rfid: (x + 1) / 2, bilinear
+        pool = fid.extract_features(inception, [(images + 1) / 2], resize='bilinear')['pool']
+        expected_mu, expected_sigma = fid.compute_statistics(pool)
+        assert np.allclose(mu, expected_mu, rtol=1e-4, atol=1e-6)
+        assert np.allclose(sigma, expected_sigma, rtol=1e-3, atol=1e-6)
+    assert os.path.exists(tmp_path / 'recon_step7.png')

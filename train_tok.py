@@ -1,0 +1,366 @@
+"""
+Stage 1 of Open-MAGVIT2: train the LFQ image tokenizer (tokenizer.py) as a VQGAN. One iteration:
+
+    G:  L1(x, x_rec) + 1.0 LPIPS + 0.1 non-saturating GAN + 0.1 entropy (Eq. 3) + 0.25 commitment   -> Adam step
+    D:  hinge(D(x), D(x_rec)) + LeCAM (0.01 at 128px, 0.05 at 256px), real and fake in separate passes -> Adam step
+    EMA of the generator (0.999), used for evaluation and saved in the checkpoint for the next stage.
+
+Quick start, CPU, built-in synthetic data (~2.5 minutes on 2 cores):
+    python train_tok.py --preset tiny --device cpu --out out/demo_tok
+One GPU:
+    python train_tok.py --preset imagenet128 --data /data/imagenet/train --val-data /data/imagenet/val --out runs/tok128
+One node, 8 GPUs:
+    torchrun --standalone --nproc_per_node=8 train_tok.py --preset imagenet256 --data /data/imagenet/train \
+        --val-data /data/imagenet/val --out runs/tok256
+The paper's runs, 4 nodes x 8 GPUs (run on every node; NODE_RANK = 0..3, MASTER = the first node's address):
+    torchrun --nnodes=4 --node_rank=$NODE_RANK --nproc_per_node=8 --master_addr=$MASTER --master_port=29500 \
+        train_tok.py --preset imagenet256 --data /data/imagenet/train --val-data /data/imagenet/val --out runs/tok256
+Ascend NPUs: the same commands with --device npu (needs torch_npu; backend hccl).
+After a crash: the same command plus --resume (continues from out/ckpt.pt exactly where it stopped).
+--data takes 'synthetic', an ImageNet-style folder root/<class>/<image>, or .npz archive(s) (see data.py).
+"""
+
+import argparse
+import copy
+import csv
+import os
+import time
+from dataclasses import asdict
+from types import SimpleNamespace
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import fid
+import tokenizer
+import utils
+from data import EpochSampler, build_dataset, check_bad_fraction, collate_skip_bad
+from losses import LeCAM, PatchDiscriminator, hinge_d_loss, load_lpips, non_saturating_g_loss
+
+# -----------------------------------------------------------------------------
+# presets: overrides of the command-line defaults below (which are the 256px run)
+
+PRESETS = {
+    # The official runs, configs/Open-MAGVIT2/gpu/imagenet_lfqgan_{128,256}_L.yaml: 4 nodes x 8 GPUs x batch 8
+    # (global batch 256), Adam(0.5, 0.9) lr 1e-4 for G and D without warm-up or decay except x0.1 drops after
+    # the listed epochs, GAN from step 0 with fixed weight 0.1 (the adaptive `disc_weight` 0.8 is never used),
+    # PatchGAN ndf 64 / 3 layers / BatchNorm (no SyncBatchNorm), LeCAM EMA decay 0.999, generator EMA on,
+    # fp16 mixed precision (we use bf16, which needs no loss scaling).
+    'imagenet128': dict(model='imagenet128', image_size=128, batch_size=8, epochs=350, lr_drops=[250, 300],
+                        lecam_weight=0.01),
+    'imagenet256': dict(model='imagenet256', image_size=256, batch_size=8, epochs=270, lr_drops=[200, 250],
+                        lecam_weight=0.05),
+    # built-in shapes at 32px, ~2.5 minutes on 2 CPU cores (18 dB PSNR from 8). No LPIPS (its VGG weights are
+    # 528 MB); a higher lr; a weak GAN: at 32px the PatchGAN judges 2x2 patches, and the paper's 0.1 costs ~3 dB in
+    # a 500-step run; a stronger LeCAM, which is meant for small datasets like this one
+    'tiny': dict(model='tiny', data='synthetic', image_size=32, batch_size=16, max_steps=500, lr=4e-4,
+                 perceptual_weight=0.0, gan_weight=0.01, lecam_weight=0.1, eval_every=250, ckpt_every=250,
+                 log_every=10),
+}
+# train_args that may change when resuming; any other difference is refused
+RESUME_MAY_CHANGE = {'preset', 'resume', 'device', 'out', 'epochs', 'max_steps', 'eval_every', 'eval_images',
+                     'ckpt_every', 'log_every', 'num_workers', 'compile', 'channels_last', 'val_data',
+                     'vgg_weights', 'lpips_weights', 'inception_weights'}
+
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--preset', choices=sorted(PRESETS), help="named overrides of the defaults (see PRESETS)")
+    parser.add_argument('--data', default='synthetic', help="'synthetic', an image folder, or .npz file(s)")
+    parser.add_argument('--val-data', help="held-out images for evaluation (default: the held-out split of --data)")
+    parser.add_argument('--out', default='out/tok', help="folder for ckpt.pt, log.csv and the image grids")
+    parser.add_argument('--device', default='cuda', choices=['cuda', 'npu', 'cpu'])
+    parser.add_argument('--resume', action='store_true', help="continue from OUT/ckpt.pt")
+    # model and data
+    parser.add_argument('--model', default='imagenet256', choices=sorted(tokenizer.PRESETS), help="tokenizer preset")
+    parser.add_argument('--image-size', type=int, default=256)
+    parser.add_argument('--batch-size', type=int, default=8, help="per GPU; global = batch size x world size")
+    parser.add_argument('--num-workers', type=int, help="DataLoader workers per process (default 4, 0 on cpu)")
+    parser.add_argument('--seed', type=int, default=0)
+    # optimisation
+    parser.add_argument('--epochs', type=int, default=270)
+    parser.add_argument('--max-steps', type=int, default=0, help="stop after this many steps (0: run --epochs)")
+    parser.add_argument('--lr', type=float, default=1e-4, help="for the generator and the discriminator")
+    parser.add_argument('--lr-drops', type=int, nargs='*', default=[200, 250], help="epochs where lr drops x0.1")
+    parser.add_argument('--ema-decay', type=float, default=0.999)
+    # loss weights (L1 has weight 1)
+    parser.add_argument('--perceptual-weight', type=float, default=1.0, help="LPIPS; 0 trains without VGG")
+    parser.add_argument('--gan-weight', type=float, default=0.1)
+    parser.add_argument('--entropy-weight', type=float, default=0.1)
+    parser.add_argument('--commit-weight', type=float, default=0.25)
+    parser.add_argument('--lecam-weight', type=float, default=0.05)
+    parser.add_argument('--vgg-weights', help="vgg16-397923af.pth (default: cache folder / download)")
+    parser.add_argument('--lpips-weights', help="LPIPS v0.1 vgg.pth (default: cache folder / download)")
+    parser.add_argument('--inception-weights', help="FID Inception weights for rFID (see fid.py)")
+    # evaluation, logging, checkpoints, speed
+    parser.add_argument('--eval-every', type=int, default=5000, help="steps; also before the first and after the last")
+    parser.add_argument('--eval-images', type=int, default=0, help="held-out images to evaluate (0: all)")
+    parser.add_argument('--log-every', type=int, default=100)
+    parser.add_argument('--ckpt-every', type=int, default=5000)
+    parser.add_argument('--compile', action='store_true', help="torch.compile the tokenizer")
+    parser.add_argument('--channels-last', action='store_true', help="NHWC memory layout (faster convs on GPUs)")
+    args = parser.parse_args(argv)
+    if args.preset:  # preset values replace the defaults; flags given on the command line still win
+        parser.set_defaults(**PRESETS[args.preset])
+        args = parser.parse_args(argv)
+    if args.num_workers is None:
+        args.num_workers = 0 if args.device == 'cpu' else 4
+    return args
+
+
+# -----------------------------------------------------------------------------
+# the models, their optimisers, and one training iteration
+
+
+def build(args, dist):
+    """Tokenizer (G), its EMA, PatchGAN (D), LeCAM state, LPIPS and both optimisers, wrapped for DDP / compile.
+    `model` and `disc` are what the step calls; `raw_model` and `raw_disc` hold the weights (for checkpoints)."""
+    torch.manual_seed(args.seed)  # every rank builds the same initial weights
+    raw_model = tokenizer.Tokenizer.from_preset(args.model, image_size=args.image_size).to(dist.device)
+    raw_disc = PatchDiscriminator().to(dist.device)  # BatchNorm stays per-GPU, as the official code (no SyncBN)
+    if args.channels_last:  # NHWC: the layout tensor cores want for convolutions
+        raw_model.to(memory_format=torch.channels_last)
+        raw_disc.to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(raw_model).requires_grad_(False).eval()  # fp32 copy, never trained directly
+    lpips = None
+    if args.perceptual_weight > 0:
+        if not dist.is_main:
+            utils.barrier()  # rank 0 finds or downloads the weights first, then the others read its cache
+        lpips = load_lpips(args.vgg_weights, args.lpips_weights).to(dist.device)
+        if dist.is_main:
+            utils.barrier()
+    model = torch.compile(raw_model) if args.compile else raw_model
+    device_ids = [dist.local_rank] if dist.device_type == 'cuda' else None
+    model = DDP(model, device_ids=device_ids) if dist.ddp else model
+    # broadcast_buffers=False: D runs twice before its backward, and re-broadcasting the BatchNorm running stats at
+    # the second forward would overwrite tensors the first one saved for backward. D never runs in eval mode, so
+    # its running stats are unused (the official code calls D inside one DDP forward, which broadcasts once)
+    disc = DDP(raw_disc, device_ids=device_ids, broadcast_buffers=False) if dist.ddp else raw_disc
+    return SimpleNamespace(
+        model=model, raw_model=raw_model, ema=ema, disc=disc, raw_disc=raw_disc, lecam=LeCAM().to(dist.device),
+        lpips=lpips, opt_g=torch.optim.Adam(raw_model.parameters(), lr=args.lr, betas=(0.5, 0.9)),
+        opt_d=torch.optim.Adam(raw_disc.parameters(), lr=args.lr, betas=(0.5, 0.9)), device_type=dist.device_type)
+
+
+def train_step(x, t, args, step):
+    """One iteration on x (B, 3, H, W) in [-1, 1]: G step, D step, EMA update. Returns the detached losses."""
+    # --- generator. D only judges here: frozen, so no weight gradients and no DDP hooks; its raw module is called
+    # because a DDP forward without a matching gradient all-reduce would break the next D step
+    t.raw_disc.requires_grad_(False)
+    with utils.autocast(t.device_type):
+        x_rec, _, quantizer_losses = t.model(x)  # (B, 3, H, W), and Eq. (3) terms from LFQ (global batch under DDP)
+        recon = (x_rec.float() - x).abs().mean()
+        perceptual = t.lpips(x, x_rec).mean() if t.lpips is not None else torch.zeros((), device=x.device)
+        g_gan = non_saturating_g_loss(t.raw_disc(x_rec).float())  # on the per-image mean of the patch logits
+    g_loss = (recon + args.perceptual_weight * perceptual + args.gan_weight * g_gan
+              + args.entropy_weight * quantizer_losses['entropy_loss']  # Eq. (3)
+              + args.commit_weight * quantizer_losses['commitment_loss'])
+    t.opt_g.zero_grad(set_to_none=True)
+    g_loss.backward()  # DDP all-reduces G's gradients here
+    t.opt_g.step()
+
+    # --- discriminator: real and fake in separate passes (BatchNorm sees each set alone, as the official code)
+    t.raw_disc.requires_grad_(True)
+    with utils.autocast(t.device_type):
+        logits_real = t.disc(x).float()  # (B, 1, h, w) patch logits
+        logits_fake = t.disc(x_rec.detach()).float()
+    d_hinge = hinge_d_loss(logits_real, logits_fake)
+    t.lecam.update(logits_real, logits_fake)  # this batch enters the EMAs first, then the penalty (official order)
+    d_lecam = t.lecam(logits_real, logits_fake)
+    d_loss = d_hinge + args.lecam_weight * d_lecam
+    t.opt_d.zero_grad(set_to_none=True)
+    d_loss.backward()
+    t.opt_d.step()
+
+    # --- EMA of the generator, in fp32. The decay ramps up as the official LitEma, min(decay, (1+n)/(10+n)),
+    # so that early (and short) runs evaluate a useful average instead of the random initialisation
+    decay = min(args.ema_decay, (1 + step) / (10 + step))
+    torch._foreach_lerp_(list(t.ema.parameters()), list(t.raw_model.parameters()), 1 - decay)
+    return {'recon': recon, 'lpips': perceptual, 'g_gan': g_gan, 'commit': quantizer_losses['commitment_loss'],
+            'per_sample_entropy': quantizer_losses['per_sample_entropy'],
+            'codebook_entropy': quantizer_losses['codebook_entropy'], 'd_loss': d_loss, 'd_lecam': d_lecam,
+            'logits_real': logits_real.mean(), 'logits_fake': logits_fake.mean()}
+
+
+# -----------------------------------------------------------------------------
+# evaluation on held-out images with the EMA weights
+
+
+@torch.no_grad()
+def evaluate(ema, val_set, args, dist, step):
+    """PSNR (official convention: both images truncated to uint8, PSNR per image, averaged), codebook usage (share of
+    the 2^K codes used over the whole set), rFID when Inception weights are found, and a grid of reconstructions.
+    Every rank evaluates its share of the images; sums are reduced over ranks, so memory does not grow with N."""
+    # rFID only with the weights at hand (never downloaded here: a training run must not stall on the network)
+    inception_weights = args.inception_weights or os.path.join(fid.CACHE_DIR, fid.WEIGHTS_NAME)
+    have_weights = args.inception_weights or os.path.isfile(inception_weights)
+    inception = fid.load_inception(inception_weights, dist.device) if have_weights else None
+    n = min(args.eval_images or len(val_set), len(val_set)) // dist.world_size * dist.world_size
+    loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size, num_workers=args.num_workers,
+                                         sampler=range(dist.rank, n, dist.world_size), collate_fn=collate_skip_bad)
+    num_bits = ema.config.num_bits
+    seen = torch.zeros(2 ** num_bits, device=dist.device)  # 1 for every code that occurs
+    sums = torch.zeros(2, dtype=torch.float64, device=dist.device)  # PSNR sum, image count
+    moments = {name: [0, 0] for name in ('real', 'fake')}  # sum of Inception features (2048,), of outer products
+    for i, (images, _, _) in enumerate(loader):
+        if len(images) == 0:
+            continue  # unreadable images are skipped (and reported by data.py)
+        x = images.to(dist.device)
+        with utils.autocast(dist.device_type):
+            x_rec, indices, _ = ema(x)
+        x_rec = x_rec.float().clamp(-1, 1)
+        seen[indices.flatten()] = 1
+        real, fake = torch.from_numpy(utils.to_uint8(x)).double(), torch.from_numpy(utils.to_uint8(x_rec)).double()
+        mse = (real - fake).pow(2).mean((1, 2, 3))  # (B,) on 0..255 values
+        sums += torch.tensor([(10 * torch.log10(255 ** 2 / mse.clamp_min(1e-10))).sum(), len(x)], device=dist.device)
+        if inception is not None:  # as fid.rfid: pytorch-fid's bilinear resize of (x + 1) / 2, no uint8 rounding
+            for name, images01 in (('real', (x + 1) / 2), ('fake', (x_rec + 1) / 2)):
+                pool = inception(images01, resize='bilinear')['pool'].double()  # (B, 2048)
+                moments[name][0] += pool.sum(0)
+                moments[name][1] += pool.T @ pool
+        if i == 0 and dist.is_main:  # the first batch: originals (top) vs. reconstructions (bottom)
+            grid = os.path.join(args.out, f'recon_step{step}.png')
+            utils.save_image_grid(torch.cat([x[:8], x_rec[:8]]), grid, nrow=min(8, len(x)))
+    totals = utils.all_reduce_mean(sums) * dist.world_size  # PSNR sum, image count over all ranks
+    count = totals[1]
+    metrics = {'psnr': (totals[0] / count).item(),
+               'codebook_usage': (utils.all_reduce_mean(seen) > 0).sum().item() / 2 ** num_bits}
+    if inception is not None:
+        stats = []
+        for first, second in moments.values():  # mean and covariance (N - 1, as np.cov) from the summed moments
+            mu = utils.all_reduce_mean(first) * dist.world_size / count
+            second_moment = utils.all_reduce_mean(second) * dist.world_size / count
+            sigma = (second_moment - torch.outer(mu, mu)) * count / (count - 1)
+            stats += [mu.cpu().numpy(), sigma.cpu().numpy()]
+        metrics['rfid'] = fid.frechet_distance(*stats)
+    else:
+        utils.print0(f"rFID skipped (no Inception weights: put {fid.WEIGHTS_NAME} from {fid.WEIGHTS_URL} in "
+                     f"{fid.CACHE_DIR} or pass --inception-weights PATH)")
+    utils.print0(f"eval step {step} ({n} held-out images, EMA weights): "
+                 + ', '.join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    return metrics
+
+
+# -----------------------------------------------------------------------------
+# the training loop
+
+
+def main(argv=None):
+    args = get_args(argv)
+    dist = utils.setup(args.device)
+    t = build(args, dist)
+    config = asdict(t.raw_model.config)
+    ckpt_path = os.path.join(args.out, 'ckpt.pt')
+    step = epoch = batch_in_epoch = 0
+    if args.resume:
+        ckpt = utils.load_checkpoint(ckpt_path, expect_kind='tokenizer')
+        utils.check_config(ckpt['config'], config, ckpt_path)
+        utils.check_config(ckpt['train_args'], {k: v for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE},
+                           ckpt_path)
+        t.raw_model.load_state_dict(ckpt['model'])
+        t.ema.load_state_dict(ckpt['ema'])
+        t.raw_disc.load_state_dict(ckpt['disc'])
+        t.lecam.load_state_dict(ckpt['lecam'])
+        t.opt_g.load_state_dict(ckpt['opt_g'])
+        t.opt_d.load_state_dict(ckpt['opt_d'])
+        step, epoch, batch_in_epoch = ckpt['step'], ckpt['epoch'], ckpt['batch_in_epoch']
+        utils.set_rng_state(ckpt['rng'])
+        utils.print0(f"resumed from {ckpt_path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
+        del ckpt
+
+    # data: a rank-sharded order that can start mid-epoch (augmentation is a function of (seed, epoch, index))
+    train_set = build_dataset(args.data, args.image_size, train=True, seed=args.seed)
+    val_set = build_dataset(args.val_data or args.data, args.image_size, train=False, seed=args.seed)
+    if args.data != 'synthetic' and not args.val_data:
+        utils.print0("warning: no --val-data, so the evaluation uses center crops of the training images")
+    sampler = EpochSampler(len(train_set), dist.rank, dist.world_size, seed=args.seed)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=args.num_workers, collate_fn=collate_skip_bad,
+                                         pin_memory=dist.device_type == 'cuda', persistent_workers=args.num_workers > 0)
+    steps_per_epoch = len(train_set) // dist.world_size // args.batch_size
+    max_steps = args.max_steps or args.epochs * steps_per_epoch
+    utils.print0(f"tokenizer {args.model}: {sum(p.numel() for p in t.raw_model.parameters()) / 1e6:.2f}M params, "
+                 f"discriminator {sum(p.numel() for p in t.raw_disc.parameters()) / 1e6:.2f}M; {len(train_set)} "
+                 f"training images at {args.image_size}px; batch {args.batch_size} per process x {dist.world_size} "
+                 f"= {args.batch_size * dist.world_size} global; {steps_per_epoch} steps/epoch, {max_steps} steps")
+
+    os.makedirs(args.out, exist_ok=True)
+    log_path = os.path.join(args.out, 'log.csv')
+    fields = ['step', 'epoch', 'lr', 'recon', 'lpips', 'g_gan', 'per_sample_entropy', 'codebook_entropy', 'commit',
+              'd_loss', 'd_lecam', 'logits_real', 'logits_fake', 'img_per_s', 'bad_images', 'psnr', 'codebook_usage',
+              'rfid']
+    if dist.is_main and not (args.resume and os.path.exists(log_path)):
+        with open(log_path, 'w', newline='') as f:
+            csv.DictWriter(f, fields).writeheader()
+
+    def log_row(row):
+        if dist.is_main:
+            with open(log_path, 'a', newline='') as f:
+                csv.DictWriter(f, fields, restval='').writerow(row)
+
+    def save():
+        if dist.is_main:
+            utils.save_checkpoint(ckpt_path, {
+                'kind': 'tokenizer', 'config': config, 'train_args': vars(args),
+                'model': t.raw_model.state_dict(), 'ema': t.ema.state_dict(), 'disc': t.raw_disc.state_dict(),
+                'lecam': t.lecam.state_dict(), 'opt_g': t.opt_g.state_dict(), 'opt_d': t.opt_d.state_dict(),
+                'step': step, 'epoch': epoch, 'batch_in_epoch': batch_in_epoch, 'rng': utils.rng_state()})
+
+    if step == 0:
+        log_row({'step': 0, 'epoch': 0, **evaluate(t.ema, val_set, args, dist, 0)})  # the "before" numbers
+    t.model.train()
+    pbar = tqdm(total=max_steps, initial=step, disable=not dist.is_main, dynamic_ncols=True)
+    sums, num_summed, images_seen, num_bad, num_seen, t0 = {}, 0, 0, 0, 0, time.time()
+    while step < max_steps:
+        sampler.set_epoch(epoch, start=batch_in_epoch * args.batch_size)
+        # learning rate: constant, x0.1 at each of --lr-drops (the official lr_drop_epoch, applied per epoch)
+        lr = args.lr * 0.1 ** sum(epoch >= e for e in args.lr_drops)
+        for opt in (t.opt_g, t.opt_d):
+            for group in opt.param_groups:
+                group['lr'] = lr
+        for images, _, dropped in loader:
+            num_bad, num_seen = num_bad + dropped, num_seen + dropped + len(images)
+            check_bad_fraction(num_bad, num_seen)  # a few unreadable files are skipped, many stop the run
+            if len(images) == 0:
+                continue  # every image of this batch was unreadable
+            x = images.to(dist.device, non_blocking=True)
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            losses = train_step(x, t, args, step)
+            step, batch_in_epoch, images_seen = step + 1, batch_in_epoch + 1, images_seen + len(x)
+            pbar.update(1)
+            for k, v in losses.items():  # summed on the device: no host sync until the next log line
+                sums[k] = sums.get(k, 0) + v.detach()
+            num_summed += 1
+
+            if step % args.log_every == 0 or step == max_steps:
+                names = list(sums)
+                means = utils.all_reduce_mean(torch.stack([sums[k] for k in names]) / num_summed).tolist()
+                row = {'step': step, 'epoch': epoch, 'lr': lr, **dict(zip(names, means)), 'bad_images': num_bad,
+                       'img_per_s': images_seen * dist.world_size / (time.time() - t0)}
+                log_row(row)
+                pbar.set_postfix({k: f"{row[k]:.3g}" for k in ('recon', 'lpips', 'g_gan', 'd_loss',
+                                 'per_sample_entropy', 'codebook_entropy', 'commit', 'img_per_s')})
+                sums, num_summed, images_seen, t0 = {}, 0, 0, time.time()
+            t_pause = time.time()  # evaluation and checkpoints do not count in img/s
+            if step % args.eval_every == 0 or step == max_steps:
+                log_row({'step': step, 'epoch': epoch, **evaluate(t.ema, val_set, args, dist, step)})
+            if step % args.ckpt_every == 0 or step == max_steps:
+                save()
+            t0 += time.time() - t_pause
+            if step >= max_steps:
+                break
+        else:  # the epoch ran out
+            epoch, batch_in_epoch = epoch + 1, 0
+    pbar.close()
+    if num_bad:
+        utils.print0(f"skipped {num_bad} unreadable images of {num_seen} (see the warnings above)")
+    utils.print0(f"done: {step} steps, checkpoint {ckpt_path}")
+    utils.cleanup()
+    t.num_bad = num_bad
+    return t
+
+
+if __name__ == '__main__':
+    main()
