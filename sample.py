@@ -1,0 +1,219 @@
+"""
+Sample class-conditional images from a generator trained by train_gpt.py:
+class label -> GPT.generate (KV cache, classifier-free guidance per sub-token) -> (pre, post) sub-tokens ->
+18-bit indices (quantizer.merge_indices) -> +-1 code map -> tokenizer decoder -> clamp -> uint8 (utils.to_uint8).
+
+Quick look, a PNG grid with one row per class:
+    python sample.py --gpt out/gpt_B/ckpt.pt --classes 207,360,387 --out grid.png
+Evaluation set in the ADM format (read by fid.py and the ADM evaluator), 50 images for each of the 1000 classes:
+    python sample.py --gpt out/gpt_B/ckpt.pt --num-per-class 50 --out samples.npz                      # one GPU
+    torchrun --standalone --nproc_per_node 8 sample.py --gpt out/gpt_B/ckpt.pt --num-per-class 50 --out samples.npz
+    torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr HOST --master_port 29500 sample.py ...
+        (and --node_rank 1 on the second node; OUT's folder must be on a shared file system)
+    add --device npu on Ascend NPUs.
+The images are cut into shards of --batch-size; shard s is always generated with seed (--seed, s) whichever rank runs
+it, so the result does not depend on the number of GPUs. Each finished shard is saved to OUT.shards/ at once, so a
+killed run resumes when rerun with the same command. Then rank 0 writes OUT: `arr_0` uint8 (N, H, W, 3), shuffled
+with a fixed seed as the official combine_npz.py, and `arr_1` the class labels in the same order (as ADM's
+image_sample.py), and removes the shards.
+
+Sampling settings: cfg scale and temperature per sub-token ("pre,post"), top-k and top-p; the defaults are the
+paper's for the model size (gpt.py PRESETS), with top-k and top-p off as in the official scripts.
+--check-classes synthetic (quick start): a small CNN trained on the real synthetic images says how often the samples
+show their requested class.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+from gpt import GPT, GPTConfig
+from quantizer import merge_indices
+from tokenizer import Tokenizer
+from utils import autocast, barrier, cleanup, load_checkpoint, print0, save_image_grid, setup, to_uint8
+
+
+@torch.no_grad()
+def generate_images(gpt, tokenizer, labels, generator, **sampling):
+    """labels (B,) -> images (B, 3, H, W) in [-1, 1]; sampling: cfg_scale, temperature, top_k, top_p of generate."""
+    pre, post = gpt.generate(labels, generator=generator, **sampling)  # (B, T) each
+    grid = gpt.config.grid_size
+    indices = merge_indices(pre, post, gpt.config.pre_bits).view(-1, grid, grid)  # (B, h, w) 18-bit indices
+    return tokenizer.decode_indices(indices).float().clamp(-1, 1)
+
+
+def load_models(gpt_path, tokenizer_path=None, ema=True):
+    """Our GPT checkpoint and the tokenizer it was trained on (default: the path stored in the GPT checkpoint)."""
+    ckpt = load_checkpoint(gpt_path, 'gpt')
+    gpt = GPT(GPTConfig(**ckpt['config']))
+    gpt.load_state_dict(ckpt['model'])
+    tokenizer_path = tokenizer_path or (ckpt.get('tokenizer') or {}).get('path')
+    if not tokenizer_path:
+        raise ValueError(f"{gpt_path} does not name its tokenizer (trained from --codes?): pass --tokenizer CKPT")
+    tokenizer = Tokenizer.from_checkpoint(tokenizer_path, ema=ema)
+    if tokenizer.config.num_bits != gpt.config.vocab_bits:
+        raise ValueError(f"mismatch: {gpt_path} models {gpt.config.vocab_bits}-bit tokens (vocabulary "
+                         f"{2 ** gpt.config.vocab_bits}) but tokenizer {tokenizer_path} makes "
+                         f"{tokenizer.config.num_bits}-bit tokens (vocabulary {2 ** tokenizer.config.num_bits}): "
+                         "use the tokenizer the GPT was trained with")
+    return gpt.eval(), tokenizer.eval()
+
+
+# -----------------------------------------------------------------------------
+# class consistency on the built-in synthetic data (the quick start's score)
+
+
+def check_class_consistency(images, labels, tokenizer, epochs=3, seed=0):
+    """The quick start's score. Trains a small CNN on the real synthetic train split (4000 images, seconds on a CPU)
+    and returns how often it classifies `images` (uint8 (N, H, W, 3) samples) as their requested `labels` (N,).
+    For reference also its accuracy on held-out real images, and on their reconstructions by `tokenizer`: the best
+    that samples decoded by this tokenizer can be expected to reach. The CNN looks at half resolution and trains on
+    randomly blurred images, so that it judges the shape and colour, not the sharpness a small tokenizer loses."""
+    torch.manual_seed(seed)
+
+    def images_and_labels(dataset):  # (N, 3, H, W) in [-1, 1], (N,)
+        items = [dataset[i] for i in range(len(dataset))]
+        return torch.stack([image for image, _ in items]), torch.tensor([label for _, label in items])
+
+    size = images.shape[1]
+    train = data.build_dataset('synthetic', size, train=True)
+    (x, y), (x_held, y_held) = images_and_labels(train), images_and_labels(data.build_dataset('synthetic', size, False))
+    conv = lambda c_in, c_out: [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+    net = nn.Sequential(nn.AvgPool2d(2), *conv(3, 32), nn.MaxPool2d(2), *conv(32, 64), nn.MaxPool2d(2), *conv(64, 64),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, train.num_classes))
+    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(x)).split(64):
+            blurred = x[batch]
+            for _ in range(int(torch.randint(0, 3, ()))):  # 0-2 passes of a 3x3 box blur
+                blurred = F.avg_pool2d(blurred, 3, stride=1, padding=1, count_include_pad=False)
+            loss = F.cross_entropy(net(blurred), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    net.eval()
+    from_uint8 = lambda u: torch.from_numpy(u).permute(0, 3, 1, 2).float() / 127.5 - 1  # the saved pixels
+    accuracy = lambda x, y: (net(x).argmax(1) == y).float().mean().item()
+    with torch.no_grad():
+        reconstructed = to_uint8(tokenizer(x_held.to(next(tokenizer.parameters()).device))[0])
+        return {'samples': accuracy(from_uint8(images), torch.as_tensor(labels)), 'real': accuracy(x_held, y_held),
+                'reconstructed': accuracy(from_uint8(reconstructed), y_held)}
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--gpt', required=True, help="checkpoint written by train_gpt.py")
+    parser.add_argument('--tokenizer', help="tokenizer checkpoint (default: the one the GPT was trained with)")
+    parser.add_argument('--no-ema', dest='ema', action='store_false', help="raw tokenizer weights, not EMA")
+    parser.add_argument('--classes', help="comma-separated class ids (default: all classes of the model)")
+    parser.add_argument('--num-per-class', type=int, default=4)
+    parser.add_argument('--out', default='samples.png', help=".png: one grid; .npz: ADM evaluation format")
+    parser.add_argument('--batch-size', type=int, default=32, help="images per forward pass and per shard")
+    parser.add_argument('--cfg-scale', help="'pre,post' (default: the preset's)")
+    parser.add_argument('--temperature', help="'pre,post' (default: the preset's)")
+    parser.add_argument('--top-k', default='0', help="'k' or 'pre,post'; 0 = off")
+    parser.add_argument('--top-p', default='1.0', help="'p' or 'pre,post'; 1.0 = off")
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--check-classes', choices=['synthetic'], help="score the samples with a classifier")
+    parser.add_argument('--device', default='cuda', help="cuda | npu | cpu")
+    args = parser.parse_args(argv)
+    pair = lambda s, cast: None if s is None else tuple(cast(v) for v in (s.split(',') * 2)[:2])  # 'a' -> (a, a)
+    sampling = dict(cfg_scale=pair(args.cfg_scale, float), temperature=pair(args.temperature, float),
+                    top_k=pair(args.top_k, int), top_p=pair(args.top_p, float))
+
+    dist = setup(args.device)
+    gpt, tokenizer = load_models(args.gpt, args.tokenizer, args.ema)
+    gpt, tokenizer = gpt.to(dist.device), tokenizer.to(dist.device)
+    config = gpt.config
+    classes = [int(c) for c in args.classes.split(',')] if args.classes else list(range(config.num_classes))
+    if not all(0 <= c < config.num_classes for c in classes):
+        raise ValueError(f"--classes must lie in 0..{config.num_classes - 1} for this model")
+    labels = torch.tensor(classes).repeat_interleave(args.num_per_class)  # class-major: a grid row per class
+    shards = labels.split(args.batch_size)
+    print0(f"{len(labels)} images of {len(classes)} classes, cfg {sampling['cfg_scale'] or config.cfg_scale}, "
+           f"temperature {sampling['temperature'] or config.temperature}, top-k {sampling['top_k']}, "
+           f"top-p {sampling['top_p']}")
+
+    npz = args.out.endswith('.npz')
+    if npz and os.path.exists(args.out):
+        print0(f"{args.out} exists already; delete it to sample again")
+        cleanup()
+        return None
+    if not npz and dist.ddp:
+        raise ValueError("a .png grid is made by one process; use an .npz --out under torchrun")
+    shard_dir = args.out + '.shards'
+    settings = dict(vars(args), gpt_mtime=os.path.getmtime(args.gpt))  # a retrained GPT starts anew
+    if npz and dist.is_main:  # refuse to mix shards made with other settings into one evaluation set
+        os.makedirs(shard_dir, exist_ok=True)
+        settings_path = os.path.join(shard_dir, 'settings.json')
+        if os.path.exists(settings_path):
+            with open(settings_path) as f:
+                if json.load(f) != json.loads(json.dumps(settings)):
+                    raise ValueError(f"{shard_dir} holds shards made with other settings: delete it or use the same")
+        with open(settings_path, 'w') as f:
+            json.dump(settings, f, indent=1)
+    barrier()
+
+    mine = range(dist.rank, len(shards), dist.world_size)  # shard s goes to rank s % world
+    todo = [s for s in mine if not (npz and os.path.exists(os.path.join(shard_dir, f'shard{s:06d}.npz')))]
+    images = {}
+    start = time.time()
+    for s in tqdm(todo, desc='sampling', disable=not dist.is_main, initial=len(mine) - len(todo), total=len(mine)):
+        generator = torch.Generator(dist.device).manual_seed(args.seed * 1_000_003 + s)  # per-shard stream
+        with autocast(dist.device_type):
+            shard = to_uint8(generate_images(gpt, tokenizer, shards[s].to(dist.device), generator, **sampling))
+        if npz:  # written at once and atomically: a killed run keeps every finished shard
+            path = os.path.join(shard_dir, f'shard{s:06d}.npz')
+            with open(path + '.tmp', 'wb') as f:
+                np.savez(f, images=shard, labels=shards[s].numpy())
+            os.replace(path + '.tmp', path)
+        else:
+            images[s] = shard
+    done = sum(len(shards[s]) for s in todo)
+    print0(f"{done} images in {time.time() - start:.1f}s ({done / max(time.time() - start, 1e-9):.2f} images/s "
+           f"on rank 0 of {dist.world_size})")
+    barrier()
+
+    if not npz:
+        images = np.concatenate([images[s] for s in range(len(shards))])  # (N, H, W, 3) uint8
+        print(f"wrote {save_image_grid(images, args.out, nrow=args.num_per_class)} "
+              f"({len(classes)} rows of {args.num_per_class}: classes {','.join(map(str, classes))})")
+        if args.check_classes:
+            scores = check_class_consistency(images, labels, tokenizer)
+            print(f"class consistency: {scores['samples']:.1%} of the {len(labels)} samples are classified as their "
+                  f"requested class (chance {1 / config.num_classes:.0%}). The classifier, trained on real images, "
+                  f"recognises {scores['real']:.1%} of held-out real images and {scores['reconstructed']:.1%} of "
+                  "their reconstructions by the tokenizer (the ceiling for its samples)")
+        cleanup()
+        return images, labels.numpy()
+
+    if dist.is_main:  # gather the shards, shuffle with a fixed seed, one ADM-format file
+        parts = [np.load(os.path.join(shard_dir, f'shard{s:06d}.npz')) for s in range(len(shards))]
+        all_images = np.concatenate([p['images'] for p in parts])
+        all_labels = np.concatenate([p['labels'] for p in parts])
+        order = np.random.default_rng(args.seed).permutation(len(all_labels))
+        with open(args.out + '.tmp', 'wb') as f:
+            np.savez(f, arr_0=all_images[order], arr_1=all_labels[order])
+        os.replace(args.out + '.tmp', args.out)
+        shutil.rmtree(shard_dir)
+        print(f"wrote {args.out}: arr_0 {all_images.shape} uint8, arr_1 labels")
+    barrier()
+    cleanup()
+    return None
+
+
+if __name__ == '__main__':
+    main()

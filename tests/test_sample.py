@@ -1,0 +1,132 @@
+"""sample.py: a fixed seed reproduces the images, the ADM-format .npz is valid, an interrupted evaluation run resumes
+without duplicating or losing images (and gives the same file), 2 ranks give what 1 rank gives, clear errors for a
+missing checkpoint and a tokenizer / GPT mismatch, and the class-consistency score."""
+import os
+import socket
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import data
+import sample
+from gpt import GPT
+from tokenizer import Tokenizer
+from utils import save_checkpoint
+
+
+def save_tokenizer(path, **overrides):
+    torch.manual_seed(0)
+    tokenizer = Tokenizer.from_preset('tiny', **overrides)
+    save_checkpoint(path, {'kind': 'tokenizer', 'config': asdict(tokenizer.config), 'model': tokenizer.state_dict()})
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+    """An untrained tiny tokenizer and a random tiny GPT (4x4 tokens -> 16px images, 5 classes) in our formats."""
+    root = tmp_path_factory.mktemp('sample')
+    tokenizer = save_tokenizer(root / 'tok.pt')
+    torch.manual_seed(0)
+    gpt = GPT.from_preset('tiny', num_classes=5, block_size=16)
+    for head in (gpt.head_pre, gpt.head_post):  # random heads, so that the samples depend on the class and seed
+        torch.nn.init.normal_(head.weight, std=0.5)
+    save_checkpoint(root / 'gpt.pt', {'kind': 'gpt', 'config': asdict(gpt.config), 'model': gpt.state_dict(),
+                                      'step': 0, 'tokenizer': {'path': tokenizer}})
+    return {'gpt': str(root / 'gpt.pt'), 'tokenizer': tokenizer, 'root': root}
+
+
+def argv(files, out, *extra):
+    return ['--gpt', files['gpt'], '--device', 'cpu', '--classes', '0,2,4', '--num-per-class', '3',
+            '--batch-size', '4', '--out', str(out), *extra]
+
+
+def test_fixed_seed_reproduces_the_grid(files, tmp_path):
+    images, labels = sample.main(argv(files, tmp_path / 'a.png', '--seed', '1'))
+    again, _ = sample.main(argv(files, tmp_path / 'b.png', '--seed', '1'))
+    other, _ = sample.main(argv(files, tmp_path / 'c.png', '--seed', '2'))
+    assert images.shape == (9, 16, 16, 3) and images.dtype == np.uint8
+    assert labels.tolist() == [0, 0, 0, 2, 2, 2, 4, 4, 4]  # one grid row per class
+    assert np.array_equal(images, again) and not np.array_equal(images, other)
+    assert (tmp_path / 'a.png').exists()
+
+
+class Killed(Exception):
+    pass
+
+
+def test_npz_is_adm_format_and_an_interrupted_run_resumes_exactly(files, tmp_path, monkeypatch):
+    sample.main(argv(files, tmp_path / 'full.npz'))  # 9 images in shards of 4, 4, 1
+    full = np.load(tmp_path / 'full.npz')
+    assert sorted(full.files) == ['arr_0', 'arr_1']
+    assert full['arr_0'].shape == (9, 16, 16, 3) and full['arr_0'].dtype == np.uint8
+    assert sorted(full['arr_1'].tolist()) == [0, 0, 0, 2, 2, 2, 4, 4, 4]
+    assert full['arr_1'].tolist() != sorted(full['arr_1'].tolist())  # shuffled (fixed seed)
+    assert not os.path.exists(tmp_path / 'full.npz.shards')  # shards removed once merged
+
+    real, calls, kill_at = sample.generate_images, [], [2]
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == kill_at[0]:  # killed while making the second shard
+            raise Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sample, 'generate_images', counting)
+    with pytest.raises(Killed):
+        sample.main(argv(files, tmp_path / 'resumed.npz'))
+    assert sorted(os.listdir(tmp_path / 'resumed.npz.shards')) == ['settings.json', 'shard000000.npz']
+    calls.clear()
+    kill_at[0] = None
+    sample.main(argv(files, tmp_path / 'resumed.npz'))  # the same command again
+    assert len(calls) == 2  # only shards 1 and 2 were generated
+    resumed = np.load(tmp_path / 'resumed.npz')
+    assert np.array_equal(full['arr_0'], resumed['arr_0']) and np.array_equal(full['arr_1'], resumed['arr_1'])
+
+
+def _two_rank_worker(rank, args, port):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2', MASTER_ADDR='127.0.0.1',
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    sample.main(args)
+
+
+def test_two_ranks_write_what_one_rank_writes(files, tmp_path):
+    sample.main(argv(files, tmp_path / 'one.npz'))
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_rank_worker, args=(argv(files, tmp_path / 'two.npz'), port), nprocs=2)
+    one, two = np.load(tmp_path / 'one.npz'), np.load(tmp_path / 'two.npz')
+    assert np.array_equal(one['arr_0'], two['arr_0']) and np.array_equal(one['arr_1'], two['arr_1'])
+
+
+def test_clear_errors(files, tmp_path):
+    with pytest.raises(FileNotFoundError, match='checkpoint not found: .*nope.pt'):
+        sample.main(argv(files, tmp_path / 'a.png', '--gpt', str(tmp_path / 'nope.pt')))
+    with pytest.raises(ValueError, match='not a gpt checkpoint'):
+        sample.main(argv(files, tmp_path / 'a.png', '--gpt', files['tokenizer']))
+    tok16 = save_tokenizer(tmp_path / 'tok16.pt', num_bits=16)
+    with pytest.raises(ValueError, match='18-bit tokens .*262144.* 16-bit tokens'):
+        sample.main(argv(files, tmp_path / 'a.png', '--tokenizer', tok16))
+    with pytest.raises(ValueError, match='--classes must lie in 0..4'):
+        sample.main(argv(files, tmp_path / 'a.png', '--classes', '5'))
+    # resuming an evaluation run with other settings would mix two sample sets in one file
+    os.makedirs(tmp_path / 'b.npz.shards')
+    with open(tmp_path / 'b.npz.shards' / 'settings.json', 'w') as f:
+        f.write('{"seed": 7}')
+    with pytest.raises(ValueError, match='other settings'):
+        sample.main(argv(files, tmp_path / 'b.npz'))
+
+
+def test_class_consistency_scores_requested_classes(files):
+    shapes = data.SyntheticShapes(n=40, size=32, num_classes=10, seed=7)  # unseen real images as "samples"
+    images = np.stack([np.asarray(shapes.load(i)) for i in range(40)])
+    tokenizer = Tokenizer.from_checkpoint(files['tokenizer']).eval()
+    scores = sample.check_class_consistency(images, shapes.labels, tokenizer, epochs=3)
+    assert scores['real'] > 0.9 and scores['samples'] > 0.85  # chance is 0.1
+    assert scores['reconstructed'] < 0.5  # an untrained tokenizer destroys the shapes
+    wrong = sample.check_class_consistency(images, (shapes.labels + 1) % 10, tokenizer, epochs=3)
+    assert wrong['samples'] < 0.2  # the score is agreement with the *requested* class

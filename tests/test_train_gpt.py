@@ -1,0 +1,177 @@
+"""train_gpt.py: the LR schedule against a piecewise-linear reference, extraction == on-the-fly encoding (same crops,
+and the same training run from either), the loss falls, resume == an uninterrupted run, DDP (gloo, 2 processes) keeps
+the ranks identical, clear errors for a bad checkpoint path and a tokenizer / GPT mismatch."""
+import csv
+import os
+import socket
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import data
+import train_gpt
+from tokenizer import Tokenizer
+from utils import load_checkpoint, save_checkpoint
+
+
+def save_tokenizer(path, seed=0, **overrides):
+    """An untrained tiny tokenizer in our checkpoint format (what train_tok.py writes, minus the training state)."""
+    torch.manual_seed(seed)
+    tokenizer = Tokenizer.from_preset('tiny', **overrides)
+    save_checkpoint(path, {'kind': 'tokenizer', 'config': asdict(tokenizer.config), 'model': tokenizer.state_dict()})
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+    """tok.pt, and 64 synthetic images of 20x24 pixels in an .npz, so that the 16px random crops really vary."""
+    root = tmp_path_factory.mktemp('train_gpt')
+    shapes = data.SyntheticShapes(n=64, size=24, num_classes=10)
+    images = np.stack([np.asarray(shapes.load(i))[2:22] for i in range(64)])  # (64, 20, 24, 3)
+    np.savez(root / 'shapes.npz', images=images, labels=shapes.labels)
+    return {'tokenizer': save_tokenizer(root / 'tok.pt'), 'data': str(root / 'shapes.npz'), 'root': root}
+
+
+def argv(files, out, *extra):
+    """A tiny CPU run: 64 images, 16px (4x4 tokens), global batch 16 -> 4 steps per epoch, peak lr 1e-3."""
+    return ['--preset', 'tiny', '--device', 'cpu', '--tokenizer', files['tokenizer'], '--data', files['data'],
+            '--image-size', '16', '--batch-size', '16', '--lr', '0.048', '--epochs', '2', '--warmup-epochs', '0.5',
+            '--eval-every', '100', '--log-every', '1', '--sample-classes', '0,1', '--num-workers', '0',
+            '--out', str(out), *extra]
+
+
+def read_log(out):
+    with open(os.path.join(out, 'log.csv')) as f:
+        return list(csv.DictReader(f))
+
+
+def test_lr_schedule_at_key_steps_and_paper_presets():
+    peak, total, warmup = 3e-4, 1000, 60
+    decay_start = warmup + 0.05 * (total - 1 - warmup)  # the 5% plateau after the warmup
+    # the schedule is piecewise linear through these knots: 0.005x -> 1x (warmup), 1x (plateau), 1x -> 0.1x (decay)
+    knots_x, knots_y = [0, warmup, decay_start, total - 1], [0.005, 1, 1, 0.1]
+    for step in range(total):
+        assert train_gpt.get_lr(step, total, warmup, peak) == pytest.approx(peak * np.interp(step, knots_x, knots_y))
+    assert train_gpt.get_lr(0, total, warmup, peak) == pytest.approx(0.005 * peak)
+    assert train_gpt.get_lr(warmup, total, warmup, peak) == peak
+    assert train_gpt.get_lr(int(decay_start), total, warmup, peak) == peak
+    assert train_gpt.get_lr(int(decay_start) + 2, total, warmup, peak) < peak
+    assert train_gpt.get_lr(total - 1, total, warmup, peak) == pytest.approx(0.1 * peak)
+    # the paper's runs: 768 images per step, warmup 6 / 6 / 7 epochs, peak 3e-4 / 3e-4 / 2.4e-4, 300 / 300 / 350 epochs
+    for name, (lr, warmup_epochs, epochs) in {'B': (3e-4, 6, 300), 'L': (3e-4, 6, 300), 'XL': (2.4e-4, 7, 350)}.items():
+        args = train_gpt.get_args(['--preset', name])
+        assert (args.lr, args.warmup_epochs, args.epochs, args.batch_size) == (lr, warmup_epochs, epochs, 768)
+        assert (args.weight_decay, args.grad_clip) == (0.05, 1.0)
+    assert train_gpt.get_args(['--preset', 'XL', '--lr', '1e-4']).lr == 1e-4  # the command line beats the preset
+
+
+def test_loss_falls_and_lr_is_scaled_with_the_batch(files, tmp_path, capsys):
+    out = tmp_path / 'run'
+    model = train_gpt.main(argv(files, out, '--epochs', '8'))  # 32 steps
+    assert 'peak lr 0.001 (= 0.048 x batch 16 / 768)' in capsys.readouterr().out
+    log = read_log(out)
+    assert [int(r['step']) for r in log] == list(range(1, 33))
+    assert max(float(r['lr']) for r in log) == pytest.approx(1e-3)
+    first = float(log[0]['loss_pre']) + float(log[0]['loss_post'])
+    last = np.mean([float(r['loss_pre']) + float(r['loss_post']) for r in log[-4:]])
+    assert first == pytest.approx(np.log(64) + np.log(4096), abs=0.05)  # zero-initialised heads: uniform
+    assert last < first - 1.5, (first, last)  # 12.48 -> ~10.7 nats in 32 steps
+    ckpt = load_checkpoint(out / 'ckpt.pt', 'gpt')
+    assert ckpt['step'] == 32 and (ckpt['epoch'], ckpt['batch_in_epoch']) == (8, 0)
+    assert ckpt['config']['block_size'] == 16 and ckpt['config']['num_classes'] == 10
+    assert ckpt['tokenizer']['path'] == files['tokenizer']
+    assert all(torch.equal(v, ckpt['model'][k]) for k, v in model.state_dict().items())
+    assert (out / 'samples_step32.png').exists()
+
+
+def test_extraction_writes_the_on_the_fly_tokens_and_trains_identically(files, tmp_path):
+    codes = tmp_path / 'codes'
+    train_gpt.main(argv(files, tmp_path / 'unused', '--extract', '--codes', str(codes), '--views', '2'))
+    tokenizer = Tokenizer.from_checkpoint(files['tokenizer']).eval()
+    images = data.build_dataset(files['data'], 16, train=True, seed=0, hflip=True)  # what the trainer reads
+    extracted = data.CodesDataset(str(codes))
+    views = []
+    for epoch in range(2):  # view v = the augmentation of epoch v
+        with torch.no_grad():
+            expected = tokenizer.encode(torch.stack([images[(epoch, i)][0] for i in range(64)]))[1].flatten(1)
+        got = torch.stack([extracted[(epoch, i)][0] for i in range(64)])
+        assert torch.equal(got, expected)
+        views.append(got)
+    assert (views[0] != views[1]).any(1).float().mean() > 0.5  # the views are different crops / flips
+    assert extracted[(0, 5)][1] == images[(0, 5)][1]
+    # two epochs from the codes (views 0, 1) == two epochs encoded on the fly, to the bit
+    on_the_fly = train_gpt.main(argv(files, tmp_path / 'a')).state_dict()
+    from_codes = train_gpt.main(argv(files, tmp_path / 'b', '--codes', str(codes))).state_dict()
+    assert all(torch.equal(on_the_fly[k], from_codes[k]) for k in on_the_fly)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_equals_an_uninterrupted_run(files, tmp_path, monkeypatch):
+    common = ('--epochs', '3', '--eval-every', '3')  # 12 steps, checkpoints at 3, 6, 9, 12
+    train_gpt.main(argv(files, tmp_path / 'full', *common))
+    real_step, calls = train_gpt.train_step, []
+
+    def dying_step(*args, **kwargs):  # killed during step 8: the last checkpoint is mid-epoch 1 (step 6)
+        calls.append(1)
+        if len(calls) == 8:
+            raise Killed
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_gpt, 'train_step', dying_step)
+    with pytest.raises(Killed):
+        train_gpt.main(argv(files, tmp_path / 'resumed', *common))
+    monkeypatch.undo()
+    ckpt = load_checkpoint(tmp_path / 'resumed' / 'ckpt.pt', 'gpt')
+    assert (ckpt['step'], ckpt['epoch'], ckpt['batch_in_epoch']) == (6, 1, 2)
+    train_gpt.main(argv(files, tmp_path / 'resumed', *common, '--resume'))
+    full, resumed = (load_checkpoint(tmp_path / run / 'ckpt.pt', 'gpt') for run in ('full', 'resumed'))
+    assert resumed['step'] == full['step'] == 12
+    assert all(torch.equal(full['model'][k], resumed['model'][k]) for k in full['model'])
+    for a, b in zip(full['optimizer']['state'].values(), resumed['optimizer']['state'].values()):
+        assert torch.equal(a['exp_avg'], b['exp_avg']) and torch.equal(a['exp_avg_sq'], b['exp_avg_sq'])
+    assert read_log(tmp_path / 'full')[-1]['loss_post'] == read_log(tmp_path / 'resumed')[-1]['loss_post']
+
+
+def _ddp_worker(rank, args, port, out):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2', MASTER_ADDR='127.0.0.1',
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    model = train_gpt.main(args)
+    torch.save(model.state_dict(), os.path.join(out, f'rank{rank}.pt'))
+
+
+def test_ddp_gloo_two_processes_keep_identical_weights(files, tmp_path):
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(argv(files, tmp_path / 'ddp', '--epochs', '1'), port, str(tmp_path)), nprocs=2)
+    rank0, rank1 = (torch.load(tmp_path / f'rank{r}.pt') for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert rank0['head_post.weight'].abs().sum() > 0  # trained: the zero-initialised head moved
+    assert len(load_checkpoint(tmp_path / 'ddp' / 'ckpt.pt', 'gpt')['rng']) == 2  # each rank's RNG, for --resume
+
+
+def test_clear_errors_for_bad_paths_and_mismatches(files, tmp_path):
+    with pytest.raises(FileNotFoundError, match='checkpoint not found: .*missing.pt'):
+        train_gpt.main(argv(files, tmp_path / 'a', '--tokenizer', str(tmp_path / 'missing.pt')))
+    save_checkpoint(tmp_path / 'gpt.pt', {'kind': 'gpt', 'config': {}})
+    with pytest.raises(ValueError, match='not a tokenizer checkpoint'):
+        train_gpt.main(argv(files, tmp_path / 'a', '--tokenizer', str(tmp_path / 'gpt.pt')))
+    # tokens of a 16-bit tokenizer for a GPT trained on 18-bit tokens: resume refuses, naming the field
+    train_gpt.main(argv(files, tmp_path / 'b', '--epochs', '1'))
+    tok16 = save_tokenizer(tmp_path / 'tok16.pt', num_bits=16)
+    with pytest.raises(ValueError, match='vocab_bits: checkpoint 18 .* now 16'):
+        train_gpt.main(argv(files, tmp_path / 'b', '--epochs', '1', '--tokenizer', tok16, '--resume'))
+    # pre-extracted 18-bit codes with a 16-bit tokenizer for the grids
+    codes = tmp_path / 'codes'
+    train_gpt.main(argv(files, tmp_path / 'c', '--extract', '--codes', str(codes), '--views', '1'))
+    with pytest.raises(ValueError, match='18-bit tokens on a 4x4 grid.* 16-bit tokens'):
+        train_gpt.main(argv(files, tmp_path / 'c', '--codes', str(codes), '--tokenizer', tok16))
+    with pytest.raises(ValueError, match='not a multiple'):
+        train_gpt.main(argv(files, tmp_path / 'd', '--image-size', '18'))

@@ -1,0 +1,318 @@
+"""
+Stage 2 of Open-MAGVIT2: train the class-conditional auto-regressive generator (gpt.py) on the 18-bit tokens of a
+frozen tokenizer (tokenizer.py, trained by train_tok.py). Loss: CE(pre) + CE(post), paper Eq. (7).
+
+Optimisation as the official configs (configs/Open-MAGVIT2/gpu/imagenet_conditional_llama_{B,L,XL}.yaml):
+AdamW(0.9, 0.95), weight decay 0.05, gradient clipping 1.0, class dropout 0.1 (in gpt.py), global batch 768 with a
+peak lr of 3e-4 (B, L) / 2.4e-4 (XL) that we scale linearly with the global batch, 300 / 300 / 350 epochs, and the
+schedule of `get_lr`. The official code trains in fp16 mixed precision; we use bf16 autocast on GPU / NPU (no loss
+scaling) and fp32 on CPU. Tokenizer weights: EMA by default; the official AR configs load the *raw* weights
+(first_stage_config `use_ema: False`, which makes init_from_ckpt skip the model_ema.* entries): pass --no-ema for that.
+
+Two ways to feed it tokens, both with resize + random crop + horizontal flip, a pure function of (seed, epoch, image):
+  on the fly (as the official code): the frozen tokenizer encodes every batch;
+  pre-extracted: encode --views augmented views of the dataset once (data.extract_codes, resumable, one shard of
+  images per rank), then train with no tokenizer encoding (epoch e reads view e % views):
+      python train_gpt.py --extract --tokenizer out/tok/ckpt.pt --data /data/imagenet/train --codes out/codes --views 10
+      python train_gpt.py --preset B --codes out/codes --tokenizer out/tok/ckpt.pt --out out/gpt_B
+  (--tokenizer is optional with --codes: it only decodes the sample grids.)
+
+Single GPU:  python train_gpt.py --preset B --tokenizer out/tok/ckpt.pt --data /data/imagenet/train --out out/gpt_B
+One node:    torchrun --standalone --nproc_per_node 8 train_gpt.py --preset B --tokenizer ... --data ... --out ...
+Two nodes:   torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr HOST --master_port 29500 \
+                 train_gpt.py --preset XL ...            (and --node_rank 1 on the second node; shared file system)
+Ascend NPU:  torchrun --standalone --nproc_per_node 8 train_gpt.py --device npu --preset B ...
+CPU demo:    python train_gpt.py --preset tiny --device cpu --tokenizer out/demo_tok/ckpt.pt --out out/demo_gpt
+Resume:      the same command plus --resume (model, optimizer, step, data order and RNG: the run continues exactly).
+Outputs in --out: ckpt.pt, log.csv, samples_stepN.png (a few fixed classes at each evaluation).
+"""
+
+import argparse
+import csv
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import torch
+import torch.distributed as torch_dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+from gpt import GPT
+from quantizer import split_indices
+from sample import generate_images
+from tokenizer import Tokenizer
+from utils import (all_reduce_mean, autocast, barrier, check_config, cleanup, load_checkpoint, print0, rng_state,
+                   save_checkpoint, save_image_grid, set_rng_state, setup)
+
+# -----------------------------------------------------------------------------
+# the learning-rate schedule and one optimisation step
+
+
+def get_lr(step, total_steps, warmup_steps, peak_lr, start_ratio=0.005, end_ratio=0.1, plateau=0.05):
+    """The official schedule (lr_wd_annealing, from VAR): linear warmup from start_ratio * peak over warmup_steps,
+    then the peak for the first `plateau` fraction of the remaining steps, then linear decay to end_ratio * peak at
+    the last step (total_steps - 1)."""
+    if step < warmup_steps:
+        return peak_lr * (start_ratio + (1 - start_ratio) * step / warmup_steps)
+    progress = (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps)  # 0 -> 1 after the warmup
+    if progress < plateau:
+        return peak_lr
+    return peak_lr * (end_ratio + (1 - end_ratio) * (1 - progress) / (1 - plateau))  # continuous at the plateau's end
+
+
+def train_step(model, optimizer, micro_batches, lr, device_type, grad_clip=1.0):
+    """One optimisation step (bench.py times this): micro_batches is a list of (tokens (B, T) int64 18-bit indices,
+    labels (B,)) on the device, one per gradient-accumulation step. Returns the last micro-batch's (CE_pre, CE_post)."""
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    for i, (tokens, labels) in enumerate(micro_batches):
+        pre, post = split_indices(tokens)  # (B, T) 6-bit and 12-bit sub-tokens
+        # DDP all-reduces the gradients in backward: only the last micro-batch needs to, the others accumulate
+        last = i == len(micro_batches) - 1
+        with model.no_sync() if isinstance(model, DDP) and not last else nullcontext():
+            with autocast(device_type):
+                logits_pre, _, loss = model(pre, post, labels)  # loss = CE(pre) + CE(post), Eq. (7)
+            (loss / len(micro_batches)).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():  # split the logged loss into its two terms
+        loss_pre = F.cross_entropy(logits_pre.flatten(0, 1).float(), pre.flatten())
+    return loss_pre, loss.detach() - loss_pre
+
+
+# bf16 dense peak of one chip, for MFU (nanoGPT uses the A100's); other chips show no MFU
+PEAK_FLOPS = {'A100': 312e12, 'A800': 312e12, 'H100': 989e12, 'H800': 989e12, 'H200': 989e12}
+
+
+def peak_flops(device_type):
+    name = torch.cuda.get_device_name() if device_type == 'cuda' else ''
+    return next((flops for chip, flops in PEAK_FLOPS.items() if chip in name), None)
+
+
+# -----------------------------------------------------------------------------
+# presets: overrides of the argparse defaults, which are the paper's B run
+
+PRESETS = {
+    'B': dict(),
+    'L': dict(),
+    'XL': dict(lr=2.4e-4, warmup_epochs=7, epochs=350),
+    # CPU quick start (~3 min on 2 cores): 4000 synthetic 32px images of 10 classes, an 8x8 token grid; small
+    # batches and a high lr (4.2e-3 after scaling to batch 32) learn the most in the time
+    'tiny': dict(data='synthetic', image_size=32, batch_size=32, lr=0.1, epochs=4, warmup_epochs=0.3,
+                 eval_every=125, log_every=10, num_workers=0, sample_classes='0,1,2,3,4,5,6,7,8,9'),
+}
+
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--preset', default='B', choices=list(PRESETS), help="model size and training defaults")
+    parser.add_argument('--tokenizer', help="tokenizer checkpoint (ours, or an official one as open-magvit2:PATH)")
+    parser.add_argument('--no-ema', dest='ema', action='store_false', help="raw tokenizer weights, not EMA")
+    parser.add_argument('--data', help="'synthetic', an ImageNet-style folder, or .npz archive(s)")
+    parser.add_argument('--codes', help="folder of pre-extracted tokens: train from it (or write it with --extract)")
+    parser.add_argument('--extract', action='store_true', help="encode --data into --codes and exit")
+    parser.add_argument('--views', type=int, default=10, help="augmented views per image for --extract")
+    parser.add_argument('--image-size', type=int, default=256)
+    parser.add_argument('--batch-size', type=int, default=768, help="global batch: all ranks and micro-batches")
+    parser.add_argument('--grad-accum', type=int, default=1, help="micro-batches per step (per rank)")
+    parser.add_argument('--lr', type=float, default=3e-4, help="peak lr for a global batch of 768 (scaled linearly)")
+    parser.add_argument('--weight-decay', type=float, default=0.05)
+    parser.add_argument('--grad-clip', type=float, default=1.0)
+    parser.add_argument('--epochs', type=int, default=300)
+    parser.add_argument('--warmup-epochs', type=float, default=6)
+    parser.add_argument('--eval-every', type=int, default=5000, help="steps between sample grids and checkpoints")
+    parser.add_argument('--log-every', type=int, default=50)
+    parser.add_argument('--sample-classes', default='207,360,387,974,88,979,417,279', help="rows of the grids")
+    parser.add_argument('--num-workers', type=int, default=8, help="DataLoader workers per rank")
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--out', default='out/gpt')
+    parser.add_argument('--resume', action='store_true', help="continue from OUT/ckpt.pt")
+    parser.add_argument('--device', default='cuda', help="cuda | npu | cpu")
+    preset = parser.parse_known_args(argv)[0].preset
+    parser.set_defaults(**PRESETS[preset])  # the command line still overrides the preset
+    return parser.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def main(argv=None):
+    args = get_args(argv)
+    dist = setup(args.device)
+    device, device_type = dist.device, dist.device_type
+
+    # the frozen tokenizer: encodes batches on the fly / for --extract, decodes the sample grids
+    tokenizer = None
+    if args.tokenizer:
+        tokenizer = Tokenizer.from_checkpoint(args.tokenizer, ema=args.ema).to(device).eval().requires_grad_(False)
+        if args.image_size % tokenizer.downsample:
+            raise ValueError(f"--image-size {args.image_size} is not a multiple of the tokenizer's "
+                             f"downsampling factor {tokenizer.downsample}")
+    elif not args.codes:
+        raise ValueError("pass --tokenizer CKPT (to encode images on the fly) or --codes DIR (pre-extracted tokens)")
+
+    if args.extract:
+        if not (tokenizer and args.data and args.codes):
+            raise ValueError("--extract needs --tokenizer, --data and --codes")
+        dataset = data.build_dataset(args.data, args.image_size, train=True, seed=args.seed, hflip=True)
+        data.extract_codes(tokenizer, dataset, args.codes, args.views, args.batch_size // dist.world_size, dist,
+                           args.num_workers)
+        print0(f"wrote {args.views} views of {len(dataset)} images to {args.codes}")
+        cleanup()
+        return None
+
+    # data: (epoch, index) -> tokens or images; sharded over ranks, resumable mid-epoch
+    if args.codes:
+        dataset = data.CodesDataset(args.codes)
+        grid, num_bits, image_size = dataset.meta['grid'], dataset.meta['num_bits'], dataset.meta['image_size']
+        if tokenizer and (tokenizer.config.num_bits, image_size // tokenizer.downsample) != (num_bits, grid[0]):
+            raise ValueError(f"--codes {args.codes} holds {num_bits}-bit tokens on a {grid[0]}x{grid[1]} grid, but "
+                             f"--tokenizer {args.tokenizer} makes {tokenizer.config.num_bits}-bit tokens on a "
+                             f"{image_size // tokenizer.downsample}x{image_size // tokenizer.downsample} grid")
+    else:
+        if not args.data:
+            raise ValueError("pass --data (or --codes)")
+        dataset = data.build_dataset(args.data, args.image_size, train=True, seed=args.seed, hflip=True)
+        num_bits, grid = tokenizer.config.num_bits, [args.image_size // tokenizer.downsample] * 2
+    micro_batch, rem = divmod(args.batch_size, dist.world_size * args.grad_accum)
+    if rem or micro_batch == 0:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by world size {dist.world_size} x "
+                         f"--grad-accum {args.grad_accum}")
+    sampler = data.EpochSampler(len(dataset), dist.rank, dist.world_size, seed=args.seed)
+    # the loader draws its worker seed from its own generator, not the global RNG that resume restores
+    loader = torch.utils.data.DataLoader(dataset, micro_batch, sampler=sampler, num_workers=args.num_workers,
+                                         drop_last=True, pin_memory=device_type == 'cuda', generator=torch.Generator(),
+                                         collate_fn=None if args.codes else data.collate_skip_bad)
+    steps_per_epoch = len(dataset) // dist.world_size // (micro_batch * args.grad_accum)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} images are fewer than one global batch of {args.batch_size}")
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
+    peak_lr = args.lr * args.batch_size / 768  # linear scaling rule from the paper's global batch of 768
+    print0(f"peak lr {peak_lr:.3g} (= {args.lr:g} x batch {args.batch_size} / 768); {steps_per_epoch} steps/epoch, "
+           f"{total_steps} steps, {warmup_steps} warmup; {len(dataset)} images, {dataset.num_classes} classes")
+
+    # the model: same init on every rank (DDP also broadcasts rank 0's), then per-rank dropout randomness
+    torch.manual_seed(args.seed)
+    model = GPT.from_preset(args.preset, num_classes=dataset.num_classes, vocab_bits=num_bits,
+                            block_size=grid[0] * grid[1]).to(device)
+    optimizer = model.configure_optimizers(args.weight_decay, peak_lr, (0.9, 0.95), device_type)
+    print0(f"GPT {args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+           f"{grid[0]}x{grid[1]} tokens of {num_bits} bits, batch {micro_batch} x {args.grad_accum} micro-batches x "
+           f"{dist.world_size} ranks")
+    torch.manual_seed(args.seed + dist.rank)
+    step, epoch, batch_in_epoch = 0, 0, 0
+    ckpt_path = os.path.join(args.out, 'ckpt.pt')
+    if args.resume:
+        ckpt = load_checkpoint(ckpt_path, 'gpt')
+        check_config(ckpt['config'], asdict(model.config), ckpt_path)
+        check_config(ckpt['train_args'], {k: getattr(args, k) for k in ('batch_size', 'lr', 'epochs', 'warmup_epochs',
+                                                                        'image_size', 'seed', 'preset')}, ckpt_path)
+        model.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        step, epoch, batch_in_epoch = ckpt['step'], ckpt['epoch'], ckpt['batch_in_epoch']
+        if len(ckpt['rng']) == dist.world_size:
+            set_rng_state(ckpt['rng'][dist.rank])
+        else:
+            print0(f"warning: checkpoint written by {len(ckpt['rng'])} ranks, now {dist.world_size}: the data order "
+                   "of this epoch and the dropout noise will differ from an uninterrupted run")
+        print0(f"resumed from {ckpt_path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
+        del ckpt
+    raw_model = model
+    if dist.ddp:
+        # broadcast_buffers off: the only buffer is the constant RoPE table
+        model = DDP(model, device_ids=None if device_type == 'cpu' else [dist.local_rank], broadcast_buffers=False)
+    tokenizer_info = {'path': args.tokenizer, 'ema': args.ema,
+                      'config': asdict(tokenizer.config) if tokenizer else None, 'codes': args.codes}
+
+    def evaluate_and_save():
+        """Sample a grid of the fixed classes (own RNG, so training randomness is untouched) and checkpoint."""
+        rngs = [None] * dist.world_size
+        if dist.ddp:
+            torch_dist.all_gather_object(rngs, rng_state())  # every rank's RNG, for an exact resume
+        else:
+            rngs = [rng_state()]
+        if dist.is_main:
+            if tokenizer is not None:
+                classes = [int(c) % dataset.num_classes for c in args.sample_classes.split(',')]
+                labels = torch.tensor(classes, device=device).repeat_interleave(4)  # 4 samples per class, a row each
+                generator = torch.Generator(device).manual_seed(args.seed)
+                with autocast(device_type):
+                    images = generate_images(raw_model, tokenizer, labels, generator)
+                raw_model.inter_cache, raw_model.intra_cache = [], []  # free the KV buffers (GBs for B/L/XL)
+                save_image_grid(images, os.path.join(args.out, f'samples_step{step}.png'), nrow=4)
+            # an epoch boundary is stored as the start of the next epoch
+            position = (epoch + 1, 0) if batch_in_epoch == steps_per_epoch else (epoch, batch_in_epoch)
+            save_checkpoint(ckpt_path, {
+                'kind': 'gpt', 'config': asdict(raw_model.config), 'model': raw_model.state_dict(),
+                'optimizer': optimizer.state_dict(), 'step': step, 'epoch': position[0],
+                'batch_in_epoch': position[1], 'rng': rngs, 'train_args': vars(args), 'tokenizer': tokenizer_info})
+        barrier()
+
+    # the training loop
+    os.makedirs(args.out, exist_ok=True)
+    log_path = os.path.join(args.out, 'log.csv')
+    if dist.is_main and not (args.resume and os.path.exists(log_path)):
+        with open(log_path, 'w') as f:
+            f.write('step,epoch,lr,loss_pre,loss_post,tokens_per_s,mfu,elapsed_s\n')
+    tokens_per_step = args.batch_size * grid[0] * grid[1]
+    peak = peak_flops(device_type)
+    num_bad = num_seen = 0
+    progress = tqdm(total=total_steps, initial=step, disable=not dist.is_main, dynamic_ncols=True)
+    start_time = last_time = time.time()
+    last_step = step
+    while step < total_steps:
+        sampler.set_epoch(epoch, start=batch_in_epoch * micro_batch * args.grad_accum)
+        batches = iter(loader)
+        while batch_in_epoch < steps_per_epoch:
+            micro_batches = []
+            for _ in range(args.grad_accum):
+                if args.codes:
+                    tokens, labels = next(batches)  # (B, T) pre-extracted view of this epoch
+                else:
+                    images, labels, bad = next(batches)  # (B, 3, H, W), minus unreadable images
+                    num_bad, num_seen = num_bad + bad, num_seen + len(labels) + bad
+                    data.check_bad_fraction(num_bad, num_seen)
+                    with torch.no_grad(), autocast(device_type):
+                        tokens = tokenizer.encode(images.to(device, non_blocking=True))[1].flatten(1)  # (B, h*w)
+                micro_batches.append((tokens.to(device, non_blocking=True), labels.to(device, non_blocking=True)))
+            lr = get_lr(step, total_steps, warmup_steps, peak_lr)
+            loss_pre, loss_post = train_step(model, optimizer, micro_batches, lr, device_type, args.grad_clip)
+            step, batch_in_epoch = step + 1, batch_in_epoch + 1
+            progress.update()
+
+            if step % args.log_every == 0 or step == total_steps:
+                # one sync per log interval: average the losses over ranks, measure the throughput
+                loss_pre, loss_post = all_reduce_mean(torch.stack([loss_pre, loss_post])).tolist()
+                now = time.time()
+                tokens_per_s = (step - last_step) * tokens_per_step / (now - last_time)
+                mfu = raw_model.estimate_mfu(tokens_per_s / dist.world_size, peak) if peak else float('nan')
+                last_time, last_step = now, step
+                progress.set_postfix(loss_pre=f'{loss_pre:.3f}', loss_post=f'{loss_post:.3f}', lr=f'{lr:.2e}',
+                                     tok_s=f'{tokens_per_s:.0f}', mfu=f'{mfu:.1%}')
+                if dist.is_main:
+                    with open(log_path, 'a') as f:
+                        csv.writer(f).writerow([step, epoch, f'{lr:.4g}', f'{loss_pre:.4f}', f'{loss_post:.4f}',
+                                                f'{tokens_per_s:.1f}', f'{mfu:.4f}', f'{now - start_time:.1f}'])
+                if not math.isfinite(loss_pre + loss_post):
+                    raise RuntimeError(f"loss is {loss_pre + loss_post} at step {step}; lower --lr or check the data")
+            if step % args.eval_every == 0 or step == total_steps:
+                evaluate_and_save()
+            if step == total_steps:
+                break
+        epoch, batch_in_epoch = epoch + 1, 0
+    progress.close()
+    print0(f"done: {step} steps in {time.time() - start_time:.0f}s; checkpoint {ckpt_path}, "
+           f"samples {os.path.join(args.out, f'samples_step{step}.png') if tokenizer else '(no --tokenizer)'}")
+    cleanup()
+    return raw_model
+
+
+if __name__ == '__main__':
+    main()
