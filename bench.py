@@ -1,0 +1,257 @@
+"""
+GPU benchmarks of every expensive step, on synthetic inputs (no dataset, random weights), against the numbers of the
+official Open-MAGVIT2 code measured on the same kind of card (H200, torch 2.11, bf16 autocast, TF32 on).
+
+    python bench.py                      # all rows, prints a table and writes out/bench.json
+    python bench.py --rows entropy,gpt   # some rows
+    python bench.py --compile            # torch.compile the tokenizer and the GPT train step as well
+
+Each row is timed with CUDA events after warm-up: the median of >= 10 repetitions (sampling: of 3 full runs).
+MFU = 6 * params * tokens/s / peak, where peak is the bf16 matmul rate measured here on an 8192^3 product.
+LPIPS and Inception use random weights written to a temporary folder: speed does not depend on the values.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+import fid
+import gpt as gpt_module
+import quantizer
+import tokenizer as tokenizer_module
+import train_gpt
+import train_tok
+import utils
+from losses import LPIPS
+
+# the official implementation on one H200 (see issue "Performance on the GPU"): row -> (value, unit)
+OFFICIAL = {
+    'tok_step_256_b8': 41.0, 'tok_step_256_b32': 50.7, 'tok_step_128_b8': 70.0,
+    'entropy_8192_ms': 122.0, 'entropy_2048_ms': 33.0, 'encode_256_b64': 465.0,
+    'gpt_B_step_b64': 286.0, 'gpt_B_onthefly_b24': 150.0,
+    'sample_B_b256': 25.5, 'sample_B_b50': 6.5, 'decode_b50': 355.0,
+}
+GOAL = {
+    'tok_step_256_b8': 100.0, 'tok_step_256_b32': 150.0, 'tok_step_128_b8': 200.0,
+    'entropy_8192_ms': 1.0, 'entropy_2048_ms': 0.5, 'encode_256_b64': 1000.0,
+    'gpt_B_step_b64': 680.0, 'gpt_B_onthefly_b24': 400.0,
+    'sample_B_b256': 250.0, 'sample_B_b50': 50.0, 'decode_b50': 700.0,
+}
+
+
+def cuda_time(fn, iters=10, warmup=3):
+    """Median milliseconds of fn() over iters runs (after warmup runs), and the peak memory in GiB."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), torch.cuda.max_memory_allocated() / 2 ** 30
+
+
+def matmul_peak():
+    a, b = torch.randn(8192, 8192, device='cuda', dtype=torch.bfloat16), torch.randn(8192, 8192, device='cuda',
+                                                                                 dtype=torch.bfloat16)
+    ms, _ = cuda_time(lambda: a @ b, iters=10, warmup=3)
+    return 2 * 8192 ** 3 / (ms / 1e3)
+
+
+def write_random_weights(folder):
+    """Random LPIPS (torchvision VGG16 + LPIPS lin layouts) and FID Inception weight files: the real loading paths,
+    meaningless values. Speed does not depend on them; no metric from them is ever reported."""
+    from losses import TAP_CHANNELS, VGG_LAYOUT
+    vgg, index, in_ch = {}, 0, 3
+    for v in VGG_LAYOUT:  # conv at every non-'M' entry, each followed by a ReLU (2 indices), 'M' takes 1 index
+        if v == 'M':
+            index += 1
+            continue
+        vgg[f'features.{index}.weight'] = torch.randn(v, in_ch, 3, 3) * (2 / (9 * in_ch)) ** 0.5
+        vgg[f'features.{index}.bias'] = torch.zeros(v)
+        index, in_ch = index + 2, v
+    torch.save(vgg, os.path.join(folder, 'vgg16.pth'))
+    torch.save({f'lin{i}.model.1.weight': torch.rand(1, c, 1, 1) for i, c in enumerate(TAP_CHANNELS)},
+               os.path.join(folder, 'lin.pth'))
+    inception = fid.InceptionV3()
+    for m in inception.modules():  # default init shrinks activations through 94 layers; keep them O(1)
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity='relu')
+    torch.save(inception.state_dict(), os.path.join(folder, 'inception.pth'))
+
+
+def _decode(model, z):
+    with utils.autocast('cuda'):
+        return model.decode(z)
+
+
+def bench_tokenizer_step(preset, batch, dist, weights_dir, compile_model):
+    argv = ['--preset', preset, '--device', 'cuda', '--batch-size', str(batch), '--channels-last',
+            '--vgg-weights', os.path.join(weights_dir, 'vgg16.pth'),
+            '--lpips-weights', os.path.join(weights_dir, 'lin.pth')] + (['--compile'] if compile_model else [])
+    args = train_tok.get_args(argv)
+    t = train_tok.build(args, dist)
+    x = torch.rand(batch, 3, args.image_size, args.image_size, device='cuda') * 2 - 1
+    x = x.contiguous(memory_format=torch.channels_last)
+    step = [0]
+
+    def run():
+        step[0] += 1
+        train_tok.train_step(x, t, args, step[0])
+    ms, mem = cuda_time(run, iters=10, warmup=3 if not compile_model else 5)
+    del t
+    return batch / (ms / 1e3), mem
+
+
+def bench_entropy(n):
+    z = torch.randn(n, 18, device='cuda', requires_grad=True)
+
+    def run():
+        per_sample, codebook = quantizer.entropy_terms(z, 0.01)
+        (per_sample - codebook).backward()
+    ms, mem = cuda_time(run, iters=20)
+    # the same value as the materialised 2^18 table of the official code (exact logs, fp32)
+    with torch.no_grad():
+        codes = quantizer.indices_to_codes(torch.arange(2 ** 18, device='cuda'), 18)  # (2^18, 18)
+        probs = torch.softmax(2 * z[:2048] @ codes.T / 0.01, dim=1)  # (2048, 2^18): ~2 GB
+        table = (-(probs * probs.clamp_min(1e-30).log()).sum(1).mean(),
+                 -(probs.mean(0) * probs.mean(0).clamp_min(1e-30).log()).sum())
+        ours = quantizer.entropy_terms(z[:2048].detach(), 0.01)
+        max_diff = max(abs(a.item() - b.item()) for a, b in zip(table, ours))
+    return ms, mem, max_diff
+
+
+def bench_encode(batch):
+    model = tokenizer_module.Tokenizer.from_preset('imagenet256').cuda().eval().to(memory_format=torch.channels_last)
+    x = (torch.rand(batch, 3, 256, 256, device='cuda') * 2 - 1).contiguous(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def run():
+        with utils.autocast('cuda'):
+            model.encode(x)
+    ms, mem = cuda_time(run)
+    return batch / (ms / 1e3), mem, model
+
+
+def bench_gpt_step(batch, peak, compile_model, encode_with=None):
+    model = gpt_module.GPT.from_preset('B', num_classes=1000).cuda()
+    params = sum(p.numel() for p in model.parameters())
+    optimizer = model.configure_optimizers(0.05, 3e-4, (0.9, 0.95), 'cuda')
+    step_model = torch.compile(model) if compile_model else model
+    T = model.config.block_size
+    tokens = torch.randint(0, 2 ** 18, (batch, T), device='cuda')
+    labels = torch.randint(0, 1000, (batch,), device='cuda')
+    images = torch.rand(batch, 3, 256, 256, device='cuda').contiguous(memory_format=torch.channels_last) * 2 - 1
+
+    def run():
+        toks = tokens
+        if encode_with is not None:  # the official data path: the frozen tokenizer encodes every batch
+            with torch.no_grad(), utils.autocast('cuda'):
+                toks = encode_with.encode(images)[1].flatten(1)
+        train_gpt.train_step(step_model, optimizer, [(toks, labels)], 3e-4, 'cuda')
+    ms, mem = cuda_time(run, iters=10, warmup=5 if compile_model else 3)
+    tokens_per_s = batch * T / (ms / 1e3)
+    return batch / (ms / 1e3), tokens_per_s, 6 * params * tokens_per_s / peak, mem
+
+
+def bench_sampling(batch, decoder=None, fast=True):
+    model = gpt_module.GPT.from_preset('B', num_classes=1000).cuda().eval()
+    labels = torch.arange(batch, device='cuda') % 1000
+    gen = torch.Generator(device='cuda').manual_seed(0)
+    times = []
+    for run in range(3):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with utils.autocast('cuda'):
+            pre, post = model.generate(labels, cfg_scale=(1.9, 2.0), temperature=(1.0, 1.0), top_k=0, top_p=1.0,
+                                       generator=gen, cuda_graph=fast)
+            if decoder is not None:
+                indices = quantizer.merge_indices(pre, post).view(batch, 16, 16)
+                decoder.decode_indices(indices)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return batch / statistics.median(times[1:] if len(times) > 2 else times)  # the first run includes capture
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--rows', default='tok,entropy,encode,gpt,sample,fid')
+    parser.add_argument('--compile', action='store_true')
+    parser.add_argument('--out', default='out/bench.json')
+    args = parser.parse_args()
+    dist = utils.setup('cuda')
+    rows = set(args.rows.split(','))
+    results = {'device': torch.cuda.get_device_name(), 'torch': torch.__version__,
+               'date': time.strftime('%Y-%m-%d'), 'compile': args.compile}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    peak = matmul_peak()
+    results['bf16_matmul_tflops'] = peak / 1e12
+    print(f"bf16 matmul peak (8192^3): {peak / 1e12:.0f} TFLOP/s", flush=True)
+    weights_dir = tempfile.mkdtemp()
+    write_random_weights(weights_dir)
+
+    def report(key, value, unit, **extra):
+        results[key] = dict(value=value, unit=unit, **extra)
+        ratio = ''
+        if key in GOAL:  # 'ms' rows: lower is better
+            ratio = GOAL[key] / value if unit == 'ms' else value / GOAL[key]
+            ratio = f"  {ratio:.2f}x of goal {GOAL[key]:g}, official {OFFICIAL[key]:g}"
+        more = ' '.join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items())
+        print(f"{key:24s} {value:10.3f} {unit:6s} {more}{ratio}", flush=True)
+        with open(args.out, 'w') as f:  # after every row: a run cut short keeps what it measured
+            json.dump(results, f, indent=1)
+
+    if 'entropy' in rows:
+        for n in (2048, 8192):
+            ms, mem, diff = bench_entropy(n)
+            report(f'entropy_{n}_ms', ms, 'ms', peak_gib=mem, max_abs_diff_vs_table=diff)
+    encoder = None
+    if 'encode' in rows or 'gpt' in rows or 'sample' in rows:
+        ips, mem, encoder = bench_encode(64)
+        report('encode_256_b64', ips, 'img/s', peak_gib=mem)
+    if 'gpt' in rows:
+        for batch in (24, 64):
+            ips, tps, mfu, mem = bench_gpt_step(batch, peak, args.compile)
+            report(f'gpt_B_step_b{batch}', ips, 'img/s', tokens_per_s=tps, mfu=mfu, peak_gib=mem)
+        ips, tps, mfu, mem = bench_gpt_step(24, peak, args.compile, encode_with=encoder)
+        report('gpt_B_onthefly_b24', ips, 'img/s', tokens_per_s=tps, mfu=mfu, peak_gib=mem)
+        torch.cuda.empty_cache()
+    if 'sample' in rows:
+        for batch in (50, 256):
+            extra = {'plain_loop': bench_sampling(batch, fast=False)} if batch == 50 else {}
+            report(f'sample_B_b{batch}', bench_sampling(batch), 'img/s',
+                   with_decode=bench_sampling(batch, decoder=encoder), **extra)
+        z = (torch.randint(0, 2, (50, 18, 16, 16), device='cuda') * 2 - 1).float()
+        with torch.no_grad():
+            ms, mem = cuda_time(lambda: _decode(encoder, z))
+        report('decode_b50', 50 / (ms / 1e3), 'img/s', peak_gib=mem)
+    if 'tok' in rows:
+        for preset, batch in (('imagenet256', 8), ('imagenet256', 32), ('imagenet128', 8)):
+            try:
+                ips, mem = bench_tokenizer_step(preset, batch, dist, weights_dir, args.compile)
+                report(f"tok_step_{preset[-3:]}_b{batch}", ips, 'img/s', peak_gib=mem)
+            except torch.cuda.OutOfMemoryError:
+                print(f"tok_step {preset} batch {batch}: out of memory")
+            torch.cuda.empty_cache()
+    if 'fid' in rows:
+        weights = os.path.join(weights_dir, 'inception.pth')
+        on = fid.benchmark_features('cuda', n=5000, tf32=True, weights=weights)
+        off = fid.benchmark_features('cuda', n=5000, tf32=False, weights=weights)
+        diff = ((on['pool'] - off['pool']).abs().max() / off['pool'].abs().max()).item()
+        report('fid_features_tf32', on['images_per_s'], 'img/s', fp32_img_per_s=off['images_per_s'],
+               max_rel_feature_diff=diff)
+    print(f"wrote {args.out}")
+
+
+if __name__ == '__main__':
+    main()
