@@ -52,11 +52,24 @@ def generate_images(gpt, tokenizer, labels, generator, **sampling):
 
 
 def load_models(gpt_path, tokenizer_path=None, ema=True):
-    """Our GPT checkpoint and the tokenizer it was trained on (default: the path stored in the GPT checkpoint)."""
-    ckpt = load_checkpoint(gpt_path, 'gpt')
-    gpt = GPT(GPTConfig(**ckpt['config']))
-    gpt.load_state_dict(ckpt['model'])
-    tokenizer_path = tokenizer_path or (ckpt.get('tokenizer') or {}).get('path')
+    """Our GPT checkpoint and the tokenizer it was trained on (default: the path stored in the GPT checkpoint), or a
+    released Open-MAGVIT2 AR checkpoint (`open-magvit2:AR_256_B.ckpt`, or detected by its Lightning 'state_dict')
+    with the released tokenizer passed as --tokenizer open-magvit2:PATH."""
+    official = gpt_path.startswith('open-magvit2:')
+    gpt_path = gpt_path.removeprefix('open-magvit2:')
+    ckpt = load_checkpoint(gpt_path)
+    if official or (isinstance(ckpt, dict) and 'state_dict' in ckpt):
+        gpt = GPT.from_official(ckpt)  # key mapping in gpt.convert_official_gpt; unknown / missing keys are errors
+        if not tokenizer_path:
+            raise ValueError(f"{gpt_path} is an official checkpoint: pass the released tokenizer as "
+                             "--tokenizer open-magvit2:PATH")
+    else:
+        if not isinstance(ckpt, dict) or ckpt.get('kind') != 'gpt':
+            raise ValueError(f"{gpt_path} is not a gpt checkpoint (its kind is "
+                             f"{ckpt.get('kind') if isinstance(ckpt, dict) else None!r})")
+        gpt = GPT(GPTConfig(**ckpt['config']))
+        gpt.load_state_dict(ckpt['model'])
+        tokenizer_path = tokenizer_path or (ckpt.get('tokenizer') or {}).get('path')
     if not tokenizer_path:
         raise ValueError(f"{gpt_path} does not name its tokenizer (trained from --codes?): pass --tokenizer CKPT")
     tokenizer = Tokenizer.from_checkpoint(tokenizer_path, ema=ema)

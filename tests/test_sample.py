@@ -130,3 +130,16 @@ def test_class_consistency_scores_requested_classes(files):
     assert scores['reconstructed'] < 0.5  # an untrained tokenizer destroys the shapes
     wrong = sample.check_class_consistency(images, (shapes.labels + 1) % 10, tokenizer, epochs=3)
     assert wrong['samples'] < 0.2  # the score is agreement with the *requested* class
+
+
+def test_official_ar_checkpoint_is_accepted(files, tmp_path):
+    from test_gpt import fake_official_checkpoint
+    from sample import load_models
+    ckpt = fake_official_checkpoint(num_classes=5)
+    ckpt['state_dict'] = {k: v.float() for k, v in ckpt['state_dict'].items()}
+    torch.save(ckpt, tmp_path / 'AR_fake.ckpt')
+    gpt, tokenizer = load_models(f"open-magvit2:{tmp_path / 'AR_fake.ckpt'}", files['tokenizer'])
+    assert gpt.config.num_classes == 5 and gpt.config.n_inter == 4
+    assert torch.equal(gpt.head_pre.weight, ckpt['state_dict']['transformer.head.0.weight'])
+    with pytest.raises(ValueError, match='--tokenizer open-magvit2'):
+        load_models(str(tmp_path / 'AR_fake.ckpt'))
