@@ -16,6 +16,6 @@ demo: $(BIN)/activate
 	$(BIN)/python train_tok.py --preset tiny --device cpu --out out/demo_tok
 	$(BIN)/python train_gpt.py --preset tiny --device cpu --tokenizer out/demo_tok/ckpt.pt --out out/demo_gpt
 	$(BIN)/python sample.py --gpt out/demo_gpt/ckpt.pt --tokenizer out/demo_tok/ckpt.pt --device cpu \
-		--classes 0,1,2,3,4,5,6,7,8,9 --num-per-class 8 --out out/demo_samples.png --check-classes synthetic
+		--classes 0,1,2,3,4,5,6,7,8,9 --num-per-class 8 --cfg-scale 4,4 --out out/demo_samples.png --check-classes synthetic
 
 .PHONY: test demo

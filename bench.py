@@ -177,7 +177,8 @@ def bench_sampling(batch, decoder=None, fast=True):
                                        generator=gen, cuda_graph=fast)
             if decoder is not None:
                 indices = quantizer.merge_indices(pre, post).view(batch, 16, 16)
-                decoder.decode_indices(indices)
+                for chunk in indices.split(64):  # 256px decoding of 256 images at once needs > 100 GB
+                    decoder.decode_indices(chunk)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return batch / statistics.median(times[1:] if len(times) > 2 else times)  # the first run includes capture
@@ -187,6 +188,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--rows', default='tok,entropy,encode,gpt,sample,fid')
     parser.add_argument('--compile', action='store_true')
+    parser.add_argument('--sample-batches', default='50,256')
     parser.add_argument('--out', default='out/bench.json')
     args = parser.parse_args()
     dist = utils.setup('cuda')
@@ -227,7 +229,7 @@ def main():
         report('gpt_B_onthefly_b24', ips, 'img/s', tokens_per_s=tps, mfu=mfu, peak_gib=mem)
         torch.cuda.empty_cache()
     if 'sample' in rows:
-        for batch in (50, 256):
+        for batch in [int(b) for b in args.sample_batches.split(',')]:
             extra = {'plain_loop': bench_sampling(batch, fast=False)} if batch == 50 else {}
             report(f'sample_B_b{batch}', bench_sampling(batch), 'img/s',
                    with_decode=bench_sampling(batch, decoder=encoder), **extra)
