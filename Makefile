@@ -3,16 +3,18 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
 
-$(BIN)/activate: requirements.txt
+# a stamp of its own (not bin/activate): a venv made beforehand, e.g. by .ci/run, still gets the requirements
+$(STAMP): requirements.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements.txt
-	touch $(BIN)/activate
+	touch $(STAMP)
 
-test: $(BIN)/activate
+test: $(STAMP)
 	$(BIN)/python -m pytest tests -q
 
-demo: $(BIN)/activate
+demo: $(STAMP)
 	$(BIN)/python train_tok.py --preset tiny --device cpu --out out/demo_tok
 	$(BIN)/python train_gpt.py --preset tiny --device cpu --tokenizer out/demo_tok/ckpt.pt --out out/demo_gpt
 	$(BIN)/python sample.py --gpt out/demo_gpt/ckpt.pt --tokenizer out/demo_tok/ckpt.pt --device cpu \

@@ -61,7 +61,7 @@ PRESETS = {
 # train_args that may change when resuming; any other difference is refused
 RESUME_MAY_CHANGE = {'preset', 'resume', 'device', 'out', 'epochs', 'max_steps', 'eval_every', 'eval_images',
                      'ckpt_every', 'log_every', 'num_workers', 'compile', 'channels_last', 'val_data',
-                     'vgg_weights', 'lpips_weights', 'inception_weights'}
+                     'vgg_weights', 'lpips_weights', 'inception_weights', 'eval_only'}
 
 
 def get_args(argv=None):
@@ -72,6 +72,8 @@ def get_args(argv=None):
     parser.add_argument('--out', default='out/tok', help="folder for ckpt.pt, log.csv and the image grids")
     parser.add_argument('--device', default='cuda', choices=['cuda', 'npu', 'cpu'])
     parser.add_argument('--resume', action='store_true', help="continue from OUT/ckpt.pt")
+    parser.add_argument('--eval-only', metavar='CKPT', help="only evaluate this tokenizer checkpoint (ours, or a "
+                        "released one as open-magvit2:PATH) on the held-out images, then exit")
     # model and data
     parser.add_argument('--model', default='imagenet256', choices=sorted(tokenizer.PRESETS), help="tokenizer preset")
     parser.add_argument('--image-size', type=int, default=256)
@@ -249,6 +251,13 @@ def evaluate(ema, val_set, args, dist, step):
 def main(argv=None):
     args = get_args(argv)
     dist = utils.setup(args.device)
+    if args.eval_only:  # PSNR / usage / rFID of a finished tokenizer, e.g. the released 256px one (rFID 1.17)
+        model = tokenizer.Tokenizer.from_checkpoint(args.eval_only).to(dist.device).eval()
+        os.makedirs(args.out, exist_ok=True)
+        metrics = evaluate(model, build_dataset(args.val_data or args.data, args.image_size, train=False),
+                           args, dist, step='_eval_only')
+        utils.cleanup()
+        return metrics
     t = build(args, dist)
     config = asdict(t.raw_model.config)
     ckpt_path = os.path.join(args.out, 'ckpt.pt')

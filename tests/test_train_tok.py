@@ -190,3 +190,17 @@ def test_evaluate_matches_direct_computation(tmp_path, monkeypatch):
         assert np.allclose(mu, expected_mu, rtol=1e-4, atol=1e-6)
         assert np.allclose(sigma, expected_sigma, rtol=1e-3, atol=1e-6)
     assert os.path.exists(tmp_path / 'recon_step7.png')
+
+
+def test_eval_only_accepts_ours_and_official_checkpoints(tiny_run, tmp_path):
+    out, t = tiny_run
+    ours = train_tok.main(FAST + ['--eval-only', os.path.join(out, 'ckpt.pt'), '--out', str(tmp_path / 'a')])
+    assert 0 < ours['psnr'] < 100 and 0 < ours['codebook_usage'] <= 1
+    # the same EMA weights in the official Lightning layout (raw weights under their names, EMA as LitEma keys)
+    state = {k: torch.zeros_like(v) for k, v in t.ema.state_dict().items()}  # raw: deliberately wrong
+    state.update({'model_ema.' + k.replace('.', ''): v for k, v in t.ema.state_dict().items()})
+    state.update({'model_ema.decay': torch.tensor(0.999), 'model_ema.num_updates': torch.tensor(20)})
+    torch.save({'state_dict': state}, tmp_path / 'official.ckpt')
+    theirs = train_tok.main(FAST + ['--eval-only', f"open-magvit2:{tmp_path / 'official.ckpt'}",
+                                    '--out', str(tmp_path / 'b')])
+    assert theirs['psnr'] == pytest.approx(ours['psnr'], abs=1e-6)  # EMA weights were picked, not the zeros
