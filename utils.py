@@ -69,6 +69,7 @@ def setup(device_name='cuda'):
 
 def cleanup():
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # leave together: a rank exiting while another still communicates makes gloo abort
         dist.destroy_process_group()
 
 

@@ -114,6 +114,7 @@ def _ddp_worker(rank, world_size, port, x_all, result_path):
     if rank == 0:
         torch.save({'loss': loss / world_size, 'cb': losses['codebook_entropy'].detach(),
                     'grad': proj.weight.grad.clone()}, result_path)
+    dist.barrier()  # no rank leaves while the other still talks to it (gloo aborts otherwise)
     dist.destroy_process_group()
 
 
