@@ -270,6 +270,10 @@ class GPT(nn.Module):
         self.inter_cache = [buffers(inter_shape) for _ in self.inter_blocks]
         self.intra_cache = [buffers((batch_size, self.config.n_head, 2, hs)) for _ in self.intra_blocks]
 
+    def free_caches(self):
+        """Drop the KV buffers (GBs for B/L/XL at evaluation batch sizes), e.g. between sample grids in training."""
+        self.inter_cache, self.intra_cache = [], []
+
     def decode_pre(self, x, pos):
         """One decoding step, first half. x (B, 1, C) is the input at sequence position pos ((1,) int64 tensor:
         the class embedding at 0, e_{t-1} at t); runs the inter blocks with their caches, then intra position 0.

@@ -245,7 +245,7 @@ def main(argv=None):
                 generator = torch.Generator(device).manual_seed(args.seed)
                 with autocast(device_type):
                     images = generate_images(raw_model, tokenizer, labels, generator)
-                raw_model.inter_cache, raw_model.intra_cache = [], []  # free the KV buffers (GBs for B/L/XL)
+                raw_model.free_caches()  # the KV buffers hold GBs for B/L/XL
                 save_image_grid(images, os.path.join(args.out, f'samples_step{step}.png'), nrow=4)
             # an epoch boundary is stored as the start of the next epoch
             position = (epoch + 1, 0) if batch_in_epoch == steps_per_epoch else (epoch, batch_in_epoch)
