@@ -27,7 +27,6 @@ import tokenizer as tokenizer_module
 import train_gpt
 import train_tok
 import utils
-from losses import LPIPS
 
 # the official implementation on one H200 (see issue "Performance on the GPU"): row -> (value, unit)
 OFFICIAL = {
@@ -68,9 +67,9 @@ def matmul_peak():
     return 2 * 8192 ** 3 / (ms / 1e3)
 
 
-def write_random_weights(folder):
-    """Random LPIPS (torchvision VGG16 + LPIPS lin layouts) and FID Inception weight files: the real loading paths,
-    meaningless values. Speed does not depend on them; no metric from them is ever reported."""
+def write_random_lpips(folder):
+    """A random VGG16 in torchvision's layout (features.N.*) and random LPIPS v0.1 heads (linK.model.1.weight), as
+    vgg16.pth and lin.pth in folder: the real loading path with meaningless values (bench.py and the tests)."""
     from losses import TAP_CHANNELS, VGG_LAYOUT
     vgg, index, in_ch = {}, 0, 3
     for v in VGG_LAYOUT:  # conv at every non-'M' entry, each followed by a ReLU (2 indices), 'M' takes 1 index
@@ -80,9 +79,16 @@ def write_random_weights(folder):
         vgg[f'features.{index}.weight'] = torch.randn(v, in_ch, 3, 3) * (2 / (9 * in_ch)) ** 0.5
         vgg[f'features.{index}.bias'] = torch.zeros(v)
         index, in_ch = index + 2, v
-    torch.save(vgg, os.path.join(folder, 'vgg16.pth'))
-    torch.save({f'lin{i}.model.1.weight': torch.rand(1, c, 1, 1) for i, c in enumerate(TAP_CHANNELS)},
-               os.path.join(folder, 'lin.pth'))
+    paths = os.path.join(folder, 'vgg16.pth'), os.path.join(folder, 'lin.pth')
+    torch.save(vgg, paths[0])
+    torch.save({f'lin{i}.model.1.weight': torch.rand(1, c, 1, 1) for i, c in enumerate(TAP_CHANNELS)}, paths[1])
+    return paths
+
+
+def write_random_weights(folder):
+    """Random LPIPS and FID Inception weight files. Speed does not depend on the values; no metric from them is
+    ever reported."""
+    write_random_lpips(folder)
     inception = fid.InceptionV3()
     for m in inception.modules():  # default init shrinks activations through 94 layers; keep them O(1)
         if isinstance(m, torch.nn.Conv2d):
@@ -109,7 +115,6 @@ def bench_tokenizer_step(preset, batch, dist, weights_dir, compile_model):
         step[0] += 1
         train_tok.train_step(x, t, args, step[0])
     ms, mem = cuda_time(run, iters=10, warmup=3 if not compile_model else 5)
-    del t
     return batch / (ms / 1e3), mem
 
 

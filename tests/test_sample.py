@@ -14,14 +14,8 @@ import data
 import sample
 from gpt import GPT
 from tokenizer import Tokenizer
+from test_train_gpt import save_tokenizer  # an untrained tiny tokenizer in our checkpoint format
 from utils import save_checkpoint
-
-
-def save_tokenizer(path, **overrides):
-    torch.manual_seed(0)
-    tokenizer = Tokenizer.from_preset('tiny', **overrides)
-    save_checkpoint(path, {'kind': 'tokenizer', 'config': asdict(tokenizer.config), 'model': tokenizer.state_dict()})
-    return str(path)
 
 
 @pytest.fixture(scope='module')

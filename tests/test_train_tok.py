@@ -13,10 +13,10 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 import fid
+from bench import write_random_lpips
 import train_tok
 import utils
 from data import build_dataset
-from losses import TAP_CHANNELS, VGG_LAYOUT
 from quantizer import codebook_usage
 from tokenizer import Tokenizer
 
@@ -91,20 +91,9 @@ def test_resume_refuses_another_config(tiny_run, tmp_path):
 
 
 def write_random_lpips_weights(folder):
-    """A random VGG16 in torchvision's layout (features.N.*) and random LPIPS v0.1 heads (linK.model.1.weight)."""
-    vgg, index, in_ch = {}, 0, 3
-    for v in VGG_LAYOUT:
-        if v == 'M':
-            index += 1
-            continue
-        vgg[f'features.{index}.weight'] = torch.randn(v, in_ch, 3, 3) * (2 / (9 * in_ch)) ** 0.5
-        vgg[f'features.{index}.bias'] = torch.zeros(v)
-        index, in_ch = index + 2, v
-    torch.save(vgg, folder / 'vgg16.pth')
-    heads = {f'lin{i}.model.1.weight': torch.rand(1, c, 1, 1) for i, c in enumerate(TAP_CHANNELS)}
-    torch.save(heads, folder / 'lin.pth')
-    return ['--perceptual-weight', '1', '--vgg-weights', str(folder / 'vgg16.pth'),
-            '--lpips-weights', str(folder / 'lin.pth')]
+    """Random LPIPS weight files in both standard layouts (bench.write_random_lpips) -> the flags that load them."""
+    vgg, lin = write_random_lpips(str(folder))
+    return ['--perceptual-weight', '1', '--vgg-weights', vgg, '--lpips-weights', lin]
 
 
 def _ddp_worker(rank, world_size, port, out, lpips_flags):
