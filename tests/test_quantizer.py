@@ -1,6 +1,5 @@
 """LFQ: the fast exact entropy against a brute-force softmax over all 2^K codes, bit order, factorization, STE, DDP."""
 import os
-import socket
 
 import pytest
 import torch
@@ -91,16 +90,11 @@ def test_lfq_forward_ste_and_commitment():
 
 # ------------------------------------------------------------------ DDP: global batch entropy, gloo, 2 processes
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world_size, port, x_all, result_path):
+def _ddp_worker(rank, world_size, store_path, x_all, result_path):
     import torch.distributed as dist
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    dist.init_process_group('gloo', rank=rank, world_size=world_size)
+    # a file store, not TCP: no port to race for, and no store server that dies with rank 0 while rank 1 still exits
+    dist.init_process_group('gloo', init_method=f'file://{store_path}', rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     proj = torch.nn.Conv2d(3, 8, 1)
     model = torch.nn.parallel.DistributedDataParallel(proj)
@@ -114,8 +108,10 @@ def _ddp_worker(rank, world_size, port, x_all, result_path):
     if rank == 0:
         torch.save({'loss': loss / world_size, 'cb': losses['codebook_entropy'].detach(),
                     'grad': proj.weight.grad.clone()}, result_path)
+    del model  # DDP's reducer must go before its process group
     dist.barrier()  # no rank leaves while the other still talks to it (gloo aborts otherwise)
     dist.destroy_process_group()
+    os._exit(0)  # skip interpreter teardown: with torch 2.13 + gloo it sometimes aborts (SIGABRT) after the work
 
 
 def test_ddp_entropy_equals_single_process(tmp_path):
@@ -125,7 +121,7 @@ def test_ddp_entropy_equals_single_process(tmp_path):
     _, _, ref = LFQ(num_bits=8).train()(proj(x_all))
     ref['entropy_loss'].backward()
     path = str(tmp_path / 'rank0.pt')
-    mp.spawn(_ddp_worker, args=(2, _free_port(), x_all, path), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / 'store'), x_all, path), nprocs=2, join=True)
     got = torch.load(path)
     assert torch.allclose(got['cb'], ref['codebook_entropy'], atol=1e-5)
     assert torch.allclose(got['loss'], ref['entropy_loss'], atol=1e-5)
