@@ -46,8 +46,8 @@ from gpt import GPT
 from quantizer import split_indices
 from sample import generate_images
 from tokenizer import Tokenizer
-from utils import (all_reduce_mean, autocast, barrier, check_config, cleanup, load_checkpoint, print0, rng_state,
-                   save_checkpoint, save_image_grid, set_rng_state, setup)
+from utils import (all_reduce_mean, autocast, barrier, check_config, cleanup, load_checkpoint, peak_memory_gib, print0,
+                   rng_state, save_checkpoint, save_image_grid, set_rng_state, setup, weights_checksum)
 
 # -----------------------------------------------------------------------------
 # the learning-rate schedule and one optimisation step
@@ -126,6 +126,8 @@ def get_args(argv=None):
     parser.add_argument('--grad-clip', type=float, default=1.0)
     parser.add_argument('--epochs', type=int, default=300)
     parser.add_argument('--warmup-epochs', type=float, default=6)
+    parser.add_argument('--max-steps', type=int, default=0, help="stop (and checkpoint) at this step, keeping the "
+                        "schedule of --epochs; continue later with --resume (0: run all epochs)")
     parser.add_argument('--eval-every', type=int, default=5000, help="steps between sample grids and checkpoints")
     parser.add_argument('--log-every', type=int, default=50)
     parser.add_argument('--sample-classes', default='207,360,387,974,88,979,417,279', help="rows of the grids")
@@ -134,6 +136,7 @@ def get_args(argv=None):
     parser.add_argument('--out', default='out/gpt')
     parser.add_argument('--resume', action='store_true', help="continue from OUT/ckpt.pt")
     parser.add_argument('--device', default='cuda', help="cuda | npu | cpu")
+    parser.add_argument('--compile', action='store_true', help="torch.compile the model for training (see bench.py)")
     preset = parser.parse_known_args(argv)[0].preset
     parser.set_defaults(**PRESETS[preset])  # the command line still overrides the preset
     return parser.parse_args(argv)
@@ -224,7 +227,9 @@ def main(argv=None):
                    "of this epoch and the dropout noise will differ from an uninterrupted run")
         print0(f"resumed from {ckpt_path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
         del ckpt
-    raw_model = model
+    raw_model = model  # sampling, checkpoints and the MFU estimate use the plain module
+    if args.compile:  # fuses the fp32 RMSNorm / RoPE / SwiGLU element-wise work between the matmuls
+        model = torch.compile(model)
     if dist.ddp:
         # broadcast_buffers off: the only buffer is the constant RoPE table
         model = DDP(model, device_ids=None if device_type == 'cpu' else [dist.local_rank], broadcast_buffers=False)
@@ -260,14 +265,15 @@ def main(argv=None):
     log_path = os.path.join(args.out, 'log.csv')
     if dist.is_main and not (args.resume and os.path.exists(log_path)):
         with open(log_path, 'w') as f:
-            f.write('step,epoch,lr,loss_pre,loss_post,tokens_per_s,mfu,elapsed_s\n')
+            f.write('step,epoch,lr,loss_pre,loss_post,tokens_per_s,mfu,peak_mem_gib,elapsed_s\n')
     tokens_per_step = args.batch_size * grid[0] * grid[1]
     peak = peak_flops(device_type)
     num_bad = num_seen = 0
-    progress = tqdm(total=total_steps, initial=step, disable=not dist.is_main, dynamic_ncols=True)
+    stop_step = min(args.max_steps or total_steps, total_steps)
+    progress = tqdm(total=stop_step, initial=step, disable=not dist.is_main, dynamic_ncols=True)
     start_time = last_time = time.time()
     last_step = step
-    while step < total_steps:
+    while step < stop_step:
         sampler.set_epoch(epoch, start=batch_in_epoch * micro_batch * args.grad_accum)
         batches = iter(loader)
         while batch_in_epoch < steps_per_epoch:
@@ -287,7 +293,7 @@ def main(argv=None):
             step, batch_in_epoch = step + 1, batch_in_epoch + 1
             progress.update()
 
-            if step % args.log_every == 0 or step == total_steps:
+            if step % args.log_every == 0 or step == stop_step:
                 # one sync per log interval: average the losses over ranks, measure the throughput
                 loss_pre, loss_post = all_reduce_mean(torch.stack([loss_pre, loss_post])).tolist()
                 now = time.time()
@@ -299,17 +305,21 @@ def main(argv=None):
                 if dist.is_main:
                     with open(log_path, 'a') as f:
                         csv.writer(f).writerow([step, epoch, f'{lr:.4g}', f'{loss_pre:.4f}', f'{loss_post:.4f}',
-                                                f'{tokens_per_s:.1f}', f'{mfu:.4f}', f'{now - start_time:.1f}'])
+                                                f'{tokens_per_s:.1f}', f'{mfu:.4f}',
+                                                f'{peak_memory_gib(device_type):.2f}', f'{now - start_time:.1f}'])
                 if not math.isfinite(loss_pre + loss_post):
                     raise RuntimeError(f"loss is {loss_pre + loss_post} at step {step}; lower --lr or check the data")
-            if step % args.eval_every == 0 or step == total_steps:
+            if step % args.eval_every == 0 or step == stop_step:
                 evaluate_and_save()
-            if step == total_steps:
+            if step == stop_step:
                 break
         epoch, batch_in_epoch = epoch + 1, 0
     progress.close()
     print0(f"done: {step} steps in {time.time() - start_time:.0f}s; checkpoint {ckpt_path}, "
-           f"samples {os.path.join(args.out, f'samples_step{step}.png') if tokenizer else '(no --tokenizer)'}")
+           f"samples {os.path.join(args.out, f'samples_step{step}.png') if tokenizer else '(no --tokenizer)'}; "
+           f"peak memory {peak_memory_gib(device_type):.2f} GiB on rank 0")
+    # every rank prints its own: equal checksums show that DDP kept the weights bit-identical
+    print(f"rank {dist.rank}: GPT weights sha256 {weights_checksum(raw_model)}", flush=True)
     cleanup()
     return raw_model
 

@@ -265,8 +265,13 @@ def main(argv=None):
     if args.resume:
         ckpt = utils.load_checkpoint(ckpt_path, expect_kind='tokenizer')
         utils.check_config(ckpt['config'], config, ckpt_path)
-        utils.check_config(ckpt['train_args'], {k: v for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE},
-                           ckpt_path)
+        # the global batch must stay, not the per-GPU one: 2 GPUs x 32 may resume as 1 GPU x 64 and back. The data
+        # order is the same (EpochSampler gives each step the same global slice of the permutation at any world
+        # size); what changes is only D's BatchNorm, whose statistics are per GPU as in the official code
+        saved_args = dict(ckpt['train_args'],
+                          global_batch=ckpt['train_args']['batch_size'] * ckpt.get('world_size', 1))
+        now_args = {k: v for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE | {'batch_size'}}
+        utils.check_config(saved_args, dict(now_args, global_batch=args.batch_size * dist.world_size), ckpt_path)
         t.raw_model.load_state_dict(ckpt['model'])
         t.ema.load_state_dict(ckpt['ema'])
         t.raw_disc.load_state_dict(ckpt['disc'])
@@ -297,8 +302,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, 'log.csv')
     fields = ['step', 'epoch', 'lr', 'recon', 'lpips', 'g_gan', 'per_sample_entropy', 'codebook_entropy', 'commit',
-              'd_loss', 'd_lecam', 'logits_real', 'logits_fake', 'img_per_s', 'bad_images', 'psnr', 'codebook_usage',
-              'rfid']
+              'd_loss', 'd_lecam', 'logits_real', 'logits_fake', 'img_per_s', 'peak_mem_gib', 'bad_images', 'psnr',
+              'codebook_usage', 'rfid']
     if dist.is_main and not (args.resume and os.path.exists(log_path)):
         with open(log_path, 'w', newline='') as f:
             csv.DictWriter(f, fields).writeheader()
@@ -314,7 +319,8 @@ def main(argv=None):
                 'kind': 'tokenizer', 'config': config, 'train_args': vars(args),
                 'model': t.raw_model.state_dict(), 'ema': t.ema.state_dict(), 'disc': t.raw_disc.state_dict(),
                 'lecam': t.lecam.state_dict(), 'opt_g': t.opt_g.state_dict(), 'opt_d': t.opt_d.state_dict(),
-                'step': step, 'epoch': epoch, 'batch_in_epoch': batch_in_epoch, 'rng': utils.rng_state()})
+                'step': step, 'epoch': epoch, 'batch_in_epoch': batch_in_epoch, 'rng': utils.rng_state(),
+                'world_size': dist.world_size})
 
     if step == 0:
         log_row({'step': 0, 'epoch': 0, **evaluate(t.ema, val_set, args, dist, 0)})  # the "before" numbers
@@ -347,7 +353,8 @@ def main(argv=None):
                 names = list(sums)
                 means = utils.all_reduce_mean(torch.stack([sums[k] for k in names]) / num_summed).tolist()
                 row = {'step': step, 'epoch': epoch, 'lr': lr, **dict(zip(names, means)), 'bad_images': num_bad,
-                       'img_per_s': images_seen * dist.world_size / (time.time() - t0)}
+                       'img_per_s': images_seen * dist.world_size / (time.time() - t0),
+                       'peak_mem_gib': utils.peak_memory_gib(dist.device_type)}  # this rank's, since the start
                 log_row(row)
                 pbar.set_postfix({k: f"{row[k]:.3g}" for k in ('recon', 'lpips', 'g_gan', 'd_loss',
                                  'per_sample_entropy', 'codebook_entropy', 'commit', 'img_per_s')})
@@ -365,7 +372,10 @@ def main(argv=None):
     pbar.close()
     if num_bad:
         utils.print0(f"skipped {num_bad} unreadable images of {num_seen} (see the warnings above)")
-    utils.print0(f"done: {step} steps, checkpoint {ckpt_path}")
+    utils.print0(f"done: {step} steps, checkpoint {ckpt_path}; peak memory "
+                 f"{utils.peak_memory_gib(dist.device_type):.2f} GiB on rank 0")
+    # every rank prints its own: equal checksums show that DDP kept the generators bit-identical
+    print(f"rank {dist.rank}: generator weights sha256 {utils.weights_checksum(t.raw_model)}", flush=True)
     utils.cleanup()
     t.num_bad = num_bad
     return t

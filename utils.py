@@ -7,6 +7,7 @@ joins the process group with the backend that goes with the device: nccl (cuda),
 gloo (cpu). Nothing else in the repository needs to know which one it is.
 """
 
+import hashlib
 import os
 import random
 from contextlib import nullcontext
@@ -97,6 +98,23 @@ def all_reduce_mean(x):
 def barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def peak_memory_gib(device_type):
+    """Peak memory allocated by tensors on this process's accelerator so far, in GiB (nan on CPU)."""
+    if device_type in ('cuda', 'npu'):
+        return getattr(torch, device_type).max_memory_allocated() / 2 ** 30
+    return float('nan')
+
+
+def weights_checksum(module):
+    """First 16 hex digits of the sha256 of every parameter and buffer, bit for bit, in name order. DDP keeps the
+    ranks' weights identical; the trainers print this on every rank at the end so that a run shows it did."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 # -----------------------------------------------------------------------------

@@ -69,5 +69,17 @@ def test_epoch_sampler_shards_and_resumes():
     assert len(r0) == len(r1) == 5 and not set(r0) & set(r1)
     s.set_epoch(1)
     assert list(s) != full  # reshuffled every epoch
+
+
+def test_epoch_sampler_global_batches_do_not_depend_on_world_size():
+    """What lets a checkpoint move between GPU counts at a fixed global batch: step k of 2 ranks x 4 images holds
+    the same 8 images as step k of 1 rank x 8, also when resumed mid-epoch (start counts this rank's samples)."""
+    one = [i for _, i in EpochSampler(24, seed=3)]
+    two = [[i for _, i in EpochSampler(24, r, 2, seed=3)] for r in (0, 1)]
+    for k in range(3):
+        assert sorted(two[0][4 * k:4 * k + 4] + two[1][4 * k:4 * k + 4]) == sorted(one[8 * k:8 * k + 8])
+    resumed = EpochSampler(24, 1, 2, seed=3)
+    resumed.set_epoch(0, start=1 * 4)  # 2-rank run resumed after one step of 4 images per rank
+    assert [i for _, i in resumed] == two[1][4:]
     ds = build_dataset('synthetic', 32)
     assert ds[(0, 7)][0].shape == (3, 32, 32)

@@ -136,6 +136,13 @@ def test_resume_equals_an_uninterrupted_run(files, tmp_path, monkeypatch):
     for a, b in zip(full['optimizer']['state'].values(), resumed['optimizer']['state'].values()):
         assert torch.equal(a['exp_avg'], b['exp_avg']) and torch.equal(a['exp_avg_sq'], b['exp_avg_sq'])
     assert read_log(tmp_path / 'full')[-1]['loss_post'] == read_log(tmp_path / 'resumed')[-1]['loss_post']
+    # --max-steps stops early (mid-epoch, with a checkpoint) on the same schedule; --resume finishes the same run
+    train_gpt.main(argv(files, tmp_path / 'stopped', *common, '--max-steps', '5'))
+    ckpt = load_checkpoint(tmp_path / 'stopped' / 'ckpt.pt', 'gpt')
+    assert (ckpt['step'], ckpt['epoch'], ckpt['batch_in_epoch']) == (5, 1, 1)
+    train_gpt.main(argv(files, tmp_path / 'stopped', *common, '--resume'))
+    stopped = load_checkpoint(tmp_path / 'stopped' / 'ckpt.pt', 'gpt')
+    assert stopped['step'] == 12 and all(torch.equal(full['model'][k], stopped['model'][k]) for k in full['model'])
 
 
 def _ddp_worker(rank, args, port, out):

@@ -123,6 +123,13 @@ def test_ddp_two_processes_keep_generator_identical(tmp_path):
     assert utils.load_checkpoint(os.path.join(out, 'ckpt.pt'))['step'] == 3
     rows = [r for r in read_log(out) if r['recon']]
     assert len(rows) == 3 and all(float(r['lpips']) > 0 for r in rows)
+    # the 2-process checkpoint (2 x 4 images) resumes in one process at the same global batch (1 x 8), not another
+    lpips_flags = write_random_lpips_weights(tmp_path)
+    with pytest.raises(ValueError, match=r"another config(.|\n)*global_batch"):
+        train_tok.main(FAST + ['--max-steps', '4', '--out', out, '--resume'] + lpips_flags)
+    t = train_tok.main(FAST + ['--batch-size', '8', '--max-steps', '4', '--out', out, '--resume'] + lpips_flags)
+    assert utils.load_checkpoint(os.path.join(out, 'ckpt.pt'))['step'] == 4
+    assert not torch.equal(torch.cat([p.detach().flatten() for p in t.raw_model.parameters()]), rank0['model'])
 
 
 def test_corrupt_image_is_skipped_and_counted(tmp_path, capfd):
