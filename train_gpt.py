@@ -223,8 +223,8 @@ def main(argv=None):
         if len(ckpt['rng']) == dist.world_size:
             set_rng_state(ckpt['rng'][dist.rank])
         else:
-            print0(f"warning: checkpoint written by {len(ckpt['rng'])} ranks, now {dist.world_size}: the data order "
-                   "of this epoch and the dropout noise will differ from an uninterrupted run")
+            print0(f"note: checkpoint written by {len(ckpt['rng'])} ranks, now {dist.world_size}: each step sees the "
+                   "same global batch as before, but the dropout noise differs from an uninterrupted run")
         print0(f"resumed from {ckpt_path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
         del ckpt
     raw_model = model  # sampling, checkpoints and the MFU estimate use the plain module

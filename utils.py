@@ -164,7 +164,10 @@ def set_rng_state(state):
     np.random.set_state(state['numpy'])
     torch.set_rng_state(state['torch'])
     if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+        # one state per GPU the saving process saw (all of the node's under torchrun); a run resumed on fewer
+        # visible GPUs restores those it has (each process only draws on its own device)
+        for i, cuda_state in enumerate(state['cuda'][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, i)
 
 
 # -----------------------------------------------------------------------------
