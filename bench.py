@@ -125,8 +125,6 @@ def bench_entropy(n, compile_mode=None):
         quantizer.entropy_terms
 
     def run():
-        if compile_mode == 'reduce-overhead':
-            torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the graph may reuse its output buffers
         per_sample, codebook = entropy_terms(z, 0.01)
         (per_sample - codebook).backward()
     ms, mem = cuda_time(run, iters=20, warmup=5)
@@ -199,6 +197,7 @@ def main():
     parser.add_argument('--rows', default='tok,entropy,encode,gpt,sample,fid')
     parser.add_argument('--compile', action='store_true')
     parser.add_argument('--sample-batches', default='50,256')
+    parser.add_argument('--gpt-batches', default='24,64', help="batches of the GPT step rows ('' skips on-the-fly)")
     parser.add_argument('--out', default='out/bench.json')
     args = parser.parse_args()
     dist = utils.setup('cuda')
@@ -227,20 +226,22 @@ def main():
         for n in (2048, 8192):
             ms, mem, diff = bench_entropy(n)
             report(f'entropy_{n}_ms', ms, 'ms', peak_gib=mem, max_abs_diff_vs_table=diff)
-            if args.compile:
-                for mode in ('default', 'reduce-overhead'):  # fused kernels; the same plus a CUDA graph
-                    ms, mem, diff = bench_entropy(n, compile_mode=mode)
-                    report(f'entropy_{n}_ms_compile_{mode}', ms, 'ms', peak_gib=mem, max_abs_diff_vs_table=diff)
+            if args.compile:  # measured 2026-11-28 (N = 2048): 2.31 ms eager -> 1.00 ms compiled. mode=
+                # 'reduce-overhead' (CUDA graphs) failed in backward on torch 2.11 (an output overwritten by a replay)
+                ms, mem, diff = bench_entropy(n, compile_mode='default')
+                report(f'entropy_{n}_ms_compiled', ms, 'ms', peak_gib=mem, max_abs_diff_vs_table=diff)
     encoder = None
     if 'encode' in rows or 'gpt' in rows or 'sample' in rows:
         ips, mem, encoder = bench_encode(64)
         report('encode_256_b64', ips, 'img/s', peak_gib=mem)
     if 'gpt' in rows:
-        for batch in (24, 64):
+        batches = [int(b) for b in args.gpt_batches.split(',')]
+        for batch in batches:
             ips, tps, mfu, mem = bench_gpt_step(batch, peak, args.compile)
             report(f'gpt_B_step_b{batch}', ips, 'img/s', tokens_per_s=tps, mfu=mfu, peak_gib=mem)
-        ips, tps, mfu, mem = bench_gpt_step(24, peak, args.compile, encode_with=encoder)
-        report('gpt_B_onthefly_b24', ips, 'img/s', tokens_per_s=tps, mfu=mfu, peak_gib=mem)
+        if 24 in batches:
+            ips, tps, mfu, mem = bench_gpt_step(24, peak, args.compile, encode_with=encoder)
+            report('gpt_B_onthefly_b24', ips, 'img/s', tokens_per_s=tps, mfu=mfu, peak_gib=mem)
         torch.cuda.empty_cache()
     if 'sample' in rows:
         for batch in [int(b) for b in args.sample_batches.split(',')]:
