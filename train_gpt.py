@@ -316,8 +316,8 @@ def main(argv=None):
         epoch, batch_in_epoch = epoch + 1, 0
     progress.close()
     print0(f"done: {step} steps in {time.time() - start_time:.0f}s; checkpoint {ckpt_path}, "
-           f"samples {os.path.join(args.out, f'samples_step{step}.png') if tokenizer else '(no --tokenizer)'}; "
-           f"peak memory {peak_memory_gib(device_type):.2f} GiB on rank 0")
+           f"samples {os.path.join(args.out, f'samples_step{step}.png') if tokenizer else '(no --tokenizer)'}"
+           + (f"; peak memory {peak_memory_gib(device_type):.2f} GiB on rank 0" if device_type != 'cpu' else ''))
     # every rank prints its own: equal checksums show that DDP kept the weights bit-identical
     print(f"rank {dist.rank}: GPT weights sha256 {weights_checksum(raw_model)}", flush=True)
     cleanup()

@@ -372,8 +372,8 @@ def main(argv=None):
     pbar.close()
     if num_bad:
         utils.print0(f"skipped {num_bad} unreadable images of {num_seen} (see the warnings above)")
-    utils.print0(f"done: {step} steps, checkpoint {ckpt_path}; peak memory "
-                 f"{utils.peak_memory_gib(dist.device_type):.2f} GiB on rank 0")
+    memory = f"; peak memory {utils.peak_memory_gib(dist.device_type):.2f} GiB on rank 0"
+    utils.print0(f"done: {step} steps, checkpoint {ckpt_path}" + (memory if dist.device_type != 'cpu' else ''))
     # every rank prints its own: equal checksums show that DDP kept the generators bit-identical
     print(f"rank {dist.rank}: generator weights sha256 {utils.weights_checksum(t.raw_model)}", flush=True)
     utils.cleanup()
