@@ -102,8 +102,8 @@ def _ddp_worker(rank, world_size, port, out, lpips_flags):
     torch.set_num_threads(1)
     t = train_tok.main(FAST + ['--max-steps', '3', '--out', out] + lpips_flags)
     flat = lambda module: torch.cat([p.detach().flatten() for p in module.parameters()])  # noqa: E731
-    torch.save({'model': flat(t.raw_model), 'ema': flat(t.ema), 'disc': flat(t.raw_disc)},
-               os.path.join(out, f'rank{rank}.pt'))
+    torch.save({'model': flat(t.raw_model), 'ema': flat(t.ema), 'disc': flat(t.raw_disc),
+                'checksum': utils.weights_checksum(t.raw_model)}, os.path.join(out, f'rank{rank}.pt'))
     os._exit(0)  # skip interpreter teardown: with torch 2.13 + gloo it sometimes aborts (SIGABRT) after the work
 
 
@@ -118,6 +118,14 @@ def test_ddp_two_processes_keep_generator_identical(tmp_path):
     rank0, rank1 = (torch.load(os.path.join(out, f'rank{r}.pt')) for r in (0, 1))
     for part in ('model', 'ema', 'disc'):
         assert torch.equal(rank0[part], rank1[part]), part
+    # the checksum each rank prints at the end: equal here, and it sees a change in a single weight
+    assert rank0['checksum'] == rank1['checksum']
+    model = Tokenizer.from_preset('tiny')
+    model.load_state_dict(utils.load_checkpoint(os.path.join(out, 'ckpt.pt'))['model'])
+    assert utils.weights_checksum(model) == rank0['checksum']
+    with torch.no_grad():
+        model.decoder.conv_out.bias[0] += 1e-6
+    assert utils.weights_checksum(model) != rank0['checksum']
     init = torch.cat([p.flatten() for p in Tokenizer.from_preset('tiny').parameters()])
     assert not torch.allclose(rank0['model'], init)  # it trained
     assert utils.load_checkpoint(os.path.join(out, 'ckpt.pt'))['step'] == 3
