@@ -5,6 +5,7 @@ official Open-MAGVIT2 code measured on the same kind of card (H200, torch 2.11, 
     python bench.py                      # all rows, prints a table and writes out/bench.json
     python bench.py --rows entropy,gpt   # some rows
     python bench.py --compile            # torch.compile the tokenizer and the GPT train step as well
+    torchrun --standalone --nproc_per_node=2 bench.py --rows allreduce   # the GPU-to-GPU link (DDP's gradients)
 
 Each row is timed with CUDA events after warm-up: the median of >= 10 repetitions (sampling: of 3 full runs).
 MFU = 6 * params * tokens/s / peak, where peak is the bf16 matmul rate measured here on an 8192^3 product.
@@ -172,6 +173,15 @@ def bench_gpt_step(batch, peak, compile_model, encode_with=None):
     return batch / (ms / 1e3), tokens_per_s, 6 * params * tokens_per_s / peak, mem
 
 
+def bench_allreduce(numel, dtype):
+    """One all-reduce of numel values, as DDP does with the gradients every step. Returns ms and the bus bandwidth
+    in GB/s as nccl-tests count it (2 (n - 1) / n x bytes / time), to compare with the link's rated speed."""
+    x = torch.ones(numel, device='cuda', dtype=dtype)
+    ms, _ = cuda_time(lambda: torch.distributed.all_reduce(x))
+    n = torch.distributed.get_world_size()
+    return ms, 2 * (n - 1) / n * numel * x.element_size() / (ms / 1e3) / 1e9
+
+
 def bench_sampling(batch, decoder=None, fast=True):
     model = gpt_module.GPT.from_preset('B', num_classes=1000).cuda().eval()
     labels = torch.arange(batch, device='cuda') % 1000
@@ -197,7 +207,8 @@ def main():
     parser.add_argument('--rows', default='tok,entropy,encode,gpt,sample,fid')
     parser.add_argument('--compile', action='store_true')
     parser.add_argument('--sample-batches', default='50,256')
-    parser.add_argument('--gpt-batches', default='24,64', help="batches of the GPT step rows ('' skips on-the-fly)")
+    parser.add_argument('--gpt-batches', default='24,64', help="batches of the GPT step rows (the on-the-fly row "
+                        "runs when 24 is one of them)")
     parser.add_argument('--out', default='out/bench.json')
     args = parser.parse_args()
     dist = utils.setup('cuda')
@@ -218,9 +229,19 @@ def main():
             ratio = GOAL[key] / value if unit == 'ms' else value / GOAL[key]
             ratio = f"  {ratio:.2f}x of goal {GOAL[key]:g}, official {OFFICIAL[key]:g}"
         more = ' '.join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items())
-        print(f"{key:24s} {value:10.3f} {unit:6s} {more}{ratio}", flush=True)
-        with open(args.out, 'w') as f:  # after every row: a run cut short keeps what it measured
-            json.dump(results, f, indent=1)
+        if dist.is_main:  # (under torchrun for the allreduce row: one table)
+            print(f"{key:24s} {value:10.3f} {unit:6s} {more}{ratio}", flush=True)
+            with open(args.out, 'w') as f:  # after every row: a run cut short keeps what it measured
+                json.dump(results, f, indent=1)
+
+    if 'allreduce' in rows:
+        if not dist.ddp:
+            raise SystemExit("the allreduce row needs several GPUs: torchrun --nproc_per_node=2 bench.py "
+                             "--rows allreduce")
+        # the imagenet128 tokenizer's gradients (112.02M values): the 2-GPU run scaled 0.77 (README), is it the link?
+        for dtype in (torch.float32, torch.bfloat16):
+            ms, bus = bench_allreduce(112_020_000, dtype)
+            report(f"allreduce_tok_grads_{str(dtype).split('.')[-1]}", ms, 'ms', bus_gb_per_s=bus)
 
     if 'entropy' in rows:
         for n in (2048, 8192):
@@ -267,7 +288,8 @@ def main():
         diff = ((on['pool'] - off['pool']).abs().max() / off['pool'].abs().max()).item()
         report('fid_features_tf32', on['images_per_s'], 'img/s', fp32_img_per_s=off['images_per_s'],
                max_rel_feature_diff=diff)
-    print(f"wrote {args.out}")
+    utils.print0(f"wrote {args.out}")
+    utils.cleanup()
 
 
 if __name__ == '__main__':
