@@ -23,7 +23,9 @@ Two nodes:   torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr 
                  train_gpt.py --preset XL ...            (and --node_rank 1 on the second node; shared file system)
 Ascend NPU:  torchrun --standalone --nproc_per_node 8 train_gpt.py --device npu --preset B ...
 CPU demo:    python train_gpt.py --preset tiny --device cpu --tokenizer out/demo_tok/ckpt.pt --out out/demo_gpt
-Resume:      the same command plus --resume (model, optimizer, step, data order and RNG: the run continues exactly).
+Resume:      the same command plus --resume (model, optimizer, step, data order and RNG: the run continues exactly),
+             also on another number of GPUs (same global --batch-size; add --grad-accum if it no longer fits).
+             --max-steps N stops at step N of the full schedule, with a checkpoint to --resume from.
 Outputs in --out: ckpt.pt, log.csv, samples_stepN.png (a few fixed classes at each evaluation).
 """
 

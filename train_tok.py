@@ -16,7 +16,8 @@ The paper's runs, 4 nodes x 8 GPUs (run on every node; NODE_RANK = 0..3, MASTER 
     torchrun --nnodes=4 --node_rank=$NODE_RANK --nproc_per_node=8 --master_addr=$MASTER --master_port=29500 \
         train_tok.py --preset imagenet256 --data /data/imagenet/train --val-data /data/imagenet/val --out runs/tok256
 Ascend NPUs: the same commands with --device npu (needs torch_npu; backend hccl).
-After a crash: the same command plus --resume (continues from out/ckpt.pt exactly where it stopped).
+After a crash: the same command plus --resume (continues from out/ckpt.pt exactly where it stopped). A checkpoint
+also resumes on another number of GPUs if the global batch stays: 2 GPUs x --batch-size 32 -> 1 GPU x 64.
 --data takes 'synthetic', an ImageNet-style folder root/<class>/<image>, or .npz archive(s) (see data.py).
 """
 
