@@ -86,15 +86,23 @@ def write_random_lpips(folder):
     return paths
 
 
+def write_random_inception(path):
+    """A random FID InceptionV3 in pytorch-fid's layout at path (bench.py and the tests). Kaiming-initialised convs:
+    PyTorch's default init shrinks the activations through the 94 conv units to ~1e-7, where every statistic is ~0."""
+    inception = fid.InceptionV3()
+    for m in inception.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity='relu')
+    torch.nn.init.normal_(inception.fc.weight, std=0.1)  # logits of a few units, so the Inception Score is not ~1
+    torch.save(inception.state_dict(), path)
+    return str(path)
+
+
 def write_random_weights(folder):
     """Random LPIPS and FID Inception weight files. Speed does not depend on the values; no metric from them is
     ever reported."""
     write_random_lpips(folder)
-    inception = fid.InceptionV3()
-    for m in inception.modules():  # default init shrinks activations through 94 layers; keep them O(1)
-        if isinstance(m, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(m.weight, nonlinearity='relu')
-    torch.save(inception.state_dict(), os.path.join(folder, 'inception.pth'))
+    write_random_inception(os.path.join(folder, 'inception.pth'))
 
 
 def _decode(model, z):

@@ -128,14 +128,15 @@ def entropy_terms(z, temperature=0.01, distributed=False):
     """
     z = z.float()
     N, K = z.shape
-    logits = 4.0 * z / temperature  # (N, K): log-odds of each bit being +1
+    logits = 4.0 * z / temperature  # (N, K): log-odds of each bit being +1, p_d = sigmoid(4 z_d / T) (see above)
 
-    per_sample_entropy = binary_entropy_from_logits(logits).sum(1).mean()
+    per_sample_entropy = binary_entropy_from_logits(logits).sum(1).mean()  # E_n[H(f(z_n))], first term of Eq. (3)
 
     def half_probs(half_logits):  # (N, k) -> (N, 2^k), probability of each code of this half of the bits
         k = half_logits.shape[1]
         bits = indices_to_bits(torch.arange(2 ** k, device=z.device), k).float()  # (2^k, k)
         log_p1, log_p0 = F.logsigmoid(half_logits), F.logsigmoid(-half_logits)  # log P(bit=1), log P(bit=0)
+        # log f_c = sum_d [c_d = 1] log p_d + [c_d = 0] log(1 - p_d): two (N, k) @ (k, 2^k) products
         return torch.exp(log_p1 @ bits.T + log_p0 @ (1 - bits).T)  # (N, 2^k)
 
     K1 = K // 2
@@ -143,7 +144,7 @@ def entropy_terms(z, temperature=0.01, distributed=False):
     avg_probs = A.T @ B / N  # (2^K1, 2^K2): the batch-averaged f(z), entry [i, j] is the code i + 2^K1 * j
     if distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         avg_probs = _AllReduceSum.apply(avg_probs) / dist.get_world_size()
-    codebook_entropy = -(avg_probs * torch.log(avg_probs.clamp_min(1e-30))).sum()
+    codebook_entropy = -(avg_probs * torch.log(avg_probs.clamp_min(1e-30))).sum()  # H(E_n[f(z_n)]), Eq. (3)
     return per_sample_entropy, codebook_entropy
 
 
@@ -159,30 +160,27 @@ class LFQ(nn.Module):
     The loss weights (0.1 entropy, 0.25 commitment) are applied by the trainer, not here.
     """
 
-    def __init__(self, num_bits=18, entropy_temperature=0.01, distributed=True):
+    def __init__(self, num_bits=18, entropy_temperature=0.01):
         super().__init__()
         self.num_bits = num_bits
         self.entropy_temperature = entropy_temperature
-        self.distributed = distributed  # all-reduce the batch distribution when running under DDP
 
     def forward(self, z):
         assert z.shape[1] == self.num_bits, f"expected {self.num_bits} channels, got {z.shape[1]}"
         q = torch.where(z > 0, 1.0, -1.0).to(z.dtype)  # Eq. (1), (B, K, H, W)
         z_q = z + (q - z).detach()  # straight-through estimator: forward q, gradient of identity
-        indices = bits_to_indices((z > 0).permute(0, 2, 3, 1))  # Eq. (2), (B, H, W)
+        indices = codes_to_indices(z.permute(0, 2, 3, 1))  # Eq. (2), (B, H, W): only the signs of z count
 
         losses = {'commitment_loss': F.mse_loss(z.float(), q.float())}
         if self.training:
             flat = z.permute(0, 2, 3, 1).reshape(-1, self.num_bits)  # (B*H*W, K): one row per token
-            per_sample, codebook = entropy_terms(flat, self.entropy_temperature, self.distributed)
+            # under DDP the codebook entropy is that of the global batch (all-reduced inside; see entropy_terms)
+            per_sample, codebook = entropy_terms(flat, self.entropy_temperature, distributed=True)
         else:
             per_sample = codebook = z.new_zeros((), dtype=torch.float32)
         losses.update(per_sample_entropy=per_sample, codebook_entropy=codebook,
                       entropy_loss=per_sample - codebook)  # Eq. (3)
         return z_q, indices, losses
-
-    def indices_to_codemap(self, indices):
-        return indices_to_codemap(indices, self.num_bits)
 
     def extra_repr(self):
         return f"num_bits={self.num_bits} ({2 ** self.num_bits} codes), T={self.entropy_temperature}"

@@ -11,18 +11,13 @@ import torch
 from PIL import Image
 
 import fid
+from bench import write_random_inception
 
 
 @pytest.fixture(scope='module')
 def weights(tmp_path_factory):
     torch.manual_seed(0)
-    model = fid.InceptionV3()
-    for module in model.modules():  # keep activations O(1) through the 94 conv units (BN is the identity at init)
-        if isinstance(module, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(module.weight, nonlinearity='relu')
-    path = tmp_path_factory.mktemp('weights') / fid.WEIGHTS_NAME
-    torch.save(model.state_dict(), path)
-    return str(path)
+    return write_random_inception(tmp_path_factory.mktemp('weights') / fid.WEIGHTS_NAME)
 
 
 @pytest.fixture(scope='module')
@@ -56,8 +51,10 @@ def test_official_layout_and_feature_shapes(weights, model, tmp_path):
     hook.remove()
     assert out['pool'].shape == (2, 2048) and out['logits'].shape == (2, 1008) and out['spatial'].shape == (2, 2023)
     assert torch.allclose(out['logits'], out['pool'] @ model.fc.weight.T)  # IS logits: TF's MatMul, no bias
-    # spatial = first 7 channels of Mixed_6d.branch1x1 (17 x 17), flattened (H, W, C) as ADM's NHWC TF graph
-    assert torch.equal(out['spatial'].view(2, 17, 17, 7), branch[0][:, :7].permute(0, 2, 3, 1))
+    # spatial = first 7 channels of the branch1x1 output inside Mixed_6d (the hook's 2nd call; the 1st is the
+    # recomputation in forward), 17 x 17, flattened (H, W, C) as ADM's NHWC TF graph
+    assert len(branch) == 2
+    assert torch.equal(out['spatial'].view(2, 17, 17, 7), branch[1][:, :7].permute(0, 2, 3, 1))
     assert out['pool'].std() > 0.01  # the random net is not dead, so the tests below see real variation
     with torch.no_grad():  # uint8 input = the same images in [0, 1]
         as_uint8 = model((images * 255).round().to(torch.uint8), size=75)['pool']
@@ -201,7 +198,7 @@ def test_precision_recall_on_known_overlaps():
 
 def test_adm_npz_files_folders_and_cli(tmp_path, weights, model, capsys, monkeypatch):
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    images = rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)  # 20: IS's 10 splits hold 2 images each
     np.savez(tmp_path / 'samples.npz', arr_0=images)
     np.savez_compressed(tmp_path / 'compressed.npz', arr_0=images)
     (tmp_path / 'folder').mkdir()
@@ -210,7 +207,7 @@ def test_adm_npz_files_folders_and_cli(tmp_path, weights, model, capsys, monkeyp
     for name in ('samples.npz', 'compressed.npz', 'folder'):
         count, batches = fid.read_images(str(tmp_path / name), batch_size=3)
         batches = list(batches)
-        assert count == 4 and [len(batch) for batch in batches] == [3, 1]
+        assert count == 20 and [len(batch) for batch in batches] == [3] * 6 + [2]
         assert np.array_equal(np.concatenate(batches), images)
 
     samples, stats_path = str(tmp_path / 'samples.npz'), str(tmp_path / 'stats.npz')
@@ -228,14 +225,18 @@ def test_adm_npz_files_folders_and_cli(tmp_path, weights, model, capsys, monkeyp
 
     # ADM's reference-batch format: arr_0 (for precision/recall) + mu, sigma, mu_s, sigma_s (which win for FID)
     reference = str(tmp_path / 'reference.npz')
-    np.savez(reference, arr_0=images, **{key: stats[key] for key in ('mu', 'sigma', 'mu_s', 'sigma_s')})
+    # stored means shifted by 1: the FID printed must come from them, not from arr_0 (which alone would give 0)
+    np.savez(reference, arr_0=images, mu=stats['mu'] + 1, sigma=stats['sigma'], mu_s=stats['mu_s'] + 1,
+             sigma_s=stats['sigma_s'])
     # sqrtm of a 2048^2 matrix costs ~10 s of CPU: the CLI test checks the plumbing, the tests above the formula
     monkeypatch.setattr(fid, 'frechet_distance', lambda mu1, sigma1, mu2, sigma2: float(((mu1 - mu2) ** 2).sum()))
     fid.main([samples, reference] + common)
     printed = capsys.readouterr().out
-    for line in ('FID: 0.0000', 'sFID: 0.0000', 'Precision: 1.0000', 'Recall: 1.0000'):
+    # |mu1 - mu2|^2 = 2048 x 1 and 2023 x 1; precision and recall of a set against itself are 1
+    for line in ('FID: 2048.0000', 'sFID: 2023.0000', 'Precision: 1.0000', 'Recall: 1.0000'):
         assert line in printed
-    assert float(printed.split('Inception Score: ')[1].split()[0]) >= 1.0
+    score = float(printed.split('Inception Score: ')[1].split()[0])
+    assert score == pytest.approx(fid.inception_score(features['logits'].numpy()), abs=1e-4) and score > 1.0
     with pytest.raises(ValueError, match='resize'):  # statistics made with another resize are refused
         fid.main([samples, stats_path, '--resize', 'bilinear'] + common)
 

@@ -106,7 +106,7 @@ def test_lpips_frozen_gradient_to_input_only(lpips):
 def test_load_lpips_explicit_and_cache(weight_files, tmp_path, monkeypatch):
     folder, _, _ = weight_files
     monkeypatch.setattr(losses.urllib.request, "urlopen", _no_network)
-    load_lpips(vgg_weights=folder / "vgg16-397923af.pth", lin_weights=folder / "vgg.pth")
+    assert isinstance(load_lpips(vgg_weights=folder / "vgg16-397923af.pth", lin_weights=folder / "vgg.pth"), LPIPS)
     monkeypatch.setenv("NANOMAGVIT2_CACHE", str(folder))  # both files found in the cache folder, no download
     assert isinstance(load_lpips(), LPIPS)
     with pytest.raises(FileNotFoundError, match="--vgg-weights"):

@@ -72,7 +72,8 @@ def test_lfq_forward_ste_and_commitment():
     z = torch.randn(2, 6, 4, 4, requires_grad=True)
     z_q, idx, losses = lfq(z)
     assert set(torch.unique(z_q.detach()).tolist()) <= {-1.0, 1.0}
-    assert torch.equal(idx, codes_to_indices(z.detach().permute(0, 2, 3, 1)))
+    bit_weights = 2 ** torch.arange(6)[:, None, None]  # (K, 1, 1): channel k is worth 2^k (Eq. 2)
+    assert torch.equal(idx, ((z.detach() > 0).long() * bit_weights).sum(1))
     assert torch.equal(z_q, indices_to_codemap(idx, 6))
     # zero maps to -1
     z0, _, _ = lfq(torch.zeros(1, 6, 1, 1))
@@ -82,6 +83,7 @@ def test_lfq_forward_ste_and_commitment():
     assert torch.allclose(z.grad, torch.ones_like(z))
     expected = ((z.detach() - torch.sign(z.detach())) ** 2).mean()
     assert torch.allclose(losses['commitment_loss'], expected)
+    # the sign of Eq. (3): lower per-sample entropy (confident bits), higher codebook entropy (all codes used)
     assert torch.allclose(losses['entropy_loss'], losses['per_sample_entropy'] - losses['codebook_entropy'])
     lfq.eval()
     _, _, losses = lfq(z)

@@ -165,7 +165,6 @@ def test_convert_official_ema_and_raw(small_config):
         for k, v in model.state_dict().items():  # every tensor where it belongs
             want = sd['model_ema.' + k.replace('.', '')] if ema else sd[k]
             assert torch.equal(v, want), k
-    assert torch.equal(model.decoder.adaptive[1].gamma.weight, sd['decoder.adaptive.1.gamma.weight'])
 
 
 def test_official_upsampler_weights_through_our_module(small_config):

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 import fid
-from bench import write_random_lpips
+from bench import write_random_inception, write_random_lpips
 import train_tok
 import utils
 from data import build_dataset
@@ -166,9 +166,8 @@ def test_evaluate_matches_direct_computation(tmp_path, monkeypatch):
             return super().forward(images, resize, size)
 
     monkeypatch.setattr(fid, 'InceptionV3', SmallInception)  # what fid.load_inception builds
-    weights = tmp_path / fid.WEIGHTS_NAME
     torch.manual_seed(0)
-    torch.save(SmallInception().state_dict(), weights)
+    weights = write_random_inception(tmp_path / fid.WEIGHTS_NAME)  # O(1) features, so the comparisons below can fail
     received = []  # the statistics handed to the Frechet distance (its 2048x2048 sqrtm is fid.py's, tested there)
     monkeypatch.setattr(fid, 'frechet_distance', lambda *stats: received.extend(stats) or 1.5)
     args = train_tok.get_args(FAST + ['--eval-images', '6', '--inception-weights', str(weights),
@@ -192,6 +191,7 @@ def test_evaluate_matches_direct_computation(tmp_path, monkeypatch):
     for images, mu, sigma in ((x, *received[:2]), (x_rec, *received[2:])):  # as fid.rfid: (x + 1) / 2, bilinear
         pool = fid.extract_features(inception, [(images + 1) / 2], resize='bilinear')['pool']
         expected_mu, expected_sigma = fid.compute_statistics(pool)
+        assert np.abs(expected_mu).max() > 0.01  # features far above the tolerances: a wrong statistic fails
         assert np.allclose(mu, expected_mu, rtol=1e-4, atol=1e-6)
         assert np.allclose(sigma, expected_sigma, rtol=1e-3, atol=1e-6)
     assert os.path.exists(tmp_path / 'recon_step7.png')
