@@ -37,7 +37,7 @@ import fid
 import tokenizer
 import utils
 from data import EpochSampler, build_dataset, check_bad_fraction, collate_skip_bad
-from losses import LeCAM, PatchDiscriminator, hinge_d_loss, load_lpips, non_saturating_g_loss
+from losses import LeCAM, PatchDiscriminator, d_loss, load_lpips, non_saturating_g_loss
 
 # -----------------------------------------------------------------------------
 # presets: overrides of the command-line defaults below (which are the 256px run)
@@ -163,17 +163,15 @@ def train_step(x, t, args, step):
     g_loss.backward()  # DDP all-reduces G's gradients here
     t.opt_g.step()
 
-    # --- discriminator: real and fake in separate passes (BatchNorm sees each set alone, as the official code)
+    # --- discriminator: hinge + LeCAM, real and fake in separate passes (losses.d_loss, the official order)
     t.raw_disc.requires_grad_(True)
-    with utils.autocast(t.device_type):
-        logits_real = t.disc(x).float()  # (B, 1, h, w) patch logits
-        logits_fake = t.disc(x_rec.detach()).float()
-    d_hinge = hinge_d_loss(logits_real, logits_fake)
-    t.lecam.update(logits_real, logits_fake)  # this batch enters the EMAs first, then the penalty (official order)
-    d_lecam = t.lecam(logits_real, logits_fake)
-    d_loss = d_hinge + args.lecam_weight * d_lecam
+
+    def judge(images):  # (B, 3, H, W) -> (B, 1, h, w) patch logits in fp32
+        with utils.autocast(t.device_type):
+            return t.disc(images).float()
+    loss_d, d_parts = d_loss(judge, x, x_rec, t.lecam, args.lecam_weight)
     t.opt_d.zero_grad(set_to_none=True)
-    d_loss.backward()
+    loss_d.backward()
     t.opt_d.step()
 
     # --- EMA of the generator, in fp32. The decay ramps up as the official LitEma, min(decay, (1+n)/(10+n)),
@@ -182,8 +180,8 @@ def train_step(x, t, args, step):
     torch._foreach_lerp_(list(t.ema.parameters()), list(t.raw_model.parameters()), 1 - decay)
     return {'recon': recon, 'lpips': perceptual, 'g_gan': g_gan, 'commit': quantizer_losses['commitment_loss'],
             'per_sample_entropy': quantizer_losses['per_sample_entropy'],
-            'codebook_entropy': quantizer_losses['codebook_entropy'], 'd_loss': d_loss, 'd_lecam': d_lecam,
-            'logits_real': logits_real.mean(), 'logits_fake': logits_fake.mean()}
+            'codebook_entropy': quantizer_losses['codebook_entropy'], 'd_loss': loss_d, 'd_lecam': d_parts['d_lecam'],
+            'logits_real': d_parts['logits_real'], 'logits_fake': d_parts['logits_fake']}
 
 
 # -----------------------------------------------------------------------------
