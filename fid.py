@@ -58,7 +58,6 @@ WEIGHTS_NAME = 'pt_inception-2015-12-05-6726825d.pth'
 WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + WEIGHTS_NAME
 # full sha256 of the file; the name's suffix 6726825d is its first 8 hex digits (torch.hub's check_hash convention)
 WEIGHTS_SHA256 = '6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2'
-CACHE_DIR = os.environ.get('NANOMAGVIT2_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'nanomagvit2'))
 
 # -----------------------------------------------------------------------------
 # building blocks: the FID Inception's units and Mixed blocks (module names = the state-dict keys of the weight file)
@@ -266,19 +265,19 @@ def find_weights(path=None):
         if not os.path.isfile(path):
             raise FileNotFoundError(f'--inception-weights {path}: no such file ({WEIGHTS_NAME} is at {WEIGHTS_URL})')
         return path
-    ours = os.path.join(CACHE_DIR, WEIGHTS_NAME)
+    ours = os.path.join(utils.CACHE_DIR, WEIGHTS_NAME)
     pytorch_fid = os.path.join(torch.hub.get_dir(), 'checkpoints', WEIGHTS_NAME)
     for candidate in (ours, pytorch_fid):
         if os.path.isfile(candidate):
             return candidate
-    os.makedirs(CACHE_DIR, exist_ok=True)
-    try:  # writes to a temporary file and moves it into place only if the sha256 matches
-        torch.hub.download_url_to_file(WEIGHTS_URL, ours, hash_prefix=WEIGHTS_SHA256)
+    try:
+        utils.download(WEIGHTS_URL, ours, WEIGHTS_SHA256)
     except (OSError, RuntimeError) as error:  # no network (URLError is an OSError) or a wrong checksum
         raise RuntimeError(
-            f'no Inception weights: {WEIGHTS_NAME} is not in {CACHE_DIR} (or {os.path.dirname(pytorch_fid)}) and the '
-            f'download failed ({error}). Download it from {WEIGHTS_URL} (sha256 {WEIGHTS_SHA256}) into {CACHE_DIR}, '
-            f'or pass --inception-weights PATH (set NANOMAGVIT2_CACHE to use another folder).') from error
+            f'no Inception weights: {WEIGHTS_NAME} is not in {utils.CACHE_DIR} (or {os.path.dirname(pytorch_fid)}) and '
+            f'the download failed ({error}). Download it from {WEIGHTS_URL} (sha256 {WEIGHTS_SHA256}) into '
+            f'{utils.CACHE_DIR}, or pass --inception-weights PATH (set NANOMAGVIT2_CACHE to use another folder).'
+        ) from error
     return ours
 
 

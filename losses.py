@@ -17,14 +17,13 @@ LPIPS reads the two published weight files unchanged: torchvision's vgg16-397923
 with a sha256 check. Nothing here is run directly; tests/test_losses.py checks the values by hand.
 """
 
-import hashlib
 import os
-import tempfile
-import urllib.request
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import utils
 
 # -----------------------------------------------------------------------------
 # LPIPS (VGG16, v0.1 linear heads)
@@ -98,29 +97,9 @@ class LPIPS(nn.Module):
         return distance
 
 
-def download(url, path, sha256):
-    """url -> path through a temporary file in the same folder, renamed only after the checksum matched."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    print(f"downloading {url} -> {path}")
-    digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=30) as response:
-            while chunk := response.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
-        if digest.hexdigest() != sha256:
-            raise OSError(f"sha256 mismatch: got {digest.hexdigest()}, expected {sha256}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def load_lpips(vgg_weights=None, lin_weights=None, cache_dir=None):
+def load_lpips(vgg_weights=None, lin_weights=None):
     """LPIPS from explicit paths, else from the cache folder (torch hub's copy of VGG16 counts too), else downloaded
     there. Under torchrun, call it on rank 0 first and barrier, so that only one process downloads."""
-    cache_dir = cache_dir or os.environ.get("NANOMAGVIT2_CACHE") or os.path.expanduser("~/.cache/nanomagvit2")
     paths, problems = {}, []
     for name, explicit in ((VGG_FILE, vgg_weights), (LIN_FILE, lin_weights)):
         url, sha256, size, flag = WEIGHT_SOURCES[name]
@@ -129,7 +108,7 @@ def load_lpips(vgg_weights=None, lin_weights=None, cache_dir=None):
                 raise FileNotFoundError(f"{flag} {explicit}: no such file")
             paths[name] = explicit
             continue
-        candidates = [os.path.join(cache_dir, name)]
+        candidates = [os.path.join(utils.CACHE_DIR, name)]
         if name == VGG_FILE:  # torchvision.models.vgg16(pretrained=True) leaves the same file here
             candidates.append(os.path.join(torch.hub.get_dir(), "checkpoints", name))
         found = [p for p in candidates if os.path.isfile(p)]
@@ -137,9 +116,9 @@ def load_lpips(vgg_weights=None, lin_weights=None, cache_dir=None):
             paths[name] = found[0]
             continue
         try:
-            download(url, candidates[0], sha256)
+            utils.download(url, candidates[0], sha256)
             paths[name] = candidates[0]
-        except OSError as error:  # no network, HTTP error, timeout, checksum mismatch
+        except (OSError, RuntimeError) as error:  # no network, HTTP error, timeout (OSError); wrong checksum
             problems.append(f"  {name} ({size}): could not download ({error}).\n"
                             f"    Download {url}\n    and put it at {candidates[0]}, or pass {flag} PATH.")
     if problems:

@@ -194,7 +194,7 @@ def evaluate(ema, val_set, args, dist, step):
     the 2^K codes used over the whole set), rFID when Inception weights are found, and a grid of reconstructions.
     Every rank evaluates its share of the images; sums are reduced over ranks, so memory does not grow with N."""
     # rFID only with the weights at hand (never downloaded here: a training run must not stall on the network)
-    inception_weights = args.inception_weights or os.path.join(fid.CACHE_DIR, fid.WEIGHTS_NAME)
+    inception_weights = args.inception_weights or os.path.join(utils.CACHE_DIR, fid.WEIGHTS_NAME)
     have_weights = args.inception_weights or os.path.isfile(inception_weights)
     inception = fid.load_inception(inception_weights, dist.device) if have_weights else None
     n = min(args.eval_images or len(val_set), len(val_set)) // dist.world_size * dist.world_size
@@ -237,7 +237,7 @@ def evaluate(ema, val_set, args, dist, step):
         metrics['rfid'] = fid.frechet_distance(*stats)
     else:
         utils.print0(f"rFID skipped (no Inception weights: put {fid.WEIGHTS_NAME} from {fid.WEIGHTS_URL} in "
-                     f"{fid.CACHE_DIR} or pass --inception-weights PATH)")
+                     f"{utils.CACHE_DIR} or pass --inception-weights PATH)")
     utils.print0(f"eval step {step} ({n} held-out images, EMA weights): "
                  + ', '.join(f"{k} {v:.4g}" for k, v in metrics.items()))
     return metrics

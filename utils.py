@@ -118,6 +118,20 @@ def weights_checksum(module):
 
 
 # -----------------------------------------------------------------------------
+# pretrained weights (LPIPS's VGG16 and heads, FID's Inception): one cache folder, one checked download
+
+CACHE_DIR = os.environ.get('NANOMAGVIT2_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'nanomagvit2')
+
+
+def download(url, path, sha256):
+    """url -> path, through a temporary file that is moved into place only if its sha256 matches (torch.hub's
+    download_url_to_file). Raises OSError without network, RuntimeError on a wrong checksum."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    print(f"downloading {url} -> {path}", flush=True)
+    torch.hub.download_url_to_file(url, path, hash_prefix=sha256)
+
+
+# -----------------------------------------------------------------------------
 # checkpoints
 
 

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import fid
+import utils
 from bench import write_random_inception
 
 
@@ -253,7 +254,7 @@ def test_rfid_uses_the_pytorch_fid_convention(model, monkeypatch):
 
 
 def test_missing_weights_give_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(fid, 'CACHE_DIR', str(tmp_path / 'cache'))
+    monkeypatch.setattr(utils, 'CACHE_DIR', str(tmp_path / 'cache'))
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
 
     def offline(*args, **kwargs):
@@ -269,7 +270,7 @@ def test_missing_weights_give_a_clear_error(tmp_path, monkeypatch):
 
 def test_download_is_checked_against_the_sha256(tmp_path, monkeypatch, weights):
     cache = tmp_path / 'cache'
-    monkeypatch.setattr(fid, 'CACHE_DIR', str(cache))
+    monkeypatch.setattr(utils, 'CACHE_DIR', str(cache))
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
     monkeypatch.setattr(fid, 'WEIGHTS_URL', Path(weights).as_uri())  # a local "server"
     monkeypatch.setattr(fid, 'WEIGHTS_SHA256', '0' * 64)

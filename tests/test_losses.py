@@ -1,6 +1,5 @@
 """losses.py: LPIPS against a plain functional VGG16 on weight files in the published layouts, the missing-weights
 error (offline), hinge / non-saturating / LeCAM on hand-computed values, the discriminator's shapes and init."""
-import hashlib
 import math
 import urllib.error
 
@@ -8,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import losses
+import utils
 from losses import LPIPS, LeCAM, PatchDiscriminator, d_loss, hinge_d_loss, load_lpips, non_saturating_g_loss
 
 # torchvision's vgg16().features: conv layers (index, in, out); the rest are ReLUs and 2x2 max-pools
@@ -105,9 +104,9 @@ def test_lpips_frozen_gradient_to_input_only(lpips):
 
 def test_load_lpips_explicit_and_cache(weight_files, tmp_path, monkeypatch):
     folder, _, _ = weight_files
-    monkeypatch.setattr(losses.urllib.request, "urlopen", _no_network)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _no_network)
     assert isinstance(load_lpips(vgg_weights=folder / "vgg16-397923af.pth", lin_weights=folder / "vgg.pth"), LPIPS)
-    monkeypatch.setenv("NANOMAGVIT2_CACHE", str(folder))  # both files found in the cache folder, no download
+    monkeypatch.setattr(utils, "CACHE_DIR", str(folder))  # both files found in the cache folder, no download
     assert isinstance(load_lpips(), LPIPS)
     with pytest.raises(FileNotFoundError, match="--vgg-weights"):
         load_lpips(vgg_weights=tmp_path / "nope.pth", lin_weights=folder / "vgg.pth")
@@ -119,9 +118,9 @@ def _no_network(*args, **kwargs):
 
 def test_missing_weights_clear_error_offline(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    monkeypatch.setenv("NANOMAGVIT2_CACHE", str(cache))
+    monkeypatch.setattr(utils, "CACHE_DIR", str(cache))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no torchvision copy of VGG16 to fall back on
-    monkeypatch.setattr(losses.urllib.request, "urlopen", _no_network)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _no_network)  # what utils.download calls
     with pytest.raises(FileNotFoundError) as info:
         load_lpips()
     message = str(info.value)
@@ -130,30 +129,6 @@ def test_missing_weights_clear_error_offline(tmp_path, monkeypatch):
                  "network is unreachable"):
         assert text in message
     assert not any(p.is_file() for p in cache.rglob("*"))  # no half-written files left behind
-
-
-def test_download_checksum_mismatch_leaves_no_file(tmp_path, monkeypatch):
-    class Response:
-        def __init__(self):
-            self.chunks = [b"not the weights"]
-
-        def read(self, n):
-            return self.chunks.pop() if self.chunks else b""
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-    monkeypatch.setattr(losses.urllib.request, "urlopen", lambda *a, **k: Response())
-    with pytest.raises(OSError, match="sha256 mismatch"):
-        losses.download("http://example.invalid/x", str(tmp_path / "x.pth"), "0" * 64)
-    assert list(tmp_path.iterdir()) == []
-    # and with the right digest the file appears, complete
-    monkeypatch.setattr(losses.urllib.request, "urlopen", lambda *a, **k: Response())
-    losses.download("http://example.invalid/x", str(tmp_path / "x.pth"), hashlib.sha256(b"not the weights").hexdigest())
-    assert [p.name for p in tmp_path.iterdir()] == ["x.pth"] and (tmp_path / "x.pth").read_bytes() == b"not the weights"
 
 
 def test_hinge_d_loss_by_hand():
