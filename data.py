@@ -205,8 +205,8 @@ class EpochSampler(torch.utils.data.Sampler):
     which is how a resumed run continues with exactly the batches it would have seen.
     """
 
-    def __init__(self, n, rank=0, world_size=1, seed=0, shuffle=True):
-        self.n, self.rank, self.world_size, self.seed, self.shuffle = n, rank, world_size, seed, shuffle
+    def __init__(self, n, rank=0, world_size=1, seed=0):
+        self.n, self.rank, self.world_size, self.seed = n, rank, world_size, seed
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch, start=0):
@@ -216,10 +216,9 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.n // self.world_size - self.start
 
     def __iter__(self):
-        if self.shuffle:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        else:
-            order = list(range(self.n))
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        # drop the tail so every rank gets as many, then rank r takes every world-th: step k of all ranks together
+        # is the slice order[k * global_batch:(k + 1) * global_batch] whatever the world size
         order = order[:self.n // self.world_size * self.world_size][self.rank::self.world_size]
         return iter([(self.epoch, i) for i in order[self.start:]])
 
@@ -233,9 +232,10 @@ def collate_skip_bad(batch):
     return images, labels, len(batch) - len(good)
 
 
-def check_bad_fraction(num_bad, num_seen, limit=0.01):
-    if num_bad > max(limit * num_seen, 0) and num_seen >= 100:
-        raise RuntimeError(f"{num_bad} of {num_seen} images could not be read (> {limit:.0%}); "
+def check_bad_fraction(num_bad, num_seen):
+    """Stop once more than 1% of the images seen (after the first 100) could not be read."""
+    if num_bad > 0.01 * num_seen and num_seen >= 100:
+        raise RuntimeError(f"{num_bad} of {num_seen} images could not be read (> 1%); "
                            "check the dataset (the warnings above list the files)")
 
 
@@ -244,7 +244,7 @@ def check_bad_fraction(num_bad, num_seen, limit=0.01):
 
 
 @torch.no_grad()
-def extract_codes(tokenizer, dataset, out_dir, views, batch_size, dist_info, num_workers=4, amp=True):
+def extract_codes(tokenizer, dataset, out_dir, views, batch_size, dist_info, num_workers=4):
     """Encode every image of `dataset` `views` times (view v = augmentation epoch v: its own random crop and flip).
 
     Writes out_dir/codes.npy (views, N, h, w) int32, out_dir/labels.npy (N,) and out_dir/meta.json. Rank r of W
@@ -285,7 +285,7 @@ def extract_codes(tokenizer, dataset, out_dir, views, batch_size, dist_info, num
         if any(b is None for b in batch):
             raise RuntimeError("unreadable image during extraction (see warning above); remove it and rerun")
         x = torch.stack([b[0] for b in batch]).to(dist_info.device)
-        with autocast(dist_info.device_type, amp):
+        with autocast(dist_info.device_type):  # bf16 on GPU / NPU
             _, indices, _ = tokenizer.encode(x)  # (B, h, w)
         codes[v, chunk] = indices.cpu().numpy().astype(np.int32)
         if k % 50 == 49 or done + k + 1 == len(jobs):

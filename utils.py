@@ -74,9 +74,9 @@ def cleanup():
         dist.destroy_process_group()
 
 
-def autocast(device_type, enabled=True):
+def autocast(device_type):
     """bf16 autocast on accelerators; full fp32 on CPU (bf16 on CPU is slow and only adds noise to the tests)."""
-    if device_type == 'cpu' or not enabled:
+    if device_type == 'cpu':
         return nullcontext()
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
 
@@ -143,12 +143,12 @@ def save_checkpoint(path, obj):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, expect_kind=None, map_location='cpu'):
+def load_checkpoint(path, expect_kind=None):
     """Load one of our checkpoints (a dict with 'kind' and 'config') with errors a person can act on."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = torch.load(path, map_location='cpu', weights_only=False)
     except Exception as e:
         raise RuntimeError(f"could not read checkpoint {path} (truncated or not a PyTorch file?): {e}") from e
     if expect_kind is not None:
