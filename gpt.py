@@ -19,7 +19,6 @@ Not a script: train_gpt.py trains it and sample.py samples from it. Typical use:
     pre, post = model.generate(labels)                                # paper's sampling settings for the preset
     model = GPT.from_official(torch.load('AR_256_B.ckpt', map_location='cpu'))   # released weights
 """
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -171,7 +170,7 @@ def top_k_top_p_filter(logits, top_k=0, top_p=1.0):
         probs = sorted_logits.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs  # probability of all strictly more likely tokens
         drop_sorted = mass_before >= top_p  # the most likely token always stays (mass_before = 0)
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float('-inf'))
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float('-inf'))  # mask unsorted
     return logits
 
 
@@ -181,6 +180,7 @@ def sample_from_logits(logits, temperature, top_k, top_p, uniform):
     torch.multinomial, but the randomness is drawn up front, so a CUDA graph can replay the step. (B,) int64."""
     probs = top_k_top_p_filter(logits.float() / temperature, top_k, top_p).softmax(dim=-1)
     cdf = probs.cumsum(dim=-1)  # (B, V)
+    # (B,): the number of tokens whose cdf stays <= u is the index of the first one past u (x cdf[-1]: rounding)
     return (cdf <= uniform[:, None] * cdf[:, -1:]).sum(dim=-1).clamp_max(logits.shape[-1] - 1)
 
 
@@ -250,7 +250,7 @@ class GPT(nn.Module):
         h = torch.stack([x, pre_emb], dim=2).view(B * T, 2, -1)  # (B*T, 2, C)
         for block in self.intra_blocks:
             h = block(h, self.rope[:2])
-        h = self.norm(h).view(B, T, 2, -1)
+        h = self.norm(h).view(B, T, 2, -1)  # (B, T, 2, C): [h_t, h_t after pre_t] per position
         logits_pre = self.head_pre(h[:, :, 0])  # (B, T, 64): from h_t alone
         logits_post = self.head_post(h[:, :, 1])  # (B, T, 4096): from h_t and pre_t
         loss = (F.cross_entropy(logits_pre.flatten(0, 1), pre.flatten())  # Eq. (7)
@@ -343,7 +343,8 @@ class GPT(nn.Module):
         self.eval()  # no dropout while sampling
         autocast_on = device.type != "cpu" and torch.is_autocast_enabled(device.type)
         self.setup_caches(2 * B, torch.bfloat16 if autocast_on else self.pre_emb.weight.dtype, device)
-        uniforms = torch.rand(2, T, B, generator=generator, device=device)  # all the randomness, drawn up front
+        # all the randomness, drawn up front: (2, T, B) = [pre | post sub-token, position, row]
+        uniforms = torch.rand(2, T, B, generator=generator, device=device)
         pre, post = labels.new_zeros(B, T), labels.new_zeros(B, T)  # filled in place, nothing grows
         logits = None
         if force is not None:
@@ -387,8 +388,8 @@ class GPT(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
                   {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
-        use_fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **(dict(fused=True) if use_fused else {}))
+        # fused: one kernel for the whole update on CUDA (torch >= 2.4 has it for AdamW)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == 'cuda')
 
     def estimate_mfu(self, tokens_per_sec, peak_flops):
         """Model flops utilisation as nanoGPT (PaLM appendix B): 6 flops per weight per token for forward + backward

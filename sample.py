@@ -11,8 +11,8 @@ Evaluation set in the ADM format (read by fid.py and the ADM evaluator), 50 imag
     torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr HOST --master_port 29500 sample.py ...
         (and --node_rank 1 on the second node; OUT's folder must be on a shared file system)
     add --device npu on Ascend NPUs.
-The images are cut into shards of --batch-size; shard s is always generated with seed (--seed, s) whichever rank runs
-it, so the result does not depend on the number of GPUs. Each finished shard is saved to OUT.shards/ at once, so a
+The images are cut into shards of --batch-size; shard s is always generated with the seed --seed * 1000003 + s,
+whichever rank runs it, so the result does not depend on the number of GPUs. Each finished shard is saved to OUT.shards/ at once, so a
 killed run resumes when rerun with the same command. Then rank 0 writes OUT: `arr_0` uint8 (N, H, W, 3), shuffled
 with a fixed seed as the official combine_npz.py, and `arr_1` the class labels in the same order (as ADM's
 image_sample.py), and removes the shards.
@@ -39,7 +39,7 @@ import data
 from gpt import GPT, GPTConfig
 from quantizer import merge_indices
 from tokenizer import Tokenizer
-from utils import autocast, barrier, cleanup, load_checkpoint, print0, save_image_grid, setup, to_uint8
+from utils import autocast, barrier, check_kind, cleanup, load_checkpoint, print0, save_image_grid, setup, to_uint8
 
 
 @torch.no_grad()
@@ -65,9 +65,7 @@ def load_models(gpt_path, tokenizer_path=None, ema=True):
             raise ValueError(f"{gpt_path} is an official checkpoint: pass the released tokenizer as "
                              "--tokenizer open-magvit2:PATH")
     else:
-        if not isinstance(ckpt, dict) or ckpt.get('kind') != 'gpt':
-            raise ValueError(f"{gpt_path} is not a gpt checkpoint (its kind is "
-                             f"{ckpt.get('kind') if isinstance(ckpt, dict) else None!r})")
+        check_kind(ckpt, 'gpt', gpt_path)
         gpt = GPT(GPTConfig(**ckpt['config']))
         gpt.load_state_dict(ckpt['model'])
         tokenizer_path = tokenizer_path or (ckpt.get('tokenizer') or {}).get('path')

@@ -240,11 +240,10 @@ def main(argv=None):
 
     def evaluate_and_save():
         """Sample a grid of the fixed classes (own RNG, so training randomness is untouched) and checkpoint."""
-        rngs = [None] * dist.world_size
-        if dist.ddp:
-            torch_dist.all_gather_object(rngs, rng_state())  # every rank's RNG, for an exact resume
-        else:
-            rngs = [rng_state()]
+        rngs = [rng_state()]
+        if dist.ddp:  # every rank's RNG, for an exact resume
+            rngs = [None] * dist.world_size
+            torch_dist.all_gather_object(rngs, rng_state())
         if dist.is_main:
             if tokenizer is not None:
                 classes = [int(c) % dataset.num_classes for c in args.sample_classes.split(',')]

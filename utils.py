@@ -152,10 +152,15 @@ def load_checkpoint(path, expect_kind=None):
     except Exception as e:
         raise RuntimeError(f"could not read checkpoint {path} (truncated or not a PyTorch file?): {e}") from e
     if expect_kind is not None:
-        kind = ckpt.get('kind') if isinstance(ckpt, dict) else None
-        if kind != expect_kind:
-            raise ValueError(f"{path} is not a {expect_kind} checkpoint (its kind is {kind!r})")
+        check_kind(ckpt, expect_kind, path)
     return ckpt
+
+
+def check_kind(ckpt, expect_kind, path):
+    """Our checkpoints say what they hold ('tokenizer' or 'gpt'); refuse the other one, or a foreign file."""
+    kind = ckpt.get('kind') if isinstance(ckpt, dict) else None
+    if kind != expect_kind:
+        raise ValueError(f"{path} is not a {expect_kind} checkpoint (its kind is {kind!r})")
 
 
 def check_config(saved, current, path):

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt import GPT, PRESETS, convert_official_gpt, rope_2d, sample_from_logits, top_k_top_p_filter
+from quantizer import split_indices
 
 SMALL = dict(block_size=16, num_classes=5, dim=32, n_head=2, n_inter=2, n_intra=2, dropout=0.0)
 
@@ -160,7 +161,7 @@ def test_overfit_a_few_sequences_then_generate_them():
     model = GPT.from_preset('tiny', block_size=16, num_classes=4, dropout=0.0, class_dropout=0.0)
     g = torch.Generator().manual_seed(3)
     idx = torch.randint(2 ** 18, (4, 16), generator=g)  # 18-bit tokens of 4 "images"
-    pre, post = idx & 63, idx >> 6  # as quantizer.split_indices
+    pre, post = split_indices(idx)  # (4, 16) 6-bit and 12-bit sub-tokens
     labels = torch.arange(4)
     optimizer = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), 'cpu')
     model.train()
@@ -173,7 +174,6 @@ def test_overfit_a_few_sequences_then_generate_them():
     gen_pre, gen_post = model.generate(labels, cfg_scale=(1.0, 1.0), top_k=1)  # greedy
     assert model.training  # mode restored
     assert torch.equal(gen_pre, pre) and torch.equal(gen_post, post)
-    assert torch.equal(gen_pre | (gen_post << 6), idx)
 
 
 def test_configure_optimizers_splits_decay_and_mfu():
@@ -184,7 +184,12 @@ def test_configure_optimizers_splits_decay_and_mfu():
     assert {id(p) for p in no_decay['params']} == {id(m.weight) for m in model.modules()
                                                    if type(m).__name__ == 'RMSNorm'}
     assert len(decay['params']) + len(no_decay['params']) == len(list(model.parameters()))
-    assert math.isclose(model.estimate_mfu(2e3, 1e12), 2 * model.estimate_mfu(1e3, 1e12))
+    # FLOPs per token counted by hand for SMALL (D = 32, SwiGLU hidden 256, 4 blocks, T = 16): per block qkv 3D^2,
+    # proj D^2, gate/up 2*D*256, down 256*D, two RMSNorm gains; then the final norm and the 64 + 4096 head rows
+    D, hidden = 32, 256
+    weights = 4 * (4 * D * D + 3 * D * hidden + 2 * D) + D + (64 + 4096) * D
+    flops = 6 * weights + 12 * D * (2 * 16 + 2 * 2)  # + attention scores: inter blocks over 16, intra over 2
+    assert math.isclose(model.estimate_mfu(1e3, 1e12), flops * 1e3 / 1e12)
 
 
 # ---- official checkpoints ---------------------------------------------------------------------------------------
@@ -192,7 +197,7 @@ def test_configure_optimizers_splits_decay_and_mfu():
 def fake_official_checkpoint(num_classes=7, seed=0):
     """A Lightning-style checkpoint with the official key names and shapes (the 'tiny' sizes), random values."""
     c = PRESETS['tiny']
-    D, hidden = c['dim'], 256 * math.ceil(int(8 * c['dim'] / 3) / 256)
+    D, hidden = c['dim'], 512  # the official FFN width for dim 128: find_multiple(int(2 * 4 * 128 / 3), 256)
     g = torch.Generator().manual_seed(seed)
     randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64) * 0.3
     sd = {'transformer.pre_emb.weight': randn(64, D), 'transformer.post_emb.weight': randn(4096, D),

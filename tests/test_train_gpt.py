@@ -133,6 +133,7 @@ def test_resume_equals_an_uninterrupted_run(files, tmp_path, monkeypatch):
     full, resumed = (load_checkpoint(tmp_path / run / 'ckpt.pt', 'gpt') for run in ('full', 'resumed'))
     assert resumed['step'] == full['step'] == 12
     assert all(torch.equal(full['model'][k], resumed['model'][k]) for k in full['model'])
+    assert len(full['optimizer']['state']) == len(resumed['optimizer']['state']) > 0
     for a, b in zip(full['optimizer']['state'].values(), resumed['optimizer']['state'].values()):
         assert torch.equal(a['exp_avg'], b['exp_avg']) and torch.equal(a['exp_avg_sq'], b['exp_avg_sq'])
     assert read_log(tmp_path / 'full')[-1]['loss_post'] == read_log(tmp_path / 'resumed')[-1]['loss_post']
