@@ -12,8 +12,8 @@ Evaluation set in the ADM format (read by fid.py and the ADM evaluator), 50 imag
         (and --node_rank 1 on the second node; OUT's folder must be on a shared file system)
     add --device npu on Ascend NPUs.
 The images are cut into shards of --batch-size; shard s is always generated with the seed --seed * 1000003 + s,
-whichever rank runs it, so the result does not depend on the number of GPUs. Each finished shard is saved to OUT.shards/ at once, so a
-killed run resumes when rerun with the same command. Then rank 0 writes OUT: `arr_0` uint8 (N, H, W, 3), shuffled
+whichever rank runs it, so the result does not depend on the number of GPUs. Each finished shard is saved to
+OUT.shards/ at once, so a killed run resumes when rerun with the same command. Then rank 0 writes OUT: `arr_0` uint8 (N, H, W, 3), shuffled
 with a fixed seed as the official combine_npz.py, and `arr_1` the class labels in the same order (as ADM's
 image_sample.py), and removes the shards.
 
