@@ -32,15 +32,13 @@ Run (one GPU or NPU is plenty; there is no torchrun mode):
     python fid.py imagenet_val_dir/ --resize bilinear --save-stats val_stats.npz    # statistics only
     from fid import load_inception, rfid; rfid(images, reconstructions, load_inception(device='cuda'))
 
-Throughput (benchmark_features, H200, torch 2.11, 256px uint8, batch 250): 2,180 images/s in fp32, 4,640 with TF32.
-TF32 moved the pool features by 6e-4 (relative) and the FID between both feature sets of the same 2,000 images was
-2e-4 (measured with random weights). The CLI keeps fp32 anyway: 50k samples take ~25 s, plus ~9 s of CPU sqrtm for
-each of FID and sFID; precision/recall of 10k x 50k features take 0.5 s.
+Throughput (`python bench.py --rows fid`, README): 2,270 images/s in fp32 on an H200, 4,800 with TF32, which moves
+the pool features by 6e-4 (relative; random weights). The CLI keeps fp32 anyway: 50k samples take ~25 s, plus the
+CPU sqrtm of FID and sFID.
 """
 import argparse
 import math
 import os
-import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -442,24 +440,6 @@ def load_input(path, model, batch_size, resize, device):
     else:
         raise ValueError(f'{path}: neither images (folder, .npz with arr_0) nor statistics (.npz with mu, sigma)')
     return result
-
-
-def benchmark_features(device='cuda', n=5000, tf32=False, batch_size=250, weights=None):
-    """Feature-extraction throughput on random 256px uint8 images ('tf' resize). Returns images/s and the pool
-    features of one fixed batch, so that bench.py can compare TF32 on and off."""
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-    model = load_inception(weights, device)
-    images = torch.randint(0, 256, (batch_size, 3, 256, 256), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(0)).to(device)
-    steps = math.ceil(n / batch_size)
-    with torch.no_grad():
-        pool = model(images)['pool'].cpu()  # warm-up (cuDNN picks its kernels); .cpu() waits for the device
-        start = time.perf_counter()
-        for _ in range(steps):
-            last = model(images)['pool']
-        last.cpu()
-        seconds = time.perf_counter() - start
-    return {'images_per_s': steps * batch_size / seconds, 'pool': pool}
 
 
 def main(argv=None):
