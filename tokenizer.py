@@ -66,7 +66,7 @@ class AdaptiveGroupNorm(nn.Module):
         std = (z.var(dim=(2, 3)) + self.eps).sqrt().to(self.gamma.weight.dtype)  # (B, K)
         mean = z.mean(dim=(2, 3)).to(self.beta.weight.dtype)  # (B, K)
         scale = self.gamma(std)[:, :, None, None]  # (B, C, 1, 1)
-        shift = self.beta(mean)[:, :, None, None]
+        shift = self.beta(mean)[:, :, None, None]  # (B, C, 1, 1)
         return scale * self.gn(x) + shift
 
 
@@ -248,8 +248,9 @@ class Tokenizer(nn.Module):
     @classmethod
     def from_checkpoint(cls, path_or_state, ema=True):
         """Build from our checkpoint ({'kind': 'tokenizer', 'config', 'model', optional 'ema'}) or from an official
-        Open-MAGVIT2 one (a Lightning dict with 'state_dict', or any path prefixed 'open-magvit2:'), given as a
-        path or as the loaded dict. ema=True takes the EMA weights when the checkpoint has them."""
+        Open-MAGVIT2 one (a Lightning dict with 'state_dict'), given as a path or as the loaded dict. Which of the
+        two it is comes from its keys; the prefix 'open-magvit2:PATH' (as in sample.py) is accepted and only
+        documents it. ema=True takes the EMA weights when the checkpoint has them."""
         from utils import load_checkpoint
         ckpt = path_or_state
         if isinstance(ckpt, str):
@@ -265,6 +266,7 @@ class Tokenizer(nn.Module):
             state = convert_official_tokenizer(ckpt['state_dict'], ema=ema)
             # the architecture is read off the tensor shapes; both released models make 16x16 tokens
             ch = state['encoder.conv_in.weight'].shape[0]
+            # keys look like encoder.down.{level}.block.{i}... and encoder.mid_block.{j}...: count the levels / blocks
             levels = 1 + max(int(k.split('.')[2]) for k in state if k.startswith('encoder.down.'))
             ch_mult = tuple(state[f'encoder.down.{i}.block.0.conv1.weight'].shape[0] // ch for i in range(levels))
             blocks = len({k.split('.')[2] for k in state if k.startswith('encoder.mid_block.')})
@@ -286,8 +288,8 @@ class Tokenizer(nn.Module):
 
     def decode_indices(self, indices):
         """indices (B, h, w) int64 -> images (B, 3, h*f, w*f): tokens to their +-1 code map, then decode."""
-        z_q = indices_to_codemap(indices, self.config.num_bits)
-        return self.decoder(z_q.to(self.decoder.conv_in.weight.dtype))
+        z_q = indices_to_codemap(indices, self.config.num_bits)  # (B, K, h, w) in {-1, +1}
+        return self.decode(z_q.to(self.decoder.conv_in.weight.dtype))
 
     def forward(self, x):
         z_q, indices, losses = self.encode(x)
@@ -325,7 +327,7 @@ if __name__ == '__main__':
     size = args.size or model.config.image_size
     if size % model.downsample:
         raise SystemExit(f"--size {size} is not a multiple of the downsampling factor {model.downsample}")
-    side = min(image.size)  # center crop to a square, then resize
+    side = min(image.size)  # center crop to a square, then resize (data.crop_image resizes first, then crops)
     left, top = (image.width - side) // 2, (image.height - side) // 2
     image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
     x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(size, size, 3)
@@ -333,5 +335,5 @@ if __name__ == '__main__':
     with torch.no_grad():
         x_rec, indices, _ = model(x)
     print(f"{tuple(indices.shape[1:])} tokens, {indices.unique().numel()} distinct codes; "
-          f"PSNR {10 * torch.log10(4 / F.mse_loss(x_rec.clamp(-1, 1), x)).item():.2f} dB")
+          f"PSNR {10 * torch.log10(4 / F.mse_loss(x_rec.clamp(-1, 1), x)).item():.2f} dB")  # MAX^2 = 2^2 on [-1, 1]
     print(f"wrote {save_image_grid(torch.cat([x, x_rec]), args.out, nrow=2)} (input | reconstruction)")
