@@ -209,7 +209,7 @@ def evaluate(ema, val_set, args, dist, step):
             continue  # unreadable images are skipped (and reported by data.py)
         x = images.to(dist.device)
         with utils.autocast(dist.device_type):
-            x_rec, indices, _ = ema(x)
+            x_rec, indices, _ = ema(x)  # (B, 3, H, W), (B, h, w)
         x_rec = x_rec.float().clamp(-1, 1)
         seen[indices.flatten()] = 1
         real, fake = torch.from_numpy(utils.to_uint8(x)).double(), torch.from_numpy(utils.to_uint8(x_rec)).double()
@@ -223,16 +223,16 @@ def evaluate(ema, val_set, args, dist, step):
         if i == 0 and dist.is_main:  # the first batch: originals (top) vs. reconstructions (bottom)
             grid = os.path.join(args.out, f'recon_step{step}.png')
             utils.save_image_grid(torch.cat([x[:8], x_rec[:8]]), grid, nrow=min(8, len(x)))
-    totals = utils.all_reduce_mean(sums) * dist.world_size  # PSNR sum, image count over all ranks
+    totals = utils.all_reduce_sum(sums)  # PSNR sum, image count over all ranks
     count = totals[1]
     metrics = {'psnr': (totals[0] / count).item(),
-               'codebook_usage': (utils.all_reduce_mean(seen) > 0).sum().item() / 2 ** num_bits}
+               'codebook_usage': (utils.all_reduce_sum(seen) > 0).sum().item() / 2 ** num_bits}
     if inception is not None:
         stats = []
         for first, second in moments.values():  # mean and covariance (N - 1, as np.cov) from the summed moments
-            mu = utils.all_reduce_mean(first) * dist.world_size / count
-            second_moment = utils.all_reduce_mean(second) * dist.world_size / count
-            sigma = (second_moment - torch.outer(mu, mu)) * count / (count - 1)
+            mu = utils.all_reduce_sum(first) / count  # (2048,)
+            second_moment = utils.all_reduce_sum(second) / count  # (2048, 2048): E[x x^T]
+            sigma = (second_moment - torch.outer(mu, mu)) * count / (count - 1)  # N/(N-1) (E[x x^T] - mu mu^T)
             stats += [mu.cpu().numpy(), sigma.cpu().numpy()]
         metrics['rfid'] = fid.frechet_distance(*stats)
     else:

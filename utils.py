@@ -86,12 +86,18 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def all_reduce_mean(x):
-    """Average a tensor over ranks (no-op without DDP); used for logging and evaluation metrics."""
+def all_reduce_sum(x):
+    """Sum a tensor over ranks (a copy; no-op without DDP): evaluation totals."""
     if dist.is_available() and dist.is_initialized():
         x = x.clone()
         dist.all_reduce(x)
-        x /= dist.get_world_size()
+    return x
+
+
+def all_reduce_mean(x):
+    """Average a tensor over ranks (no-op without DDP): logged losses."""
+    if dist.is_available() and dist.is_initialized():
+        return all_reduce_sum(x) / dist.get_world_size()
     return x
 
 
