@@ -5,6 +5,7 @@ official Open-MAGVIT2 code measured on the same kind of card (H200, torch 2.11, 
     python bench.py                      # all rows, prints a table and writes out/bench.json
     python bench.py --rows entropy,gpt   # some rows
     python bench.py --compile            # torch.compile the tokenizer and the GPT train step as well
+    python bench.py --rows sample --profile   # and the GPU kernels that take the time, per row (out/bench_profile.txt)
     torchrun --standalone --nproc_per_node=2 bench.py --rows allreduce   # the GPU-to-GPU link (DDP's gradients)
 
 Each row is timed with CUDA events after warm-up: the median of >= 10 repetitions (sampling: of 3 full runs).
@@ -45,10 +46,31 @@ GOAL = {
 }
 
 
-def cuda_time(fn, iters=10, warmup=3):
+PROFILE = {}  # --profile: 'names' (substrings of the rows to profile) and 'path' (the text file of their tables)
+
+
+def profile(fn, name):
+    """With --profile: run fn once more under torch.profiler and keep the table of the GPU kernels that took the
+    most time (self time, summed over the calls). This is how each row's limit is found, not from estimates."""
+    if not PROFILE or not any(p in name for p in PROFILE['names']):
+        return
+    from torch.profiler import ProfilerActivity
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by='self_device_time_total', row_limit=15, max_name_column_width=70)
+    print(f"--- profile of {name}\n{table}", flush=True)
+    with open(PROFILE['path'], 'a') as f:  # row by row: a run cut short keeps the profiles it made
+        f.write(f"--- {name}\n{table}\n")
+
+
+def cuda_time(fn, iters=10, warmup=3, name=None):
     """Median milliseconds of fn() over iters runs (after warmup runs), and the peak memory in GiB."""
     for _ in range(warmup):
         fn()
+    if name is not None:
+        profile(fn, name)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     times = []
@@ -124,7 +146,7 @@ def bench_tokenizer_step(preset, batch, dist, weights_dir, compile_model):
     def run():
         step[0] += 1
         train_tok.train_step(x, t, args, step[0])
-    ms, mem = cuda_time(run, iters=10, warmup=3 if not compile_model else 5)
+    ms, mem = cuda_time(run, iters=10, warmup=3 if not compile_model else 5, name=f'tok_step_{preset[-3:]}_b{batch}')
     return batch / (ms / 1e3), mem
 
 
@@ -137,7 +159,7 @@ def bench_entropy(n, compile_mode=None):
     def run():
         per_sample, codebook = entropy_terms(z, 0.01)
         (per_sample - codebook).backward()
-    ms, mem = cuda_time(run, iters=20, warmup=5)
+    ms, mem = cuda_time(run, iters=20, warmup=5, name=f'entropy_{n}')
     # the same value as the materialised 2^18 table of the official code (exact logs, fp32)
     with torch.no_grad():
         codes = quantizer.indices_to_codes(torch.arange(2 ** 18, device='cuda'), 18)  # (2^18, 18)
@@ -157,7 +179,7 @@ def bench_encode(batch):
     def run():
         with utils.autocast('cuda'):
             model.encode(x)
-    ms, mem = cuda_time(run)
+    ms, mem = cuda_time(run, name='encode_256_b64')
     return batch / (ms / 1e3), mem, model
 
 
@@ -177,7 +199,8 @@ def bench_gpt_step(batch, peak, compile_model, encode_with=None):
             with torch.no_grad(), utils.autocast('cuda'):
                 toks = encode_with.encode(images)[1].flatten(1)
         train_gpt.train_step(step_model, optimizer, [(toks, labels)], 3e-4, 'cuda')
-    ms, mem = cuda_time(run, iters=10, warmup=5 if compile_model else 3)
+    ms, mem = cuda_time(run, iters=10, warmup=5 if compile_model else 3,
+                        name=f"gpt_B_{'onthefly' if encode_with is not None else 'step'}_b{batch}")
     tokens_per_s = batch * T / (ms / 1e3)
     return batch / (ms / 1e3), tokens_per_s, 6 * params * tokens_per_s / peak, mem
 
@@ -214,9 +237,8 @@ def bench_sampling(batch, decoder=None, fast=True):
     labels = torch.arange(batch, device='cuda') % 1000
     gen = torch.Generator(device='cuda').manual_seed(0)
     times = []
-    for run in range(3):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
+
+    def run():
         with utils.autocast('cuda'):
             pre, post = model.generate(labels, cfg_scale=(1.9, 2.0), temperature=(1.0, 1.0), top_k=0, top_p=1.0,
                                        generator=gen, cuda_graph=fast)
@@ -224,8 +246,14 @@ def bench_sampling(batch, decoder=None, fast=True):
                 indices = quantizer.merge_indices(pre, post).view(batch, 16, 16)
                 for chunk in indices.split(64):  # 256px decoding of 256 images at once needs > 100 GB
                     decoder.decode_indices(chunk)
+    for _ in range(3):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+    if decoder is None:
+        profile(run, f"sample_B_b{batch}{'' if fast else '_plain'}")
     return batch / statistics.median(times[1:] if len(times) > 2 else times)  # the first run includes capture
 
 
@@ -236,13 +264,19 @@ def main():
     parser.add_argument('--sample-batches', default='50,256')
     parser.add_argument('--gpt-batches', default='24,64', help="batches of the GPT step rows (the on-the-fly row "
                         "runs when 24 is one of them)")
+    parser.add_argument('--profile', nargs='?', const='', default=None, help="print the top GPU kernels of each "
+                        "row (or of the rows whose names contain one of these comma-separated strings)")
     parser.add_argument('--out', default='out/bench.json')
     args = parser.parse_args()
+    if args.profile is not None:
+        PROFILE.update(names=args.profile.split(','), path=os.path.splitext(args.out)[0] + '_profile.txt')
     dist = utils.setup('cuda')
     rows = set(args.rows.split(','))
     results = {'device': torch.cuda.get_device_name(), 'torch': torch.__version__,
                'date': time.strftime('%Y-%m-%d'), 'compile': args.compile}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    if PROFILE and os.path.exists(PROFILE['path']):
+        os.remove(PROFILE['path'])
     peak = matmul_peak()
     results['bf16_matmul_tflops'] = peak / 1e12
     print(f"bf16 matmul peak (8192^3): {peak / 1e12:.0f} TFLOP/s", flush=True)
@@ -298,7 +332,7 @@ def main():
                    with_decode=bench_sampling(batch, decoder=encoder), **extra)
         z = (torch.randint(0, 2, (50, 18, 16, 16), device='cuda') * 2 - 1).float()
         with torch.no_grad():
-            ms, mem = cuda_time(lambda: _decode(encoder, z))
+            ms, mem = cuda_time(lambda: _decode(encoder, z), name='decode_b50')
         report('decode_b50', 50 / (ms / 1e3), 'img/s', peak_gib=mem)
     if 'tok' in rows:
         for preset, batch in (('imagenet256', 8), ('imagenet256', 32), ('imagenet128', 8)):
