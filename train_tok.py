@@ -135,7 +135,9 @@ def build(args, dist):
             utils.barrier()
     model = torch.compile(raw_model) if args.compile else raw_model
     device_ids = [dist.local_rank] if dist.device_type == 'cuda' else None
-    model = DDP(model, device_ids=device_ids) if dist.ddp else model
+    # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets, so no second 448 MB copy of them
+    # is kept and none is made each step
+    model = DDP(model, device_ids=device_ids, gradient_as_bucket_view=True) if dist.ddp else model
     # broadcast_buffers=False: D runs twice before its backward, and re-broadcasting the BatchNorm running stats at
     # the second forward would overwrite tensors the first one saved for backward. D never runs in eval mode, so
     # its running stats are unused (the official code calls D inside one DDP forward, which broadcasts once)
