@@ -78,26 +78,34 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.dim, config.dim, bias=False)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope, cache=None, pos=None, window=None):
+    def forward(self, x, rope, cache=None, pos=None, bias=None):
         B, S, C = x.shape
         q, k, v = self.qkv(x).view(B, S, 3, self.n_head, C // self.n_head).unbind(2)  # each (B, S, nh, hs)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, S, hs)
-        if cache is None:
-            # training / full forward: flash attention when the backend has it
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
+        if cache is not None:
             # decoding one position (S = 1) at index pos (a (1,) int64 tensor): write k, v into the preallocated
-            # (B, nh, L, hs) buffers and attend to slots 0..pos; slots after pos hold stale values and are masked out.
-            # Fixed shapes at every step, so the step can be captured in a CUDA graph. window (a Python int >= pos + 1,
-            # or None = all L slots): only the first `window` slots are read. At batch 256 the step is bound by
-            # reading the cache, and generate's windows of 32 slots read 56% of what all 257 slots would.
+            # (B, nh, L, hs) buffers and attend to slots 0..pos; bias (1, L) is -inf on the later slots, which hold
+            # stale values. Fixed shapes at every step, so the step can be captured in a CUDA graph. (Reading only
+            # the first 32, 64, ... slots, one graph per window, was tried: cuDNN's kernel took about as long at 224
+            # as at 256 slots, 0.164 vs 0.162 ms at batch 512, so it would have saved ~2% net; not kept.)
             k_cache, v_cache = cache
             k_cache.index_copy_(2, pos, k.to(k_cache.dtype))
             v_cache.index_copy_(2, pos, v.to(v_cache.dtype))
-            keys, values = k_cache[:, :, :window], v_cache[:, :, :window]  # (B, nh, window, hs) views, no copy
-            visible = (torch.arange(keys.shape[2], device=x.device) <= pos)[None]  # (1, window) bool, True = attend
-            y = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=visible)
+            k, v = k_cache.to(q.dtype), v_cache.to(q.dtype)  # (B, nh, L, hs), no copy when the dtypes agree
+        if k.shape[2] == 2:
+            # the intra blocks' sequences of two, [h_t, pre_t], written out. Fused attention kernels (flash, cuDNN)
+            # compute tiles of 64+ queries x 64+ keys, so on 2 x 2 scores almost all their work is padding. Measured
+            # on an H200 (2026-11-29): fwd+bwd at (16384, 16, 2, 64) 11.9 ms with SDPA, 5.4 ms written out; the
+            # compiled B training step at batch 64 went from 580 to 663 img/s.
+            if bias is None:  # causal: h_t does not see pre_t
+                bias = torch.full((2, 2), float('-inf'), device=q.device).triu(1)
+            att = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5 + bias  # (B, nh, S, 2) scores
+            y = att.softmax(dim=-1).to(v.dtype) @ v  # (B, nh, S, hs)
+        elif bias is None:  # training / full forward: flash attention where the backend has it
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         y = y.transpose(1, 2).reshape(B, S, C)  # (B, S, C)
         return self.dropout(self.proj(y))
 
@@ -127,8 +135,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.dim)
         self.ffn = FeedForward(config)
 
-    def forward(self, x, rope, cache=None, pos=None, window=None):
-        x = x + self.attn(self.attn_norm(x), rope, cache, pos, window)
+    def forward(self, x, rope, cache=None, pos=None, bias=None):
+        x = x + self.attn(self.attn_norm(x), rope, cache, pos, bias)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -160,10 +168,6 @@ PRESETS = {
     'L': dict(n_inter=36, n_intra=3, dim=1280, n_head=20, cfg_scale=(1.9, 1.9), temperature=(1.1, 1.0)),  # 804.4M
     'XL': dict(n_inter=48, n_intra=4, dim=1536, n_head=24, cfg_scale=(1.75, 1.85), temperature=(1.1, 1.0)),  # 1.49B
 }
-
-
-# generate reads the KV cache in windows of this many slots (see Attention.forward and generate)
-KV_WINDOW = 32
 
 
 def top_k_top_p_filter(logits, top_k=0, top_p=1.0):
@@ -281,31 +285,41 @@ class GPT(nn.Module):
         """Drop the KV buffers (GBs for B/L/XL at evaluation batch sizes), e.g. between sample grids in training."""
         self.inter_cache, self.intra_cache = [], []
 
-    def decode_pre(self, x, pos, window=None):
+    def decode_pre(self, x, pos):
         """One decoding step, first half. x (B, 1, C) is the input at sequence position pos ((1,) int64 tensor:
-        the class embedding at 0, e_{t-1} at t); runs the inter blocks with their caches (reading the first
-        `window` slots), then intra position 0. Returns logits_pre (B, 64) for token t = pos."""
+        the class embedding at 0, e_{t-1} at t); runs the inter blocks with their caches, then intra position 0.
+        Returns logits_pre (B, 64) for token t = pos."""
         rope = self.rope.index_select(0, pos)  # (1, hs/2, 2)
+        bias = self.decode_bias(pos, self.config.block_size)  # (1, L): one mask for all inter blocks
         for block, cache in zip(self.inter_blocks, self.inter_cache):
-            x = block(x, rope, cache, pos, window)
+            x = block(x, rope, cache, pos, bias)
+        zero = pos.new_zeros(1)
         for block, cache in zip(self.intra_blocks, self.intra_cache):  # intra slot 0 is overwritten every position
-            x = block(x, self.rope[0:1], cache, pos.new_zeros(1))
+            x = block(x, self.rope[0:1], cache, zero, self.decode_bias(zero, 2))
         return self.head_pre(self.norm(x))[:, 0]
 
     def decode_post(self, pre):
         """Second half of the step: pre (B,) of this position enters intra position 1 -> logits_post (B, 4096)."""
         x = self.pre_emb(pre)[:, None]  # (B, 1, C)
+        one = pre.new_ones(1)
         for block, cache in zip(self.intra_blocks, self.intra_cache):
-            x = block(x, self.rope[1:2], cache, pre.new_ones(1))
+            x = block(x, self.rope[1:2], cache, one, self.decode_bias(one, 2))
         return self.head_post(self.norm(x))[:, 0]
 
-    def decode_position(self, x, pos, window, pre, post, uniforms, sampling, force=None, logits=None):
+    def decode_bias(self, pos, length):
+        """(1, length) additive attention mask, in the caches' dtype: 0 on slots 0..pos, -inf on the later ones.
+        Additive rather than boolean: cuDNN's attention took 0.152 instead of 0.164 ms at batch 512, 224 slots."""
+        dtype = self.inter_cache[0][0].dtype
+        stale = torch.arange(length, device=pos.device) > pos  # (length,) bool
+        return torch.zeros(1, length, dtype=dtype, device=pos.device).masked_fill(stale, float('-inf'))
+
+    def decode_position(self, x, pos, pre, post, uniforms, sampling, force=None, logits=None):
         """Sample token t = pos for every row: x (2B, 1, C) is the input at sequence position pos for the rows
         [cond; null]. Writes pre[:, t], post[:, t] (B, T) in place and returns e_t (2B, 1, C), the next input.
-        Only tensors change between positions of one window (pos is a (1,) tensor), so the step is a CUDA graph."""
+        Only tensors change between positions (pos is a (1,) tensor), so the whole step can be a CUDA graph."""
         cfg_scale, temperature, top_k, top_p = sampling
         wide = torch.promote_types(self.head_pre.weight.dtype, torch.float32)  # CFG in fp32 (fp64 in the tests)
-        cond, uncond = self.decode_pre(x, pos, window).to(wide).chunk(2)  # (B, 64) each
+        cond, uncond = self.decode_pre(x, pos).to(wide).chunk(2)  # (B, 64) each
         guided = uncond + cfg_scale[0] * (cond - uncond)  # classifier-free guidance on the logits
         if force is None:
             pre_t = sample_from_logits(guided, temperature[0], top_k[0], top_p[0], uniforms[0].index_select(0, pos)[0])
@@ -338,12 +352,8 @@ class GPT(nn.Module):
 
         cuda_graph=True (fast path, CUDA only): the ~30 layers of one position are ~400 small kernels, so at small
         batch the plain loop is bound by kernel launches (official code: ~30 ms per position at batch 50). We
-        record one position in a CUDA graph and replay it for every position: same kernels, same numbers, same
-        tokens for the same seed (tests/test_gpt.py checks it on a GPU), one launch per position.
-
-        Both paths read the KV cache in windows of KV_WINDOW slots: positions 0-31 attend over slots 0-31 only,
-        32-63 over 0-63, and so on (masked as before, so the numbers are those of the full cache). A graph has
-        fixed shapes, so there is one graph per window (8 at 256 tokens), sharing one memory pool.
+        record one position once in a CUDA graph and replay it T times: same kernels, same numbers, same tokens
+        for the same seed (tests/test_gpt.py checks it on a GPU), one launch per position.
         """
         config = self.config
         sampling = (config.cfg_scale if cfg_scale is None else cfg_scale,
@@ -365,34 +375,30 @@ class GPT(nn.Module):
         null = torch.full_like(labels, config.num_classes)
         x = self.class_emb(torch.cat([labels, null]))[:, None]  # (2B, 1, C): sequence position 0
         pos = torch.zeros(1, dtype=torch.long, device=device)
-        window_of = [min(T, (t // KV_WINDOW + 1) * KV_WINDOW) for t in range(T)]  # slots read at position t
 
-        def step(window):  # one position; advances pos in place
-            x.copy_(self.decode_position(x, pos, window, pre, post, uniforms, sampling, force, logits))
+        def step():  # one position; advances pos in place
+            x.copy_(self.decode_position(x, pos, pre, post, uniforms, sampling, force, logits))
             pos.add_(1)
 
         if cuda_graph and force is None:
             assert device.type == 'cuda', "cuda_graph=True needs a CUDA device"
-            x0, graphs, pool = x.clone(), {}, None
-            for window in sorted(set(window_of)):
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):  # warm-up on a side stream, as CUDA graph capture requires
-                    pos.zero_()  # (at positions 0-1, which the replays below overwrite)
-                    for _ in range(min(2, T)):
-                        step(window)
-                torch.cuda.current_stream().wait_stream(stream)
-                graphs[window] = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graphs[window], pool=pool):  # one pool: the graphs never run at once
-                    step(window)
-                pool = graphs[window].pool()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            x0 = x.clone()
+            with torch.cuda.stream(stream):  # warm-up on a side stream, as CUDA graph capture requires
+                for _ in range(2):
+                    step()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
             x.copy_(x0)
-            pos.zero_()
-            for t in range(T):
-                graphs[window_of[t]].replay()
+            pos.zero_()  # the warm-up wrote positions 0-2; the replays below overwrite them
+            for _ in range(T):
+                graph.replay()
         else:
-            for t in range(T):
-                step(window_of[t])
+            for _ in range(T):
+                step()
         self.train(was_training)
         return logits if force is not None else (pre, post)
 
