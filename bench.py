@@ -173,7 +173,8 @@ def bench_entropy(n, compile_mode=None):
 
 def bench_encode(batch, compile_model):
     """Returns images/s, peak GiB, and the tokenizer with its encode / decode compiled when compile_model is set
-    (eager, 57% of the encoder's time went to GroupNorm's element-wise kernels at 256x256x128 activations)."""
+    (eager, ~3/4 of the encoder's GPU time went to GroupNorm, swish and layout-copy kernels at 256x256x128; compiled,
+    372 -> 761 img/s at batch 64 on an H200, 2026-11-29)."""
     model = tokenizer_module.Tokenizer.from_preset('imagenet256').cuda().eval().to(memory_format=torch.channels_last)
     if compile_model:
         # dynamic: one compiled graph for every batch size (64 here, 24 on the fly, 50 and 64 when decoding)
