@@ -67,15 +67,17 @@ class _Base(torch.utils.data.Dataset):
             return None
 
 
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')  # matched case-insensitively (ImageNet's .JPEG)
+
+
 class ImageFolder(_Base):
-    EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.JPEG', '.JPG', '.PNG')
 
     def __init__(self, root, size, train=True, seed=0, hflip=False):
         super().__init__(size, train, seed, hflip)
         classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
         self.paths, self.labels = [], []
         for label, name in enumerate(classes):
-            files = sorted(f for f in os.listdir(os.path.join(root, name)) if f.endswith(self.EXTENSIONS))
+            files = sorted(f for f in os.listdir(os.path.join(root, name)) if f.lower().endswith(IMAGE_EXTENSIONS))
             self.paths += [os.path.join(root, name, f) for f in files]
             self.labels += [label] * len(files)
         if not self.paths:

@@ -50,6 +50,7 @@ from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
 
+import data
 import utils
 
 WEIGHTS_NAME = 'pt_inception-2015-12-05-6726825d.pth'
@@ -257,17 +258,27 @@ class InceptionV3(nn.Module):
         return {'pool': pool, 'logits': logits, 'spatial': spatial.permute(0, 2, 3, 1).flatten(1)}  # ADM's HWC order
 
 
+def _cache_paths():
+    """Where the Inception weights are looked for: our cache, then pytorch-fid's (torch hub) cache."""
+    return (os.path.join(utils.CACHE_DIR, WEIGHTS_NAME),
+            os.path.join(torch.hub.get_dir(), 'checkpoints', WEIGHTS_NAME))
+
+
+def local_weights():
+    """The first cached Inception weight file that exists, or None. Never downloads (training-time rFID uses it)."""
+    return next((p for p in _cache_paths() if os.path.isfile(p)), None)
+
+
 def find_weights(path=None):
     """Path of the Inception weight file: `path`, else a cached copy, else a fresh download (sha256 checked)."""
     if path is not None:
         if not os.path.isfile(path):
             raise FileNotFoundError(f'--inception-weights {path}: no such file ({WEIGHTS_NAME} is at {WEIGHTS_URL})')
         return path
-    ours = os.path.join(utils.CACHE_DIR, WEIGHTS_NAME)
-    pytorch_fid = os.path.join(torch.hub.get_dir(), 'checkpoints', WEIGHTS_NAME)
-    for candidate in (ours, pytorch_fid):
-        if os.path.isfile(candidate):
-            return candidate
+    cached = local_weights()
+    if cached is not None:
+        return cached
+    ours, pytorch_fid = _cache_paths()
     try:
         utils.download(WEIGHTS_URL, ours, WEIGHTS_SHA256)
     except (OSError, RuntimeError) as error:  # no network (URLError is an OSError) or a wrong checksum
@@ -358,7 +369,7 @@ def read_images(path, batch_size):
     sample and reference-batch format), streamed so 50k images never sit in memory at once. count 0: no images."""
     if os.path.isdir(path):
         files = sorted(os.path.join(root, name) for root, _, names in os.walk(path)
-                       for name in names if name.lower().endswith(('.png', '.jpg', '.jpeg', '.bmp', '.webp')))
+                       for name in names if name.lower().endswith(data.IMAGE_EXTENSIONS))
 
         def folder_batches():
             with ThreadPoolExecutor(8) as pool:  # PIL decoding releases the GIL

@@ -196,9 +196,8 @@ def evaluate(ema, val_set, args, dist, step):
     the 2^K codes used over the whole set), rFID when Inception weights are found, and a grid of reconstructions.
     Every rank evaluates its share of the images; sums are reduced over ranks, so memory does not grow with N."""
     # rFID only with the weights at hand (never downloaded here: a training run must not stall on the network)
-    inception_weights = args.inception_weights or os.path.join(utils.CACHE_DIR, fid.WEIGHTS_NAME)
-    have_weights = args.inception_weights or os.path.isfile(inception_weights)
-    inception = fid.load_inception(inception_weights, dist.device) if have_weights else None
+    inception_weights = args.inception_weights or fid.local_weights()  # a given path that is missing is an error
+    inception = fid.load_inception(inception_weights, dist.device) if inception_weights else None
     n = min(args.eval_images or len(val_set), len(val_set)) // dist.world_size * dist.world_size
     loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size, num_workers=args.num_workers,
                                          sampler=range(dist.rank, n, dist.world_size), collate_fn=collate_skip_bad)

@@ -49,11 +49,13 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path):
         for k in range(3):
             Image.fromarray(np.full((20, 24, 3), 40 * k, np.uint8)).save(tmp_path / cls / f'{k}.png')
     (tmp_path / 'b' / 'bad.jpg').write_bytes(b'not a jpeg at all')
+    Image.fromarray(np.full((20, 24, 3), 99, np.uint8)).save(tmp_path / 'a' / 'upper.JPEG')  # ImageNet's extension
+    (tmp_path / 'a' / 'notes.txt').write_text('not an image')  # not listed at all
     ds = ImageFolder(str(tmp_path), size=16, train=True)
-    assert len(ds) == 7 and ds.num_classes == 2
-    loader = torch.utils.data.DataLoader(ds, batch_size=7, collate_fn=collate_skip_bad)
+    assert len(ds) == 8 and ds.num_classes == 2
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, collate_fn=collate_skip_bad)
     images, labels, num_bad = next(iter(loader))
-    assert images.shape == (6, 3, 16, 16) and num_bad == 1
+    assert images.shape == (7, 3, 16, 16) and num_bad == 1
     check_bad_fraction(1, 200)  # 0.5%: fine
     with pytest.raises(RuntimeError, match='could not be read'):
         check_bad_fraction(3, 200)
