@@ -327,11 +327,8 @@ if __name__ == '__main__':
     size = args.size or model.config.image_size
     if size % model.downsample:
         raise SystemExit(f"--size {size} is not a multiple of the downsampling factor {model.downsample}")
-    side = min(image.size)  # center crop to a square, then resize (data.crop_image resizes first, then crops)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
-    x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(size, size, 3)
-    x = (x.permute(2, 0, 1).float() / 127.5 - 1)[None].to(dist.device)  # (1, 3, size, size) in [-1, 1]
+    from data import crop_image  # the evaluation transform: resize the short side, centre crop
+    x = crop_image(image, size, train=False, rng=None, hflip=False)[None].to(dist.device)  # (1, 3, size, size)
     with torch.no_grad():
         x_rec, indices, _ = model(x)
     print(f"{tuple(indices.shape[1:])} tokens, {indices.unique().numel()} distinct codes; "
