@@ -68,6 +68,19 @@ def apply_rope(x, rope):
     return torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2).type_as(x)
 
 
+def pair_attention(q, k, v, bias=None):
+    """softmax(q k^T / sqrt(hs) + bias) v over two keys, written out: q (B, nh, S, hs), k, v (B, nh, 2, hs), bias
+    (S, 2) additive, None = causal (h_t does not see pre_t). -> (B, nh, S, hs).
+    Fused attention kernels (flash, cuDNN) compute tiles of 64+ queries x 64+ keys, so on 2 x 2 scores almost all
+    their work is padding. H200, 2026-11-29: the compiled B training step at batch 64 went from 580 to 663 img/s
+    with this instead of F.scaled_dot_product_attention (bench.py --compile --rows gpt; --rows attention times the
+    two alone)."""
+    if bias is None:
+        bias = torch.full((2, 2), float('-inf'), device=q.device).triu(1)  # [[0, -inf], [0, 0]]
+    att = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5 + bias  # (B, nh, S, 2) scores
+    return att.softmax(dim=-1).to(v.dtype) @ v
+
+
 class Attention(nn.Module):
     """Multi-head causal self-attention, fused qkv, no biases; optional static KV cache for decoding."""
 
@@ -79,6 +92,8 @@ class Attention(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, rope, cache=None, pos=None, bias=None):
+        """x (B, S, C), rope (S, hs/2, 2) -> (B, S, C). Training: causal over the S positions. Decoding: cache =
+        (k, v) buffers (B, nh, L, hs), pos (1,) the slot written, bias (1, L) the additive mask (GPT.decode_bias)."""
         B, S, C = x.shape
         q, k, v = self.qkv(x).view(B, S, 3, self.n_head, C // self.n_head).unbind(2)  # each (B, S, nh, hs)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
@@ -88,20 +103,14 @@ class Attention(nn.Module):
             # (B, nh, L, hs) buffers and attend to slots 0..pos; bias (1, L) is -inf on the later slots, which hold
             # stale values. Fixed shapes at every step, so the step can be captured in a CUDA graph. (Reading only
             # the first 32, 64, ... slots, one graph per window, was tried: cuDNN's kernel took about as long at 224
-            # as at 256 slots, 0.164 vs 0.162 ms at batch 512, so it would have saved ~2% net; not kept.)
+            # as at 256 slots, 0.164 vs 0.162 ms at 512 rows (bench.py --rows attention), so it would have saved ~2%
+            # net; not kept.)
             k_cache, v_cache = cache
             k_cache.index_copy_(2, pos, k.to(k_cache.dtype))
             v_cache.index_copy_(2, pos, v.to(v_cache.dtype))
             k, v = k_cache.to(q.dtype), v_cache.to(q.dtype)  # (B, nh, L, hs), no copy when the dtypes agree
-        if k.shape[2] == 2:
-            # the intra blocks' sequences of two, [h_t, pre_t], written out. Fused attention kernels (flash, cuDNN)
-            # compute tiles of 64+ queries x 64+ keys, so on 2 x 2 scores almost all their work is padding. Measured
-            # on an H200 (2026-11-29): fwd+bwd at (16384, 16, 2, 64) 11.9 ms with SDPA, 5.4 ms written out; the
-            # compiled B training step at batch 64 went from 580 to 663 img/s.
-            if bias is None:  # causal: h_t does not see pre_t
-                bias = torch.full((2, 2), float('-inf'), device=q.device).triu(1)
-            att = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5 + bias  # (B, nh, S, 2) scores
-            y = att.softmax(dim=-1).to(v.dtype) @ v  # (B, nh, S, hs)
+        if k.shape[2] == 2:  # the intra blocks' sequences of two, [h_t, pre_t]: see pair_attention
+            y = pair_attention(q, k, v, bias)
         elif bias is None:  # training / full forward: flash attention where the backend has it
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -294,21 +303,24 @@ class GPT(nn.Module):
         for block, cache in zip(self.inter_blocks, self.inter_cache):
             x = block(x, rope, cache, pos, bias)
         zero = pos.new_zeros(1)
+        bias = self.decode_bias(zero, 2)  # (1, 2): [0, -inf], intra slot 0 sees itself only
         for block, cache in zip(self.intra_blocks, self.intra_cache):  # intra slot 0 is overwritten every position
-            x = block(x, self.rope[0:1], cache, zero, self.decode_bias(zero, 2))
+            x = block(x, self.rope[0:1], cache, zero, bias)
         return self.head_pre(self.norm(x))[:, 0]
 
     def decode_post(self, pre):
         """Second half of the step: pre (B,) of this position enters intra position 1 -> logits_post (B, 4096)."""
         x = self.pre_emb(pre)[:, None]  # (B, 1, C)
         one = pre.new_ones(1)
+        bias = self.decode_bias(one, 2)  # (1, 2): [0, 0], slot 1 sees h_t and pre_t
         for block, cache in zip(self.intra_blocks, self.intra_cache):
-            x = block(x, self.rope[1:2], cache, one, self.decode_bias(one, 2))
+            x = block(x, self.rope[1:2], cache, one, bias)
         return self.head_post(self.norm(x))[:, 0]
 
     def decode_bias(self, pos, length):
         """(1, length) additive attention mask, in the caches' dtype: 0 on slots 0..pos, -inf on the later ones.
-        Additive rather than boolean: cuDNN's attention took 0.152 instead of 0.164 ms at batch 512, 224 slots."""
+        Additive rather than boolean: cuDNN's attention took 0.152 instead of 0.164 ms at 512 rows, 224 slots
+        (H200, 2026-11-29; bench.py --rows attention)."""
         dtype = self.inter_cache[0][0].dtype
         stale = torch.arange(length, device=pos.device) > pos  # (length,) bool
         return torch.zeros(1, length, dtype=dtype, device=pos.device).masked_fill(stale, float('-inf'))

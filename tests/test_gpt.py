@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt import GPT, PRESETS, convert_official_gpt, rope_2d, sample_from_logits, top_k_top_p_filter
+from gpt import GPT, PRESETS, convert_official_gpt, pair_attention, rope_2d, sample_from_logits, top_k_top_p_filter
 from quantizer import split_indices
 
 SMALL = dict(block_size=16, num_classes=5, dim=32, n_head=2, n_inter=2, n_intra=2, dropout=0.0)
@@ -65,6 +65,15 @@ def test_causality_and_sub_token_dependency():
     assert torch.equal(lp[:, :t + 1], lp2[:, :t + 1]) and torch.equal(lq[:, :t], lq2[:, :t])
     assert ((lq[:, t:] - lq2[:, t:]).abs().amax(-1) > 1e-6).all()
     assert ((lp[:, t + 1:] - lp2[:, t + 1:]).abs().amax(-1) > 1e-6).all()
+
+
+def test_pair_attention_matches_sdpa_float64():
+    q, k, v = torch.randn(3, 5, 4, 2, 8, dtype=torch.float64).unbind(0)  # (B, nh, 2, hs)
+    torch.testing.assert_close(pair_attention(q, k, v), F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    bias = torch.tensor([[0.0, float('-inf')]], dtype=torch.float64)  # one query that sees the first key only
+    torch.testing.assert_close(pair_attention(q[:, :, 1:], k, v, bias), v[:, :, :1])
+    torch.testing.assert_close(pair_attention(q[:, :, 1:], k, v, torch.zeros(1, 2, dtype=torch.float64)),
+                               F.scaled_dot_product_attention(q[:, :, 1:], k, v))
 
 
 def test_kv_cache_decoding_and_cfg_match_full_forward_float64():
