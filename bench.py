@@ -4,6 +4,7 @@ official Open-MAGVIT2 code measured on the same kind of card (H200, torch 2.11, 
 
     python bench.py                      # all rows, prints a table and writes out/bench.json
     python bench.py --rows entropy,gpt   # some rows
+    python bench.py --rows attention     # gpt.py's two attention choices alone (pair_attention, additive mask)
     python bench.py --compile            # torch.compile the tokenizer and the GPT train step as well
     python bench.py --rows sample --profile   # and the GPU kernels that take the time, per row (out/bench_profile.txt)
     torchrun --standalone --nproc_per_node=2 bench.py --rows allreduce   # the GPU-to-GPU link (DDP's gradients)
@@ -22,6 +23,7 @@ import tempfile
 import time
 
 import torch
+import torch.nn.functional as F
 
 import fid
 import gpt as gpt_module
@@ -238,6 +240,32 @@ def bench_allreduce(numel, dtype):
     return ms, 2 * (n - 1) / n * numel * x.element_size() / (ms / 1e3) / 1e9
 
 
+def bench_attention():
+    """The two attention choices of gpt.py, alone, in bf16: (1) the intra blocks' pairs at the B step, batch 64
+    ((64 x 256, 16, 2, 64), forward + backward): F.scaled_dot_product_attention vs. gpt.pair_attention; (2) one
+    decoding position at batch 256 with CFG (512 rows, 256 cache slots): boolean vs. additive mask, over all 256 and
+    over the first 224 slots. Returns {name: ms}."""
+    results = {}
+    q, k, v = (torch.randn(64 * 256, 16, 2, 64, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    grad = torch.randn_like(q)
+    pair = {'pair_sdpa': lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad),
+            'pair_written_out': lambda: gpt_module.pair_attention(q, k, v).backward(grad)}
+    with utils.autocast('cuda'):
+        for name, fn in pair.items():
+            results[name] = cuda_time(fn)[0]
+    q = torch.randn(512, 16, 1, 64, device='cuda', dtype=torch.bfloat16)
+    k, v = (torch.randn(512, 16, 256, 64, device='cuda', dtype=torch.bfloat16) for _ in range(2))
+    for slots in (224, 256):
+        visible = torch.arange(slots, device='cuda')[None] < slots - 2  # (1, slots): the last two are stale
+        bias = torch.zeros(1, slots, device='cuda', dtype=torch.bfloat16).masked_fill(~visible, float('-inf'))
+        keys, values = k[:, :, :slots], v[:, :, :slots]
+        for name, mask in (('bool', visible), ('additive', bias)):
+            results[f'decode_{slots}_{name}'] = cuda_time(
+                lambda: F.scaled_dot_product_attention(q, keys, values, attn_mask=mask))[0]
+    return results
+
+
 def bench_sampling(batch, decoder=None, fast=True):
     model = gpt_module.GPT.from_preset('B', num_classes=1000).cuda().eval()
     labels = torch.arange(batch, device='cuda') % 1000
@@ -258,19 +286,33 @@ def bench_sampling(batch, decoder=None, fast=True):
         run()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    if decoder is None and fast:  # the kernels of one position (200): a whole run is ~100k events, which made
-        # the profiler run for minutes. Eager, so each kernel is listed; the graph replays the same kernels
-        T = model.config.block_size
-        x = torch.randn(2 * batch, 1, model.config.dim, device='cuda')
-        pre, post = (torch.zeros(batch, T, dtype=torch.long, device='cuda') for _ in range(2))
-        uniforms, pos = torch.rand(2, T, batch, device='cuda'), torch.full((1,), 200, device='cuda')
-        sampling = ((1.9, 2.0), (1.0, 1.0), (0, 0), (1.0, 1.0))
+    images_per_s = batch / statistics.median(times[1:])  # the first run includes the graph capture
+    if decoder is not None or not fast:
+        return images_per_s, None
+    # one position (index 200) as a CUDA graph: ms per position, the unit of the roofline (the KV cache read), and
+    # its kernels, profiled eager (a whole run is ~100k events, which made the profiler run for minutes)
+    T = model.config.block_size
+    x = torch.randn(2 * batch, 1, model.config.dim, device='cuda')
+    pre, post = (torch.zeros(batch, T, dtype=torch.long, device='cuda') for _ in range(2))
+    uniforms, pos = torch.rand(2, T, batch, device='cuda'), torch.full((1,), 200, device='cuda')
+    sampling = ((1.9, 2.0), (1.0, 1.0), (0, 0), (1.0, 1.0))
 
+    # one autocast region around warm-up, capture and replays, as in generate: the weights are cast to bf16 once
+    # (autocast's cache), not inside the graph
+    with torch.no_grad(), utils.autocast('cuda'):
         def position():
-            with torch.no_grad(), utils.autocast('cuda'):
-                model.decode_position(x, pos, pre, post, uniforms, sampling)
+            model.decode_position(x, pos, pre, post, uniforms, sampling)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up on a side stream before capture, as in GPT.generate
+            position()
+        torch.cuda.current_stream().wait_stream(stream)
         profile(position, f"sample_B_b{batch}_one_position")
-    return batch / statistics.median(times[1:] if len(times) > 2 else times)  # the first run includes capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            position()
+        ms_per_position = cuda_time(graph.replay, iters=20)[0]
+    return images_per_s, ms_per_position
 
 
 def main():
@@ -320,6 +362,9 @@ def main():
             ms, bus = bench_allreduce(112_020_000, dtype)
             report(f"allreduce_tok_grads_{str(dtype).split('.')[-1]}", ms, 'ms', bus_gb_per_s=bus)
 
+    if 'attention' in rows:
+        for name, ms in bench_attention().items():
+            report(f'attention_{name}', ms, 'ms')
     if 'entropy' in rows:
         for n in (2048, 8192):
             ms, mem, diff = bench_entropy(n)
@@ -343,9 +388,10 @@ def main():
         torch.cuda.empty_cache()
     if 'sample' in rows:
         for batch in [int(b) for b in args.sample_batches.split(',')]:
-            extra = {'plain_loop': bench_sampling(batch, fast=False)} if batch == 50 else {}
-            report(f'sample_B_b{batch}', bench_sampling(batch), 'img/s',
-                   with_decode=bench_sampling(batch, decoder=encoder), **extra)
+            extra = {'plain_loop': bench_sampling(batch, fast=False)[0]} if batch == 50 else {}
+            ips, ms_per_position = bench_sampling(batch)
+            report(f'sample_B_b{batch}', ips, 'img/s', ms_per_position=ms_per_position,
+                   with_decode=bench_sampling(batch, decoder=encoder)[0], **extra)
         z = (torch.randint(0, 2, (50, 18, 16, 16), device='cuda') * 2 - 1).float()
         with torch.no_grad():
             ms, mem = cuda_time(lambda: _decode(encoder, z), name='decode_b50')
