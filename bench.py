@@ -135,21 +135,61 @@ def _decode(model, z):
         return model.decode(z)
 
 
-def bench_tokenizer_step(preset, batch, dist, weights_dir, compile_model):
-    argv = ['--preset', preset, '--device', 'cuda', '--batch-size', str(batch), '--channels-last',
-            '--vgg-weights', os.path.join(weights_dir, 'vgg16.pth'),
-            '--lpips-weights', os.path.join(weights_dir, 'lin.pth')] + (['--compile'] if compile_model else [])
+def count_flops(fn):
+    """FLOPs of one call of fn, counted by torch.utils.flop_counter (matmuls and convolutions, forward and
+    backward; element-wise work is not counted, as in every MFU)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def bench_tokenizer_step(preset, image_size, batch, dist, weights_dir, compile_model, peak, perceptual=True):
+    """One train_tok.train_step (G + D + LPIPS, Adam steps, EMA) on random images. Returns a dict: img/s, peak GiB,
+    TFLOP per image (counted on the eager step), MFU against the measured bf16 matmul peak, and with compile_model
+    the compile time (first compiled step minus an eager one) and the first step's losses compiled vs. eager."""
+    argv = ['--preset', preset, '--device', 'cuda', '--batch-size', str(batch), '--image-size', str(image_size),
+            '--channels-last', '--vgg-weights', os.path.join(weights_dir, 'vgg16.pth'),
+            '--lpips-weights', os.path.join(weights_dir, 'lin.pth')] + ([] if perceptual else
+                                                                          ['--perceptual-weight', '0'])
     args = train_tok.get_args(argv)
-    t = train_tok.build(args, dist)
-    x = torch.rand(batch, 3, args.image_size, args.image_size, device='cuda') * 2 - 1
+    x = torch.rand(batch, 3, image_size, image_size, device='cuda') * 2 - 1
     x = x.contiguous(memory_format=torch.channels_last)
-    step = [0]
+    t = train_tok.build(args, dist)  # eager; build() seeds, so a second build has the same initial weights
+    eager_losses = train_tok.train_step(x, t, args, 0)
+    flops = count_flops(lambda: train_tok.train_step(x, t, args, 1))
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    train_tok.train_step(x, t, args, 2)
+    torch.cuda.synchronize()
+    eager_s = time.perf_counter() - start
+    result = {}
+    if compile_model:
+        del t
+        torch.cuda.empty_cache()
+        t = train_tok.build(args, dist)
+        train_tok.compile_step_modules(t.raw_model, t.raw_disc, t.lpips)
+        start = time.perf_counter()
+        losses = train_tok.train_step(x, t, args, 0)
+        torch.cuda.synchronize()
+        result['compile_s'] = time.perf_counter() - start - eager_s
+        # the same function: first-step losses (before any update) of the compiled and the eager step, in bf16
+        result['max_rel_loss_diff'] = max(abs(losses[k].item() - eager_losses[k].item())
+                                          / max(abs(eager_losses[k].item()), 1e-6)
+                                          for k in ('recon', 'lpips', 'per_sample_entropy', 'codebook_entropy'))
+    step = [2]
 
     def run():
         step[0] += 1
         train_tok.train_step(x, t, args, step[0])
-    ms, mem = cuda_time(run, iters=10, warmup=3 if not compile_model else 5, name=f'tok_step_{preset[-3:]}_b{batch}')
-    return batch / (ms / 1e3), mem
+    name = f'tok_step_{image_size}_b{batch}'
+    ms, mem = cuda_time(run, iters=10, warmup=3, name=name)
+    result.update(img_per_s=batch / (ms / 1e3), peak_gib=mem, tflop_per_image=flops / batch / 1e12,
+                  mfu=flops / (ms / 1e3) / peak)
+    del t
+    torch.cuda.empty_cache()
+    return result
 
 
 def bench_entropy(n, compile_mode=None):
@@ -397,12 +437,15 @@ def main():
             ms, mem = cuda_time(lambda: _decode(encoder, z), name='decode_b50')
         report('decode_b50', 50 / (ms / 1e3), 'img/s', peak_gib=mem)
     if 'tok' in rows:
-        for preset, batch in (('imagenet256', 8), ('imagenet256', 32), ('imagenet128', 8)):
+        # (preset, image size, batch, LPIPS): the paper's two runs at batch 8 and 32 per GPU, and the 128px model at
+        # 64px (Tiny-ImageNet's size), without LPIPS as the fixed-budget recipe of the README
+        for preset, size, batch, perceptual in (('imagenet256', 256, 8, True), ('imagenet256', 256, 32, True),
+                                                ('imagenet128', 128, 8, True), ('imagenet128', 64, 128, False)):
             try:
-                ips, mem = bench_tokenizer_step(preset, batch, dist, weights_dir, args.compile)
-                report(f"tok_step_{preset[-3:]}_b{batch}", ips, 'img/s', peak_gib=mem)
+                r = bench_tokenizer_step(preset, size, batch, dist, weights_dir, args.compile, peak, perceptual)
+                report(f"tok_step_{size}_b{batch}", r.pop('img_per_s'), 'img/s', **r)
             except torch.cuda.OutOfMemoryError:
-                print(f"tok_step {preset} batch {batch}: out of memory")
+                print(f"tok_step {preset} {size}px batch {batch}: out of memory")
             torch.cuda.empty_cache()
     if 'fid' in rows:
         weights = os.path.join(weights_dir, 'inception.pth')

@@ -38,6 +38,7 @@ import tokenizer
 import utils
 from data import EpochSampler, build_dataset, check_bad_fraction, collate_skip_bad
 from losses import LeCAM, PatchDiscriminator, d_loss, load_lpips, non_saturating_g_loss
+from quantizer import indices_to_bits
 
 # -----------------------------------------------------------------------------
 # presets: overrides of the command-line defaults below (which are the 256px run)
@@ -62,7 +63,8 @@ PRESETS = {
 # train_args that may change when resuming; any other difference is refused
 RESUME_MAY_CHANGE = {'preset', 'resume', 'device', 'out', 'epochs', 'max_steps', 'eval_every', 'eval_images',
                      'ckpt_every', 'log_every', 'num_workers', 'compile', 'channels_last', 'val_data',
-                     'vgg_weights', 'lpips_weights', 'inception_weights', 'eval_only'}
+                     'vgg_weights', 'lpips_weights', 'inception_weights', 'eval_only',
+                     'max_minutes'}
 
 
 def get_args(argv=None):
@@ -86,10 +88,15 @@ def get_args(argv=None):
     parser.add_argument('--max-steps', type=int, default=0, help="stop after this many steps (0: run --epochs)")
     parser.add_argument('--lr', type=float, default=1e-4, help="for the generator and the discriminator")
     parser.add_argument('--lr-drops', type=int, nargs='*', default=[200, 250], help="epochs where lr drops x0.1")
+    parser.add_argument('--warmup-steps', type=int, default=0, help="linear lr warm-up (the paper has none)")
+    parser.add_argument('--cooldown', type=float, default=0.0, help="fraction of the run (of --max-steps, or of "
+                        "--max-minutes) at the end over which lr decays linearly to 0 (the paper: none)")
+    parser.add_argument('--max-minutes', type=float, default=0, help="wall-clock budget from the start, compile "
+                        "included: stop in time for the final evaluation and checkpoint (0: no limit)")
     parser.add_argument('--ema-decay', type=float, default=0.999)
     # loss weights (L1 has weight 1)
     parser.add_argument('--perceptual-weight', type=float, default=1.0, help="LPIPS; 0 trains without VGG")
-    parser.add_argument('--gan-weight', type=float, default=0.1)
+    parser.add_argument('--gan-weight', type=float, default=0.1, help="0 trains without the discriminator")
     parser.add_argument('--entropy-weight', type=float, default=0.1)
     parser.add_argument('--commit-weight', type=float, default=0.25)
     parser.add_argument('--lecam-weight', type=float, default=0.05)
@@ -101,7 +108,8 @@ def get_args(argv=None):
     parser.add_argument('--eval-images', type=int, default=0, help="held-out images to evaluate (0: all)")
     parser.add_argument('--log-every', type=int, default=100)
     parser.add_argument('--ckpt-every', type=int, default=5000)
-    parser.add_argument('--compile', action='store_true', help="torch.compile the tokenizer")
+    parser.add_argument('--compile', action='store_true', help="torch.compile the tokenizer's blocks, the "
+                        "discriminator and LPIPS (compile_step_modules)")
     parser.add_argument('--channels-last', action='store_true', help="NHWC memory layout (faster convs on GPUs)")
     args = parser.parse_args(argv)
     if args.preset:  # preset values replace the defaults; flags given on the command line still win
@@ -133,31 +141,48 @@ def build(args, dist):
         lpips = load_lpips(args.vgg_weights, args.lpips_weights).to(dist.device)
         if dist.is_main:
             utils.barrier()
-    model = torch.compile(raw_model) if args.compile else raw_model
+    if args.compile:
+        compile_step_modules(raw_model, raw_disc, lpips)
     device_ids = [dist.local_rank] if dist.device_type == 'cuda' else None
     # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets, so no second 448 MB copy of them
     # is kept and none is made each step
-    model = DDP(model, device_ids=device_ids, gradient_as_bucket_view=True) if dist.ddp else model
+    model = DDP(raw_model, device_ids=device_ids, gradient_as_bucket_view=True) if dist.ddp else raw_model
     # broadcast_buffers=False: D runs twice before its backward, and re-broadcasting the BatchNorm running stats at
     # the second forward would overwrite tensors the first one saved for backward. D never runs in eval mode, so
     # its running stats are unused (the official code calls D inside one DDP forward, which broadcasts once)
     disc = DDP(raw_disc, device_ids=device_ids, broadcast_buffers=False) if dist.ddp else raw_disc
+    # fused Adam on CUDA: one kernel for all 112M parameters instead of a dozen per-tensor-group launches
+    adam = dict(lr=args.lr, betas=(0.5, 0.9), fused=dist.device_type == 'cuda')
     return SimpleNamespace(
         model=model, raw_model=raw_model, ema=ema, disc=disc, raw_disc=raw_disc, lecam=LeCAM().to(dist.device),
-        lpips=lpips, opt_g=torch.optim.Adam(raw_model.parameters(), lr=args.lr, betas=(0.5, 0.9)),
-        opt_d=torch.optim.Adam(raw_disc.parameters(), lr=args.lr, betas=(0.5, 0.9)), device_type=dist.device_type)
+        lpips=lpips, opt_g=torch.optim.Adam(raw_model.parameters(), **adam),
+        opt_d=torch.optim.Adam(raw_disc.parameters(), **adam), device_type=dist.device_type)
+
+
+def compile_step_modules(model, disc, lpips=None):
+    """torch.compile, in place, what one iteration runs: the tokenizer's repeated blocks (tokenizer.compile_blocks),
+    the discriminator and LPIPS. Compiling the blocks rather than the whole tokenizer is what keeps compile time
+    short: the 40-odd ResBlocks come in a handful of shapes, and blocks of one shape share one compiled graph.
+    Inside each graph Inductor fuses GroupNorm + swish + the bf16 casts around the convolutions."""
+    tokenizer.compile_blocks(model)
+    disc.compile()
+    if lpips is not None:
+        lpips.compile()
 
 
 def train_step(x, t, args, step):
-    """One iteration on x (B, 3, H, W) in [-1, 1]: G step, D step, EMA update. Returns the detached losses."""
+    """One iteration on x (B, 3, H, W) in [-1, 1]: G step, D step, EMA update. Returns the detached losses.
+    With --gan-weight 0 there is no D: neither its term in G's loss nor its own step."""
+    use_gan = args.gan_weight > 0
     # --- generator. D only judges here: frozen, so no weight gradients and no DDP hooks; its raw module is called
     # because a DDP forward without a matching gradient all-reduce would break the next D step
     t.raw_disc.requires_grad_(False)
+    zero = torch.zeros((), device=x.device)
     with utils.autocast(t.device_type):
         x_rec, _, quantizer_losses = t.model(x)  # (B, 3, H, W), and Eq. (3) terms from LFQ (global batch under DDP)
         recon = (x_rec.float() - x).abs().mean()
-        perceptual = t.lpips(x, x_rec).mean() if t.lpips is not None else torch.zeros((), device=x.device)
-        g_gan = non_saturating_g_loss(t.raw_disc(x_rec).float())  # on the per-image mean of the patch logits
+        perceptual = t.lpips(x, x_rec).mean() if t.lpips is not None else zero
+        g_gan = non_saturating_g_loss(t.raw_disc(x_rec).float()) if use_gan else zero  # per-image mean logit
     g_loss = (recon + args.perceptual_weight * perceptual + args.gan_weight * g_gan
               + args.entropy_weight * quantizer_losses['entropy_loss']  # Eq. (3)
               + args.commit_weight * quantizer_losses['commitment_loss'])
@@ -166,15 +191,18 @@ def train_step(x, t, args, step):
     t.opt_g.step()
 
     # --- discriminator: hinge + LeCAM, real and fake in separate passes (losses.d_loss, the official order)
-    t.raw_disc.requires_grad_(True)
+    d_parts = dict.fromkeys(('d_lecam', 'logits_real', 'logits_fake'), zero)
+    loss_d = zero
+    if use_gan:
+        t.raw_disc.requires_grad_(True)
 
-    def judge(images):  # (B, 3, H, W) -> (B, 1, h, w) patch logits in fp32
-        with utils.autocast(t.device_type):
-            return t.disc(images).float()
-    loss_d, d_parts = d_loss(judge, x, x_rec, t.lecam, args.lecam_weight)
-    t.opt_d.zero_grad(set_to_none=True)
-    loss_d.backward()
-    t.opt_d.step()
+        def judge(images):  # (B, 3, H, W) -> (B, 1, h, w) patch logits in fp32
+            with utils.autocast(t.device_type):
+                return t.disc(images).float()
+        loss_d, d_parts = d_loss(judge, x, x_rec, t.lecam, args.lecam_weight)
+        t.opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        t.opt_d.step()
 
     # --- EMA of the generator, in fp32. The decay ramps up as the official LitEma, min(decay, (1+n)/(10+n)),
     # so that early (and short) runs evaluate a useful average instead of the random initialisation
@@ -191,18 +219,22 @@ def train_step(x, t, args, step):
 
 
 @torch.no_grad()
-def evaluate(ema, val_set, args, dist, step):
+def evaluate(ema, val_set, args, dist, step, num_images=None):
     """PSNR (official convention: both images truncated to uint8, PSNR per image, averaged), codebook usage (share of
-    the 2^K codes used over the whole set), rFID when Inception weights are found, and a grid of reconstructions.
+    the 2^K codes used over the whole set), the share of +1 of each of the K bits and the number of dead bits (one
+    sign on every token: a collapsed codebook shows here first), rFID when Inception weights are found, and a grid
+    of reconstructions. num_images: how many held-out images (default --eval-images; 0 means all).
     Every rank evaluates its share of the images; sums are reduced over ranks, so memory does not grow with N."""
     # rFID only with the weights at hand (never downloaded here: a training run must not stall on the network)
     inception_weights = args.inception_weights or fid.local_weights()  # a given path that is missing is an error
     inception = fid.load_inception(inception_weights, dist.device) if inception_weights else None
-    n = min(args.eval_images or len(val_set), len(val_set)) // dist.world_size * dist.world_size
+    num_images = args.eval_images if num_images is None else num_images
+    n = min(num_images or len(val_set), len(val_set)) // dist.world_size * dist.world_size
     loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size, num_workers=args.num_workers,
                                          sampler=range(dist.rank, n, dist.world_size), collate_fn=collate_skip_bad)
     num_bits = ema.config.num_bits
     seen = torch.zeros(2 ** num_bits, device=dist.device)  # 1 for every code that occurs
+    ones = torch.zeros(num_bits + 1, dtype=torch.float64, device=dist.device)  # tokens with bit k = 1; token count
     sums = torch.zeros(2, dtype=torch.float64, device=dist.device)  # PSNR sum, image count
     moments = {name: [0, 0] for name in ('real', 'fake')}  # sum of Inception features (2048,), of outer products
     for i, (images, _, _) in enumerate(loader):
@@ -213,6 +245,8 @@ def evaluate(ema, val_set, args, dist, step):
             x_rec, indices, _ = ema(x)  # (B, 3, H, W), (B, h, w)
         x_rec = x_rec.float().clamp(-1, 1)
         seen[indices.flatten()] = 1
+        bits = indices_to_bits(indices.flatten(), num_bits).double()  # (B*h*w, K): bit k is channel k's sign
+        ones += torch.cat([bits.sum(0), bits.new_tensor([len(bits)])])
         real, fake = torch.from_numpy(utils.to_uint8(x)).double(), torch.from_numpy(utils.to_uint8(x_rec)).double()
         mse = (real - fake).pow(2).mean((1, 2, 3))  # (B,) on 0..255 values
         sums += torch.tensor([(10 * torch.log10(255 ** 2 / mse.clamp_min(1e-10))).sum(), len(x)], device=dist.device)
@@ -226,8 +260,12 @@ def evaluate(ema, val_set, args, dist, step):
             utils.save_image_grid(torch.cat([x[:8], x_rec[:8]]), grid, nrow=min(8, len(x)))
     totals = utils.all_reduce_sum(sums)  # PSNR sum, image count over all ranks
     count = totals[1]
+    bit_share = utils.all_reduce_sum(ones)
+    bit_share = (bit_share[:-1] / bit_share[-1]).tolist()  # (K,) share of +1 per bit; 0.5 is a balanced bit
     metrics = {'psnr': (totals[0] / count).item(),
-               'codebook_usage': (utils.all_reduce_sum(seen) > 0).sum().item() / 2 ** num_bits}
+               'codebook_usage': (utils.all_reduce_sum(seen) > 0).sum().item() / 2 ** num_bits,
+               'dead_bits': sum(share in (0.0, 1.0) for share in bit_share),
+               **{f'bit{k}': share for k, share in enumerate(bit_share)}}
     if inception is not None:
         stats = []
         for first, second in moments.values():  # mean and covariance (N - 1, as np.cov) from the summed moments
@@ -240,7 +278,8 @@ def evaluate(ema, val_set, args, dist, step):
         utils.print0(f"rFID skipped (no Inception weights: put {fid.WEIGHTS_NAME} from {fid.WEIGHTS_URL} in "
                      f"{utils.CACHE_DIR} or pass --inception-weights PATH)")
     utils.print0(f"eval step {step} ({n} held-out images, EMA weights): "
-                 + ', '.join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                 + ', '.join(f"{k} {v:.4g}" for k, v in metrics.items() if not k.startswith('bit')))
+    utils.print0("  share of +1 per bit: " + ' '.join(f"{share:.2f}" for share in bit_share))
     return metrics
 
 
@@ -249,6 +288,7 @@ def evaluate(ema, val_set, args, dist, step):
 
 
 def main(argv=None):
+    start_time = time.time()  # --max-minutes counts from here: building and compiling are part of the budget
     args = get_args(argv)
     dist = utils.setup(args.device)
     if args.eval_only:  # PSNR / usage / rFID of a finished tokenizer, e.g. the released 256px one (rFID 1.17)
@@ -279,6 +319,7 @@ def main(argv=None):
         t.opt_g.load_state_dict(ckpt['opt_g'])
         t.opt_d.load_state_dict(ckpt['opt_d'])
         step, epoch, batch_in_epoch = ckpt['step'], ckpt['epoch'], ckpt['batch_in_epoch']
+        start_time -= ckpt.get('elapsed_s', 0.0)  # a budget (--max-minutes) goes on where it stopped
         utils.set_rng_state(ckpt['rng'])
         utils.print0(f"resumed from {ckpt_path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
         del ckpt
@@ -301,14 +342,16 @@ def main(argv=None):
 
     os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, 'log.csv')
-    fields = ['step', 'epoch', 'lr', 'recon', 'lpips', 'g_gan', 'per_sample_entropy', 'codebook_entropy', 'commit',
-              'd_loss', 'd_lecam', 'logits_real', 'logits_fake', 'img_per_s', 'peak_mem_gib', 'bad_images', 'psnr',
-              'codebook_usage', 'rfid']
+    num_bits = t.raw_model.config.num_bits
+    fields = ['step', 'epoch', 'minutes', 'lr', 'recon', 'lpips', 'g_gan', 'per_sample_entropy', 'codebook_entropy',
+              'commit', 'd_loss', 'd_lecam', 'logits_real', 'logits_fake', 'img_per_s', 'peak_mem_gib', 'bad_images',
+              'psnr', 'codebook_usage', 'rfid', 'dead_bits'] + [f'bit{k}' for k in range(num_bits)]
     if dist.is_main and not (args.resume and os.path.exists(log_path)):
         with open(log_path, 'w', newline='') as f:
             csv.DictWriter(f, fields).writeheader()
 
     def log_row(row):
+        row['minutes'] = (time.time() - start_time) / 60  # wall-clock since the start, compile included
         if dist.is_main:
             with open(log_path, 'a', newline='') as f:
                 csv.DictWriter(f, fields, restval='').writerow(row)
@@ -320,21 +363,37 @@ def main(argv=None):
                 'model': t.raw_model.state_dict(), 'ema': t.ema.state_dict(), 'disc': t.raw_disc.state_dict(),
                 'lecam': t.lecam.state_dict(), 'opt_g': t.opt_g.state_dict(), 'opt_d': t.opt_d.state_dict(),
                 'step': step, 'epoch': epoch, 'batch_in_epoch': batch_in_epoch, 'rng': utils.rng_state(),
-                'world_size': dist.world_size})
+                'world_size': dist.world_size, 'elapsed_s': time.time() - start_time})
 
+    eval_s = time.time()
     if step == 0:
         log_row({'step': 0, 'epoch': 0, **evaluate(t.ema, val_set, args, dist, 0)})  # the "before" numbers
+    # --max-minutes: the run ends when the budget, less a reserve for the last evaluation (every held-out image)
+    # and checkpoint, is spent. Every rank must stop at the same step and use the same lr, so the end is planned
+    # in steps: at each log line rank 0 turns the time left and the measured step rate into planned_steps
+    budget_s, planned_steps = args.max_minutes * 60, max_steps
+    if budget_s:
+        eval_s = time.time() - eval_s if step == 0 else 30.0  # the first evaluation's time, or a guess on resume
+        # the last evaluation sees every held-out image; the margin covers the checkpoint and a log interval
+        reserve_s = 1.5 * eval_s * len(val_set) / min(args.eval_images or len(val_set), len(val_set))
+        reserve_s += min(30.0, 0.05 * budget_s)
+
     t.model.train()
     pbar = tqdm(total=max_steps, initial=step, disable=not dist.is_main, dynamic_ncols=True)
     sums, num_summed, images_seen, num_bad, num_seen, t0 = {}, 0, 0, 0, 0, time.time()
-    while step < max_steps:
+    while step < planned_steps:
         sampler.set_epoch(epoch, start=batch_in_epoch * args.batch_size)
-        # learning rate: constant, x0.1 at each of --lr-drops (the official lr_drop_epoch, applied per epoch)
-        lr = args.lr * 0.1 ** sum(epoch >= e for e in args.lr_drops)
-        for opt in (t.opt_g, t.opt_d):
-            for group in opt.param_groups:
-                group['lr'] = lr
         for images, _, dropped in loader:
+            # learning rate: constant, x0.1 at each of --lr-drops (the official lr_drop_epoch, applied per epoch);
+            # optional linear warm-up and a linear cooldown to 0 over the last --cooldown of the run
+            lr = args.lr * 0.1 ** sum(epoch >= e for e in args.lr_drops)
+            if args.warmup_steps:
+                lr *= min(1.0, (step + 1) / args.warmup_steps)
+            if args.cooldown:
+                lr *= min(1.0, (1 - step / planned_steps) / args.cooldown)
+            for opt in (t.opt_g, t.opt_d):
+                for group in opt.param_groups:
+                    group['lr'] = lr
             num_bad, num_seen = num_bad + dropped, num_seen + dropped + len(images)
             check_bad_fraction(num_bad, num_seen)  # a few unreadable files are skipped, many stop the run
             if len(images) == 0:
@@ -349,7 +408,7 @@ def main(argv=None):
                 sums[k] = sums.get(k, 0) + v.detach()
             num_summed += 1
 
-            if step % args.log_every == 0 or step == max_steps:
+            if step % args.log_every == 0 or step >= planned_steps:
                 names = list(sums)
                 means = utils.all_reduce_mean(torch.stack([sums[k] for k in names]) / num_summed).tolist()
                 row = {'step': step, 'epoch': epoch, 'lr': lr, **dict(zip(names, means)), 'bad_images': num_bad,
@@ -358,14 +417,21 @@ def main(argv=None):
                 log_row(row)
                 pbar.set_postfix({k: f"{row[k]:.3g}" for k in ('recon', 'lpips', 'g_gan', 'd_loss',
                                  'per_sample_entropy', 'codebook_entropy', 'commit', 'img_per_s')})
+                if budget_s:  # re-plan the end of the run from the step rate of this log interval
+                    left_s = budget_s - reserve_s - (time.time() - start_time)
+                    plan = step + max(0.0, left_s) * num_summed / (time.time() - t0) if dist.is_main else 0.0
+                    plan = utils.all_reduce_sum(torch.tensor(plan, dtype=torch.float64, device=dist.device))
+                    planned_steps = min(max_steps, int(plan.item()))
                 sums, num_summed, images_seen, t0 = {}, 0, 0, time.time()
+            last = step >= planned_steps
             t_pause = time.time()  # evaluation and checkpoints do not count in img/s
-            if step % args.eval_every == 0 or step == max_steps:
-                log_row({'step': step, 'epoch': epoch, **evaluate(t.ema, val_set, args, dist, step)})
-            if step % args.ckpt_every == 0 or step == max_steps:
+            if step % args.eval_every == 0 or last:  # the last evaluation uses every held-out image
+                metrics = evaluate(t.ema, val_set, args, dist, step, num_images=0 if last else None)
+                log_row({'step': step, 'epoch': epoch, **metrics})
+            if step % args.ckpt_every == 0 or last:
                 save()
             t0 += time.time() - t_pause
-            if step >= max_steps:
+            if last:
                 break
         else:  # the epoch ran out
             epoch, batch_in_epoch = epoch + 1, 0
@@ -373,7 +439,8 @@ def main(argv=None):
     if num_bad:
         utils.print0(f"skipped {num_bad} unreadable images of {num_seen} (see the warnings above)")
     memory = f"; peak memory {utils.peak_memory_gib(dist.device_type):.2f} GiB on rank 0"
-    utils.print0(f"done: {step} steps, checkpoint {ckpt_path}" + (memory if dist.device_type != 'cpu' else ''))
+    utils.print0(f"done: {step} steps in {(time.time() - start_time) / 60:.1f} minutes, checkpoint {ckpt_path}"
+                 + (memory if dist.device_type != 'cpu' else ''))
     # every rank prints its own: equal checksums show that DDP kept the generators bit-identical
     print(f"rank {dist.rank}: generator weights sha256 {utils.weights_checksum(t.raw_model)}", flush=True)
     utils.cleanup()

@@ -2,8 +2,10 @@
 generator identical on both ranks, another config is refused, a corrupt image is skipped and counted, and the
 evaluation's PSNR / codebook usage / streamed rFID agree with slow direct computations. The LPIPS and Inception
 weight files are random: the numbers here test the code, they are not results."""
+import copy
 import csv
 import os
+import time
 import socket
 
 import numpy as np
@@ -14,6 +16,7 @@ from PIL import Image
 
 import fid
 from bench import write_random_inception, write_random_lpips
+import tokenizer
 import train_tok
 import utils
 from data import build_dataset
@@ -186,6 +189,11 @@ def test_evaluate_matches_direct_computation(tmp_path, monkeypatch):
     psnr = [10 * np.log10(255 ** 2 / np.mean((a - b) ** 2)) for a, b in zip(real, fake)]
     assert metrics['psnr'] == pytest.approx(np.mean(psnr), rel=1e-6)
     assert metrics['codebook_usage'] == codebook_usage(indices, 18)
+    with torch.no_grad():
+        z = model.encoder(x)  # (6, 18, h, w): the share of +1 of bit k is that of z_k > 0 over all tokens
+    shares = [(z[:, k] > 0).double().mean().item() for k in range(18)]
+    assert [metrics[f'bit{k}'] for k in range(18)] == pytest.approx(shares, abs=1e-12)
+    assert metrics['dead_bits'] == sum(share in (0, 1) for share in shares)
     assert metrics['rfid'] == 1.5 and len(received) == 4
     inception = fid.load_inception(str(weights))
     for images, mu, sigma in ((x, *received[:2]), (x_rec, *received[2:])):  # as fid.rfid: (x + 1) / 2, bilinear
@@ -209,3 +217,50 @@ def test_eval_only_accepts_ours_and_official_checkpoints(tiny_run, tmp_path):
     theirs = train_tok.main(FAST + ['--eval-only', f"open-magvit2:{tmp_path / 'official.ckpt'}",
                                     '--out', str(tmp_path / 'b')])
     assert theirs['psnr'] == pytest.approx(ours['psnr'], abs=1e-6)  # EMA weights were picked, not the zeros
+
+
+def test_schedule_warmup_and_cooldown(tmp_path):
+    """--warmup-steps and --cooldown shape the logged lr exactly; --gan-weight 0 never touches D."""
+    out = str(tmp_path / 'run')
+    t = train_tok.main(FAST + ['--max-steps', '8', '--lr', '1e-3', '--warmup-steps', '4', '--cooldown', '0.5',
+                               '--gan-weight', '0', '--out', out])
+    rows = [r for r in read_log(out) if r['recon']]
+    # the row of step s + 1 logs the lr used for step s
+    expected = [1e-3 * min(1, (s + 1) / 4) * min(1, (1 - s / 8) / 0.5) for s in range(8)]
+    assert [float(r['lr']) for r in rows] == pytest.approx(expected, rel=1e-9)
+    assert all(float(r['d_loss']) == 0 for r in rows)
+    init = train_tok.build(train_tok.get_args(FAST), utils.setup('cpu')).raw_disc  # build() seeds: same init
+    for a, b in zip(init.state_dict().values(), t.raw_disc.state_dict().values()):
+        assert torch.equal(a, b)  # no D step was taken
+
+
+def test_max_minutes_stops_in_time_with_checkpoint(tmp_path):
+    """A wall-clock budget (compile and evaluations included) ends the run early, with a checkpoint and a last
+    evaluation on every held-out image."""
+    out = str(tmp_path / 'run')
+    t0 = time.time()
+    train_tok.main(FAST + ['--max-steps', '100000', '--max-minutes', '0.15', '--cooldown', '0.3', '--out', out])
+    assert time.time() - t0 < 0.15 * 60 + 5
+    ckpt = utils.load_checkpoint(os.path.join(out, 'ckpt.pt'), expect_kind='tokenizer')
+    assert 0 < ckpt['step'] < 100000
+    rows = read_log(out)
+    assert rows[-1]['psnr'] and int(rows[-1]['step']) == ckpt['step']
+    assert float(rows[-1]['minutes']) < 0.15
+    lrs = [float(r['lr']) for r in rows if r['recon']]
+    assert lrs[-1] < 0.5 * lrs[0]  # the cooldown ran, planned from the measured step rate
+
+
+def test_compile_blocks_same_function():
+    """compile_blocks captures the same forward and backward (graph capture with the aot_eager backend: the
+    Inductor kernels themselves are compared with the eager step by bench.py on the GPU)."""
+    torch.manual_seed(0)
+    eager = Tokenizer.from_preset('tiny')
+    compiled = tokenizer.compile_blocks(copy.deepcopy(eager), backend='aot_eager')
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    outputs = []
+    for model in (eager, compiled):
+        x_rec, indices, losses = model(x)
+        (x_rec.square().mean() + losses['entropy_loss'] + losses['commitment_loss']).backward()
+        outputs.append((x_rec, indices, losses['entropy_loss'], model.encoder.conv_in.weight.grad))
+    for a, b in zip(*outputs):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6)
