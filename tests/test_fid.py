@@ -168,7 +168,7 @@ def test_inception_score_limits_and_reference():
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     scores = [np.exp(np.mean(np.sum(p * (np.log(p) - np.log(p.mean(0, keepdims=True))), 1)))
               for p in np.split(probs, 5)]
-    assert fid.inception_score(logits, splits=5) == pytest.approx(np.mean(scores), rel=1e-9)
+    assert fid.inception_score(logits, split_size=10) == pytest.approx(np.mean(scores), rel=1e-9)
 
 
 def precision_recall_reference(real, fake, k):
@@ -199,7 +199,7 @@ def test_precision_recall_on_known_overlaps():
 
 def test_adm_npz_files_folders_and_cli(tmp_path, weights, model, capsys, monkeypatch):
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)  # 20: IS's 10 splits hold 2 images each
+    images = rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)  # 20 < 5000: IS is one part
     np.savez(tmp_path / 'samples.npz', arr_0=images)
     np.savez_compressed(tmp_path / 'compressed.npz', arr_0=images)
     (tmp_path / 'folder').mkdir()
@@ -281,3 +281,30 @@ def test_download_is_checked_against_the_sha256(tmp_path, monkeypatch, weights):
     assert fid.find_weights() == str(cache / fid.WEIGHTS_NAME)
     monkeypatch.setattr(fid, 'WEIGHTS_URL', 'file:///nonexistent')  # now found in the cache, no download
     assert fid.load_inception().fc.weight.shape == (1008, 2048)
+
+
+def adm_inception_score(logits, split_size):
+    """ADM's compute_inception_score written out in numpy: softmax, then parts starting at
+    range(0, N, split_size), each scored with its own marginal, and the plain mean of the scores."""
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    scores = []
+    for start in range(0, len(probs), split_size):
+        part = probs[start:start + split_size]
+        kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
+        scores.append(np.exp(np.mean(np.sum(kl, 1))))
+    return float(np.mean(scores))
+
+
+@pytest.mark.parametrize('n, split_size', [(12_345, 5000), (123, 50), (50_000, 5000), (7, 5000)])
+def test_inception_score_follows_adm_split_rule(n, split_size):
+    rng = np.random.default_rng(n)
+    logits = rng.standard_normal((n, 12)) * 2
+    logits[:, 0] += np.linspace(0, 6, n)  # class 0 grows along the samples: every part differs
+    expected = adm_inception_score(logits, split_size)
+    assert fid.inception_score(logits, split_size) == pytest.approx(expected, rel=1e-12)
+    if n == 12_345:  # the default is ADM's 5,000; ten equal parts (5000, 5000, 2345 vs 1234-1235) differ
+        assert fid.inception_score(logits) == pytest.approx(expected, rel=1e-12)
+        parts = [adm_inception_score(part, len(part)) for part in np.array_split(logits, 10)]
+        assert abs(np.mean(parts) - expected) > 1e-3 * expected
+
