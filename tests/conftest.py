@@ -11,7 +11,7 @@ torch.set_num_threads(1)  # small CPU tests: one thread degrades gently when cor
 
 @pytest.fixture(autouse=True)
 def allow_random_inception(monkeypatch):
-    """Every test's Inception weights are random (bench.write_random_inception), so not the published
-    file: let fid.load_inception take them where no argument reaches it (train_tok.py's rFID).
-    tests/test_fid.py passes the override explicitly, and removes this to test the refusal."""
+    """Every test's Inception weights are random (bench.write_random_inception), not the
+    published file: let fid.load_inception take them where no argument reaches it (train_tok.py's
+    rFID). tests/test_fid.py passes the override itself, and removes this to test the refusal."""
     monkeypatch.setenv('NANOMAGVIT2_ALLOW_UNVERIFIED_WEIGHTS', '1')

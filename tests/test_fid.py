@@ -1,6 +1,6 @@
 """Tests for fid.py. The Inception weights are random (made here, saved in the official layout, loaded through the
-real loading path, which accepts them only when told to): they check the plumbing and the math, never a reportable
-number."""
+real loading path): they check the plumbing and the math, never a reportable number.
+The loading path accepts them only when told to (allow_unverified, --allow-unverified-weights)."""
 import hashlib
 import os
 import urllib.error
@@ -214,7 +214,8 @@ def test_adm_npz_files_folders_and_cli(tmp_path, weights, model, capsys, monkeyp
         assert np.array_equal(np.concatenate(batches), images)
 
     samples, stats_path = str(tmp_path / 'samples.npz'), str(tmp_path / 'stats.npz')
-    common = ['--inception-weights', weights, '--device', 'cpu', '--batch-size', '4', '--allow-unverified-weights']
+    common = ['--inception-weights', weights, '--device', 'cpu', '--batch-size', '4',
+              '--allow-unverified-weights']
     fid.main([samples, '--save-stats', stats_path] + common)
     stats = np.load(stats_path)
     assert stats['mu'].shape == (2048,) and stats['sigma'].shape == (2048, 2048) and stats['sigma'].dtype == np.float64
@@ -287,7 +288,7 @@ def test_download_is_checked_against_the_sha256(tmp_path, monkeypatch, weights):
 
 def adm_inception_score(logits, split_size):
     """ADM's compute_inception_score written out in numpy: softmax, then parts starting at
-    range(0, N, split_size), each scored with its own marginal, and the plain mean of the scores."""
+    range(0, N, split_size), each scored with its own marginal, then the plain mean of scores."""
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
     scores = []
@@ -305,7 +306,7 @@ def test_inception_score_follows_adm_split_rule(n, split_size):
     logits[:, 0] += np.linspace(0, 6, n)  # class 0 grows along the samples: every part differs
     expected = adm_inception_score(logits, split_size)
     assert fid.inception_score(logits, split_size) == pytest.approx(expected, rel=1e-12)
-    if n == 12_345:  # the default is ADM's 5,000; ten equal parts (5000, 5000, 2345 vs 1234-1235) differ
+    if n == 12_345:  # the default is ADM's 5,000; ten equal parts of 1234-1235 give another number
         assert fid.inception_score(logits) == pytest.approx(expected, rel=1e-12)
         parts = [adm_inception_score(part, len(part)) for part in np.array_split(logits, 10)]
         assert abs(np.mean(parts) - expected) > 1e-3 * expected
@@ -315,7 +316,8 @@ def test_weights_are_checked_against_the_published_sha256(weights, tmp_path, mon
     monkeypatch.delenv(fid.ALLOW_UNVERIFIED_ENV)  # conftest allows random weights; not here
     with pytest.raises(ValueError) as error:
         fid.load_inception(weights)  # the right layout, random values
-    for part in (fid.WEIGHTS_SHA256, fid.WEIGHTS_URL, '--allow-unverified-weights', fid.ALLOW_UNVERIFIED_ENV):
+    for part in (fid.WEIGHTS_SHA256, fid.WEIGHTS_URL, '--allow-unverified-weights',
+                 fid.ALLOW_UNVERIFIED_ENV):
         assert part in str(error.value)
     # training-time rFID loads fid.local_weights() (a cached file) through the same check
     monkeypatch.setattr(utils, 'CACHE_DIR', str(tmp_path))
@@ -330,7 +332,8 @@ def test_weights_are_checked_against_the_published_sha256(weights, tmp_path, mon
     monkeypatch.setenv(fid.ALLOW_UNVERIFIED_ENV, '1')  # the override where no argument reaches
     assert not fid.load_inception(fid.local_weights()).weights_verified
     monkeypatch.delenv(fid.ALLOW_UNVERIFIED_ENV)
-    monkeypatch.setattr(fid, 'WEIGHTS_SHA256', hashlib.sha256(Path(weights).read_bytes()).hexdigest())
+    published = hashlib.sha256(Path(weights).read_bytes()).hexdigest()
+    monkeypatch.setattr(fid, 'WEIGHTS_SHA256', published)
     capsys.readouterr()
     assert fid.load_inception(weights).weights_verified  # the published file passes, silently
     assert 'UNVERIFIED' not in capsys.readouterr().out
@@ -339,13 +342,13 @@ def test_weights_are_checked_against_the_published_sha256(weights, tmp_path, mon
 def test_cli_marks_metrics_of_unverified_weights(tmp_path, weights, capsys, monkeypatch):
     images = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
     np.savez(tmp_path / 'samples.npz', arr_0=images)
-    argv = [str(tmp_path / 'samples.npz'), str(tmp_path / 'samples.npz'), '--inception-weights', weights,
-            '--device', 'cpu']
+    samples = str(tmp_path / 'samples.npz')
+    argv = [samples, samples, '--inception-weights', weights, '--device', 'cpu']
     monkeypatch.delenv(fid.ALLOW_UNVERIFIED_ENV)
     with pytest.raises(ValueError, match='--allow-unverified-weights'):
         fid.main(argv)
     small = {'pool': np.eye(6, 2048), 'logits': np.zeros((6, 1008)), 'spatial': np.eye(6, 2023)}
-    monkeypatch.setattr(fid, 'extract_features', lambda *args: small)  # the numbers do not matter here
+    monkeypatch.setattr(fid, 'extract_features', lambda *args: small)  # numbers do not matter here
     monkeypatch.setattr(fid, 'frechet_distance', lambda *stats: 0.0)
     fid.main(argv + ['--allow-unverified-weights'])
     printed = capsys.readouterr().out
@@ -372,7 +375,7 @@ def test_inputs_are_checked_before_any_feature(tmp_path, weights, capsys, monkey
     broken = folder('broken', [16, 16])
     (tmp_path / 'broken' / 'bad.png').write_bytes(b'not a png')
     for argv in ([broken, good], [good, broken]):  # REF too is checked before SAMPLES' features
-        with pytest.raises(ValueError, match=r'bad\.png: cannot read this image .*delete or replace'):
+        with pytest.raises(ValueError, match=r'bad\.png: cannot read this image .*delete'):
             fid.main(argv + common)
     with pytest.raises(ValueError, match='different sizes.*resize them'):
         fid.main([folder('mixed', [16, 16, 20]), good] + common)
@@ -388,8 +391,9 @@ def test_inputs_are_checked_before_any_feature(tmp_path, weights, capsys, monkey
     with pytest.raises(ValueError, match='notes.npz: neither a folder of images nor an .npz'):
         fid.main([good, str(tmp_path / 'notes.npz')] + common)
     capsys.readouterr()
-    for argv, parts in (([good, '--save-stats', str(tmp_path / 'no' / 'stats.npz')], ('--save-stats', 'create')),
-                        ([good], ('REF', '--save-stats'))):  # no REF, no --save-stats: nothing would print
+    missing_folder = str(tmp_path / 'no' / 'stats.npz')
+    for argv, parts in (([good, '--save-stats', missing_folder], ('--save-stats', 'create')),
+                        ([good], ('REF', '--save-stats'))):  # no REF, no --save-stats: no output
         with pytest.raises(SystemExit):
             fid.main(argv + common)
         message = capsys.readouterr().err
