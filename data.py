@@ -29,12 +29,39 @@ import torch
 from PIL import Image
 
 # -----------------------------------------------------------------------------
-# the augmentation shared by every dataset
+# reading an image file (here and in fid.py) and the augmentation shared by every dataset
+
+# Transparent pixels are composited onto white: transparent PNGs (product cut-outs, logos, icons)
+# are drawn to be seen on a white page, while dropping the alpha shows whatever colour the
+# invisible pixels happen to store (often black).
+BACKGROUND = (255, 255, 255)
+
+
+def to_rgb(img):
+    """Any PIL image -> a new 8-bit RGB image.
+    16-bit grey (PNG's 16-bit files open as mode I;16, I;16B or I) is scaled by 1/257 (65535 ->
+    255), where convert('RGB') would clip everything above 255 to white. Transparency (RGBA, LA,
+    PA, or P / L / RGB with a transparent colour) is composited onto BACKGROUND. Rest: convert."""
+    if img.mode.startswith('I'):  # I;16, I;16B, I;16L, or I (32-bit ints holding 0..65535)
+        grey = np.asarray(img).astype(np.float64) / 257  # (H, W) in 0..255
+        img = Image.fromarray(grey.round().clip(0, 255).astype(np.uint8))  # mode L
+    if img.mode in ('RGBA', 'LA', 'PA') or 'transparency' in img.info:
+        background = Image.new('RGBA', img.size, BACKGROUND + (255,))
+        img = Image.alpha_composite(background, img.convert('RGBA'))
+    return img.convert('RGB')  # always a copy, also of an RGB image
+
+
+def open_image(file):
+    """Path or binary file object -> 8-bit RGB PIL image (see to_rgb). Decoded now, so that a
+    truncated or corrupt file raises here, where the caller can name it."""
+    with Image.open(file) as img:  # closing frees the decoded image; to_rgb's copy survives
+        img.load()
+        return to_rgb(img)
 
 
 def crop_image(img, size, train, rng, hflip):
     """PIL image -> (3, size, size) float tensor in [-1, 1]. rng is a numpy Generator (None for eval)."""
-    img = img.convert('RGB')  # grayscale / CMYK / palette files become RGB
+    img = to_rgb(img)  # RGB already after open_image; for 16-bit or transparent images passed in
     w, h = img.size
     scale = size / min(w, h)
     if scale != 1:
@@ -88,10 +115,7 @@ class ImageFolder(_Base):
         return len(self.paths)
 
     def load(self, i):
-        with open(self.paths[i], 'rb') as f:
-            img = Image.open(io.BytesIO(f.read()))
-            img.load()  # decode now so a truncated file fails here, inside the try
-        return img
+        return open_image(self.paths[i])  # decodes: a truncated file fails in __getitem__'s try
 
     def describe(self, i):
         return self.paths[i]
@@ -131,9 +155,7 @@ class NpzImages(_Base):
         _, images, jpeg, offsets = self.parts[part]
         if images is not None:
             return Image.fromarray(images[j])
-        img = Image.open(io.BytesIO(jpeg[offsets[j]:offsets[j + 1]].tobytes()))
-        img.load()
-        return img
+        return open_image(io.BytesIO(jpeg[offsets[j]:offsets[j + 1]].tobytes()))
 
     def describe(self, i):
         part, j = self._locate(i)

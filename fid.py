@@ -9,7 +9,8 @@ pt_inception-2015-12-05-6726825d.pth loads unchanged (strict state dict). No Ten
     FID  = |mu_1 - mu_2|^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)) on the 2048-d pool features     (Heusel et al. 2017)
     sFID = the same on TF node mixed_6/conv (Mixed_6d.branch1x1 after ReLU): first 7 channels x 17 x 17,
            flattened (H, W, C) as ADM -> 2023-d                                                (Nash et al. 2021)
-    IS   = exp(E_x KL(p(y|x) || p(y))), 10 splits, softmax of the 1008 logits without bias   (Salimans et al. 2016)
+    IS   = exp(E_x KL(p(y|x) || p(y))), mean over parts of 5,000 samples (ADM's rule),
+           softmax of the 1008 logits without bias                          (Salimans et al. 2016)
     precision/recall: share of samples inside the union of the references' k=3-NN balls, and vice versa
                                                                                         (Kynkaanniemi et al. 2019)
 
@@ -24,7 +25,10 @@ Resizing to 299 (images come as (N, 3, H, W) floats in [0, 1], or uint8):
   The two resizes sample different pixels: never mix statistics made with different ones (saved stats record theirs).
 
 Weights: `--inception-weights PATH`, else $NANOMAGVIT2_CACHE (default ~/.cache/nanomagvit2)/<file>, else pytorch-fid's
-torch.hub cache ($TORCH_HOME/hub/checkpoints/<file>), else downloaded into the first with its sha256 checked.
+torch.hub cache ($TORCH_HOME/hub/checkpoints/<file>), else downloaded into the first.
+Whichever file it is, its sha256 must be the published one: other weights (random, retrained)
+give numbers comparable to nothing. `--allow-unverified-weights` (for train_tok.py's rFID:
+NANOMAGVIT2_ALLOW_UNVERIFIED_WEIGHTS=1) uses them anyway and marks every number printed.
 
 Run (one GPU or NPU is plenty; there is no torchrun mode):
     python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz        # prints FID, sFID, IS, precision, recall
@@ -37,6 +41,7 @@ the pool features by 6e-4 (relative; random weights). The CLI keeps fp32 anyway:
 CPU sqrtm of FID and sFID.
 """
 import argparse
+import hashlib
 import math
 import os
 import zipfile
@@ -57,6 +62,9 @@ WEIGHTS_NAME = 'pt_inception-2015-12-05-6726825d.pth'
 WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + WEIGHTS_NAME
 # full sha256 of the file; the name's suffix 6726825d is its first 8 hex digits (torch.hub's check_hash convention)
 WEIGHTS_SHA256 = '6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2'
+# =1: load Inception weights of another sha256 where no flag reaches load_inception (train_tok.py)
+ALLOW_UNVERIFIED_ENV = 'NANOMAGVIT2_ALLOW_UNVERIFIED_WEIGHTS'
+UNVERIFIED = 'UNVERIFIED Inception weights: not a reportable number'
 
 # -----------------------------------------------------------------------------
 # building blocks: the FID Inception's units and Mixed blocks (module names = the state-dict keys of the weight file)
@@ -290,10 +298,30 @@ def find_weights(path=None):
     return ours
 
 
-def load_inception(weights=None, device='cpu'):
-    """The FID InceptionV3 with the standard weights, loaded strictly (same keys and shapes), eval mode, frozen."""
+def load_inception(weights=None, device='cpu', allow_unverified=None):
+    """The FID InceptionV3 with the standard weights, loaded strictly (same keys and shapes), eval
+    mode, frozen. The file must have the published sha256: one of the right layout with other
+    values (random, retrained, damaged) loads and gives numbers that compare with nothing.
+    allow_unverified=True loads it anyway, with a warning (None: the variable ALLOW_UNVERIFIED_ENV
+    decides). model.weights_verified says which it was."""
+    path = find_weights(weights)
+    with open(path, 'rb') as f:
+        digest = hashlib.file_digest(f, 'sha256').hexdigest()  # ~0.2 s for the 95 MB file
+    verified = digest == WEIGHTS_SHA256
+    if allow_unverified is None:
+        allow_unverified = os.environ.get(ALLOW_UNVERIFIED_ENV) == '1'
+    if not verified and not allow_unverified:
+        raise ValueError(
+            f'{path}: sha256 {digest} is not that of {WEIGHTS_NAME} ({WEIGHTS_SHA256}). '
+            f'Download the real file from {WEIGHTS_URL} (a damaged cached copy: delete it and '
+            f'fid.py downloads it again). To use these weights anyway: fid.py '
+            f'--allow-unverified-weights, or {ALLOW_UNVERIFIED_ENV}=1 for training-time rFID.')
+    if not verified:
+        print(f'WARNING: {UNVERIFIED}. {path} has sha256 {digest}, not that of {WEIGHTS_NAME} '
+              f'({WEIGHTS_SHA256}): every metric computed with it is meaningless.', flush=True)
     model = InceptionV3()
-    model.load_state_dict(torch.load(find_weights(weights), map_location='cpu', weights_only=True))
+    model.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
+    model.weights_verified = verified  # fid.py's CLI marks every printed metric when False
     return model.eval().requires_grad_(False).to(device)
 
 
@@ -305,7 +333,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64, through scipy's sqrtm as pytorch-fid and ADM."""
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
-    assert mu1.shape == mu2.shape and sigma1.shape == sigma2.shape, (mu1.shape, mu2.shape, sigma1.shape, sigma2.shape)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f'fid: statistics of different sizes (mu {mu1.shape} vs {mu2.shape}, '
+                         f'sigma {sigma1.shape} vs {sigma2.shape}): make both with one network')
     covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():  # near-singular product: the standard fix adds eps to both diagonals
         print(f'fid: singular covariance product; adding {eps} to the diagonals')
@@ -328,12 +358,15 @@ def compute_statistics(features, device='cpu'):
     return mu.cpu().numpy(), sigma.cpu().numpy()
 
 
-def inception_score(logits, splits=10):
-    """exp(E_x KL(p(y|x) || p(y))) averaged over `splits` equal parts (50k samples -> 10 x 5000 as ADM).
+def inception_score(logits, split_size=5000):
+    """exp(E_x KL(p(y|x) || p(y))) with ADM's rule (compute_inception_score, split_size=5000):
+    score each run of `split_size` consecutive samples with its own p(y) (parts start at
+    range(0, N, split_size): the last may be shorter), then average the scores, every part weighted
+    equally. 50k samples -> 10 parts of 5,000; 12,345 -> 5,000 + 5,000 + 2,345.
     logits (N, C); pass log-probabilities to score probabilities (softmax(log p) = p)."""
     log_p = torch.as_tensor(logits).double().log_softmax(1)  # (N, C) log p(y|x)
     scores = []
-    for part in log_p.tensor_split(min(splits, len(log_p))):
+    for part in log_p.split(split_size):  # (split_size, C) parts, the last one shorter
         log_marginal = part.exp().mean(0).log()  # (C,) log p(y) over this split
         scores.append((part.exp() * (part - log_marginal)).sum(1).mean().exp().item())
     return float(np.mean(scores))
@@ -342,7 +375,10 @@ def inception_score(logits, splits=10):
 def precision_recall(real, fake, k=3, device='cpu', batch_size=4096):
     """Improved precision/recall (k-NN manifolds) as ADM's ManifoldEstimator: a point is inside a set's manifold
     if it lies within the k-th-neighbour radius of one of its points. precision = fake inside real's manifold,
-    recall = real inside fake's. Distances are fp32 on `device` (ADM uses fp16 first, so tiny differences)."""
+    recall = real inside fake's. The rule is ADM's; the distances are fp32 on `device`.
+    A deliberate difference: ADM's shipped evaluator computes the distances in float16 (fp32 only
+    where that overflows), which rounds them and reads about 0.1-0.2 points higher than the exact
+    distances used here."""
     real = torch.as_tensor(real).to(device, torch.float32)
     fake = torch.as_tensor(fake).to(device, torch.float32)
 
@@ -366,19 +402,36 @@ def precision_recall(real, fake, k=3, device='cpu', batch_size=4096):
 
 def read_images(path, batch_size):
     """(count, iterator of uint8 (B, H, W, 3) batches) from a folder of images or the arr_0 of an .npz (ADM's
-    sample and reference-batch format), streamed so 50k images never sit in memory at once. count 0: no images."""
+    sample and reference-batch format), streamed so 50k images never sit in memory at once.
+    count 0: no images. A folder is checked here, before any feature is computed: every file's
+    header must open, all of one size. data.open_image reads them (16-bit, transparency)."""
     if os.path.isdir(path):
         files = sorted(os.path.join(root, name) for root, _, names in os.walk(path)
                        for name in names if name.lower().endswith(data.IMAGE_EXTENSIONS))
 
+        def read(file, decode):  # decode=False: PIL reads the header only (a few kB per file)
+            try:
+                if decode:
+                    return np.asarray(data.open_image(file))  # (H, W, 3) uint8
+                with Image.open(file) as img:
+                    return img.size
+            except Exception as error:  # not an image, truncated, unreadable
+                raise ValueError(f'{file}: cannot read this image ({error}); delete or replace '
+                                 f'it, or move it out of {path}') from None  # has PIL's message
+
+        with ThreadPoolExecutor(8) as pool:  # file reads and PIL decoding release the GIL
+            sizes = list(pool.map(lambda file: read(file, False), files))
+        if len(set(sizes)) > 1:
+            other = next(i for i, size in enumerate(sizes) if size != sizes[0])
+            (w, h), (other_w, other_h) = sizes[0], sizes[other]
+            raise ValueError(f'{path}: images of different sizes ({files[0]} is {w}x{h}, '
+                             f'{files[other]} {other_w}x{other_h}); resize them to one size')
+
         def folder_batches():
-            with ThreadPoolExecutor(8) as pool:  # PIL decoding releases the GIL
+            with ThreadPoolExecutor(8) as pool:
                 for start in range(0, len(files), batch_size):
                     chunk = files[start:start + batch_size]
-                    images = list(pool.map(lambda f: np.asarray(Image.open(f).convert('RGB')), chunk))
-                    if len({image.shape for image in images}) > 1:
-                        raise ValueError(f'{path}: images of different sizes (e.g. {files[start]}); resize them first')
-                    yield np.stack(images)
+                    yield np.stack(list(pool.map(lambda file: read(file, True), chunk)))
         return len(files), folder_batches()
     archive = zipfile.ZipFile(path)
     if 'arr_0.npy' not in archive.namelist():
@@ -431,25 +484,53 @@ def save_statistics(path, stats, resize):
     np.savez(path, resize=resize, **{key: stats[key] for key in ('mu', 'sigma', 'mu_s', 'sigma_s') if key in stats})
 
 
-def load_input(path, model, batch_size, resize, device):
-    """Features (when the input has images) and statistics of SAMPLES or REF, with ADM's rule: statistics stored in
-    the .npz (mu, sigma[, mu_s, sigma_s]) win over those of its arr_0, whose features still feed IS and P/R."""
+# the statistics' shapes: pool features (2048) for FID, mixed_6/conv (7 x 17 x 17 = 2023) for sFID
+STATISTICS_SHAPES = {'mu': (2048,), 'sigma': (2048, 2048),
+                     'mu_s': (2023,), 'sigma_s': (2023, 2023)}
+
+
+def open_input(path, batch_size, resize):
+    """Check SAMPLES or REF before any feature is computed (a bad input fails in seconds, not after
+    minutes). Returns (statistics stored in the .npz, number of images, iterator of their uint8
+    (B, H, W, 3) batches)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'{path}: no such file or folder (give images or an .npz)')
     stored = {}
-    if path.endswith('.npz'):  # read only the statistics: arr_0 is streamed by read_images
-        with np.load(path) as npz:
+    if not os.path.isdir(path):
+        if not zipfile.is_zipfile(path):  # np.savez writes a zip archive
+            raise ValueError(f'{path}: neither a folder of images nor an .npz (np.savez) archive')
+        with np.load(path) as npz:  # read only the statistics: arr_0 is streamed by read_images
             stored = {key: npz[key] for key in ('mu', 'sigma', 'mu_s', 'sigma_s', 'resize') if key in npz.files}
     if 'resize' in stored and str(stored['resize']) != resize:
-        raise ValueError(f"{path} holds statistics made with --resize {stored['resize']}, not {resize}")
+        made_with = stored['resize']
+        raise ValueError(f"{path} holds statistics made with --resize {made_with}, not {resize}: "
+                         f"pass --resize {made_with}, or make new statistics with --save-stats")
+    for key, shape in STATISTICS_SHAPES.items():
+        if key in stored and stored[key].shape != shape:
+            raise ValueError(f'{path}: {key} has shape {stored[key].shape}, not {shape} (the FID '
+                             f'Inception\'s): use ADM\'s reference batches or fid.py --save-stats')
+    if ('mu' in stored) != ('sigma' in stored) or ('mu_s' in stored) != ('sigma_s' in stored):
+        raise ValueError(f'{path}: holds {sorted(stored)}; mu needs sigma, mu_s needs sigma_s')
     count, batches = read_images(path, batch_size)
+    if not count and 'mu' not in stored:
+        kinds = '/'.join(data.IMAGE_EXTENSIONS)
+        raise ValueError(f'{path}: neither images (a folder of {kinds} files, an .npz with arr_0) '
+                         f'nor statistics (an .npz with mu, sigma)')
+    return stored, count, batches
+
+
+def load_input(path, opened, model, batch_size, resize, device):
+    """Features (when the input has images) and statistics of SAMPLES or REF, from open_input's
+    (stored, count, batches), with ADM's rule: statistics stored in the .npz (mu, sigma[, mu_s,
+    sigma_s]) win over those of its arr_0, whose features still feed IS and P/R."""
+    stored, count, batches = opened
     batches = tqdm(batches, total=math.ceil(count / batch_size), desc=path)
     result = extract_features(model, batches, resize) if count else {}
     if 'mu' in stored:
         result.update({key: stored[key] for key in ('mu', 'sigma', 'mu_s', 'sigma_s') if key in stored})
-    elif count:
+    else:  # open_input made sure there are images
         result['mu'], result['sigma'] = compute_statistics(result['pool'], device)
         result['mu_s'], result['sigma_s'] = compute_statistics(result['spatial'], device)
-    else:
-        raise ValueError(f'{path}: neither images (folder, .npz with arr_0) nor statistics (.npz with mu, sigma)')
     return result
 
 
@@ -463,26 +544,39 @@ def main(argv=None):
     parser.add_argument('--resize', choices=('tf', 'bilinear'), default='tf',
                         help="tf: ADM's evaluator (gFID, the paper's Tables 3-4); bilinear: pytorch-fid (rFID)")
     parser.add_argument('--save-stats', default=None, help='write the statistics of SAMPLES to this .npz (ADM keys)')
+    parser.add_argument('--allow-unverified-weights', action='store_true',
+                        help='use weights of another sha256 (every number printed is marked)')
     args = parser.parse_args(argv)
+    # whatever can be wrong with the inputs fails here, before the minutes of feature extraction
+    if args.ref is None and args.save_stats is None:
+        parser.error('nothing to report: give REF to compare SAMPLES with, or --save-stats FILE')
+    stats_folder = args.save_stats and os.path.dirname(os.path.abspath(args.save_stats))
+    if stats_folder and not os.path.isdir(stats_folder):
+        parser.error(f'--save-stats {args.save_stats}: no folder {stats_folder}; create it first')
+    paths = [path for path in (args.samples, args.ref) if path]
+    opened = [open_input(path, args.batch_size, args.resize) for path in paths]
     device = utils.setup(args.device).device  # cuda, npu (imports torch_npu) or cpu
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 features, as TF's
-    model = load_inception(args.inception_weights, device)
-    samples = load_input(args.samples, model, args.batch_size, args.resize, device)
+    model = load_inception(args.inception_weights, device, args.allow_unverified_weights)
+    mark = '' if model.weights_verified else f'  ({UNVERIFIED})'  # next to every number printed
+    samples = load_input(args.samples, opened[0], model, args.batch_size, args.resize, device)
     if args.save_stats:
         save_statistics(args.save_stats, samples, args.resize)
-        print(f'saved statistics of {args.samples} to {args.save_stats}')
+        print(f'saved statistics of {args.samples} to {args.save_stats}{mark}')
     if args.ref is None:
         return
-    ref = load_input(args.ref, model, args.batch_size, args.resize, device)
+    ref = load_input(args.ref, opened[1], model, args.batch_size, args.resize, device)
     nan = float('nan')  # printed for what an input lacks: sFID needs mu_s, IS sample images, P/R images on both sides
-    print(f"FID: {frechet_distance(samples['mu'], samples['sigma'], ref['mu'], ref['sigma']):.4f}")
+    fid_value = frechet_distance(samples['mu'], samples['sigma'], ref['mu'], ref['sigma'])
+    print(f"FID: {fid_value:.4f}{mark}")
     sfid = frechet_distance(samples['mu_s'], samples['sigma_s'], ref['mu_s'], ref['sigma_s']) \
         if 'mu_s' in samples and 'mu_s' in ref else nan
-    print(f"sFID: {sfid:.4f}")
-    print(f"Inception Score: {inception_score(samples['logits']) if 'logits' in samples else nan:.4f}")
+    print(f"sFID: {sfid:.4f}{mark}")
+    score = inception_score(samples['logits']) if 'logits' in samples else nan
+    print(f"Inception Score: {score:.4f}{mark}")
     precision, recall = precision_recall(ref['pool'], samples['pool'], device=device) \
         if 'pool' in samples and 'pool' in ref else (nan, nan)
-    print(f'Precision: {precision:.4f}\nRecall: {recall:.4f}')
+    print(f'Precision: {precision:.4f}{mark}\nRecall: {recall:.4f}{mark}')
 
 
 if __name__ == '__main__':

@@ -124,9 +124,12 @@ def entropy_terms(z, temperature=0.01, distributed=False):
 
     With distributed=True (DDP) the averaged distribution is all-reduced over ranks first, so the codebook entropy is
     that of the *global* batch and does not depend on the number of GPUs. (The official code averages per GPU.)
-    Returns two 0-dim float32 tensors: (mean per-sample entropy, codebook entropy), in nats.
+    Returns two 0-dim tensors: (mean per-sample entropy, codebook entropy), in nats. fp16/bf16 z is upcast to
+    float32 (autocast hands the encoder's output over in bf16, too coarse for 2^K probabilities); float32 and
+    float64 z keep their precision, so the float64 test against the 2^K brute force is exact to rounding.
     """
-    z = z.float()
+    if z.dtype not in (torch.float32, torch.float64):  # fp16 / bf16 (or an integer tensor)
+        z = z.float()
     N, K = z.shape
     logits = 4.0 * z / temperature  # (N, K): log-odds of each bit being +1, p_d = sigmoid(4 z_d / T) (see above)
 
@@ -134,7 +137,7 @@ def entropy_terms(z, temperature=0.01, distributed=False):
 
     def half_probs(half_logits):  # (N, k) -> (N, 2^k), probability of each code of this half of the bits
         k = half_logits.shape[1]
-        bits = indices_to_bits(torch.arange(2 ** k, device=z.device), k).float()  # (2^k, k)
+        bits = indices_to_bits(torch.arange(2 ** k, device=z.device), k).to(z.dtype)  # (2^k, k)
         log_p1, log_p0 = F.logsigmoid(half_logits), F.logsigmoid(-half_logits)  # log P(bit=1), log P(bit=0)
         # log f_c = sum_d [c_d = 1] log p_d + [c_d = 0] log(1 - p_d): two (N, k) @ (k, 2^k) products
         return torch.exp(log_p1 @ bits.T + log_p0 @ (1 - bits).T)  # (N, 2^k)

@@ -1,4 +1,5 @@
-"""Datasets: determinism of augmentation, both npz layouts, corrupt images skipped and counted, resumable order."""
+"""Datasets: determinism of augmentation, both npz layouts, corrupt images skipped and counted, resumable order.
+16-bit and transparent files become 8-bit RGB."""
 import io
 
 import numpy as np
@@ -6,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data import (EpochSampler, ImageFolder, NpzImages, SyntheticShapes, build_dataset, check_bad_fraction,
-                  collate_skip_bad)
+from data import (BACKGROUND, EpochSampler, ImageFolder, NpzImages, SyntheticShapes, build_dataset,
+                  check_bad_fraction, collate_skip_bad, open_image, to_rgb)
 
 
 def test_synthetic_is_deterministic_and_class_dependent():
@@ -59,6 +60,43 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path):
     check_bad_fraction(1, 200)  # 0.5%: fine
     with pytest.raises(RuntimeError, match='could not be read'):
         check_bad_fraction(3, 200)
+
+
+def test_16_bit_images_are_scaled_to_8_bits(tmp_path):
+    # 16-bit grey k * 257 + 100 is 8-bit grey k (100 / 257 rounds away); convert('RGB') gives 255
+    grey = np.arange(256).reshape(16, 16)
+    sixteen = np.minimum(grey * 257 + 100, 65535).astype(np.uint16)  # 65535 = 255 * 257
+    (tmp_path / 'cls').mkdir()
+    Image.fromarray(sixteen).save(tmp_path / 'cls' / 'deep.png')  # a 16-bit grey PNG
+    assert Image.open(tmp_path / 'cls' / 'deep.png').mode == 'I;16'
+    x, _ = ImageFolder(str(tmp_path), size=16, train=False)[0]  # the training path (no resize)
+    assert torch.equal(x, torch.from_numpy(grey).float().expand(3, 16, 16) / 127.5 - 1)
+    expected = np.repeat(grey.astype(np.uint8)[..., None], 3, 2)  # (16, 16, 3)
+    big_endian = Image.frombytes('I;16B', (16, 16), sixteen.astype('>u2').tobytes())
+    as_int32 = Image.fromarray(sixteen.astype(np.int32))  # mode I: older Pillows' 16-bit PNGs
+    for img in (open_image(tmp_path / 'cls' / 'deep.png'), to_rgb(big_endian), to_rgb(as_int32)):
+        assert img.mode == 'RGB' and np.array_equal(np.asarray(img), expected)
+
+
+def test_transparent_images_are_composited_onto_the_background(tmp_path):
+    colour = np.array([10, 200, 60])
+    alpha = np.array([[0, 255], [128, 255]], np.uint8)  # (2, 2): clear, opaque / half, opaque
+    rgb = np.broadcast_to(colour, (2, 2, 3))
+    rgba = np.concatenate([rgb, alpha[..., None]], 2).astype(np.uint8)  # (2, 2, 4)
+    blend = (colour * 128 + np.array(BACKGROUND) * 127) / 255  # the half-transparent pixel
+    expected = np.stack([[BACKGROUND, colour], [blend, colour]])  # (2, 2, 3)
+    Image.fromarray(rgba).save(tmp_path / 'rgba.png')
+    assert np.abs(np.asarray(open_image(tmp_path / 'rgba.png')) - expected).max() <= 1
+    grey_alpha = np.stack([np.full((2, 2), 60, np.uint8), alpha], 2)  # mode LA
+    Image.fromarray(grey_alpha).save(tmp_path / 'la.png')
+    opacity = alpha[..., None] / 255  # (2, 2, 1)
+    expected_grey = 60 * opacity + np.array(BACKGROUND) * (1 - opacity)
+    assert np.abs(np.asarray(open_image(tmp_path / 'la.png')) - expected_grey).max() <= 1
+    palette = Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8), 'P')  # index 0 is transparent
+    palette.putpalette([0, 0, 0] + colour.tolist() + [0, 0, 0] * 254)
+    palette.save(tmp_path / 'palette.png', transparency=0)
+    expected = np.stack([[BACKGROUND, colour], [colour, BACKGROUND]])
+    assert np.array_equal(np.asarray(open_image(tmp_path / 'palette.png')), expected)
 
 
 def test_epoch_sampler_shards_and_resumes():

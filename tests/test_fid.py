@@ -1,5 +1,6 @@
 """Tests for fid.py. The Inception weights are random (made here, saved in the official layout, loaded through the
-real loading path): they check the plumbing and the math, never a reportable number."""
+real loading path): they check the plumbing and the math, never a reportable number.
+The loading path accepts them only when told to (allow_unverified, --allow-unverified-weights)."""
 import hashlib
 import os
 import urllib.error
@@ -10,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import fid
 import utils
 from bench import write_random_inception
@@ -23,7 +25,7 @@ def weights(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def model(weights):
-    return fid.load_inception(weights)
+    return fid.load_inception(weights, allow_unverified=True)  # random: not the published sha256
 
 
 def test_official_layout_and_feature_shapes(weights, model, tmp_path):
@@ -42,7 +44,7 @@ def test_official_layout_and_feature_shapes(weights, model, tmp_path):
     del state['fc.bias']  # the file must load unchanged: a missing (or extra, or reshaped) tensor is an error
     torch.save(state, tmp_path / 'broken.pth')
     with pytest.raises(RuntimeError, match='fc.bias'):
-        fid.load_inception(str(tmp_path / 'broken.pth'))
+        fid.load_inception(str(tmp_path / 'broken.pth'), allow_unverified=True)
 
     branch = []
     hook = model.Mixed_6d.branch1x1.register_forward_hook(lambda module, inputs, output: branch.append(output))
@@ -168,7 +170,7 @@ def test_inception_score_limits_and_reference():
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     scores = [np.exp(np.mean(np.sum(p * (np.log(p) - np.log(p.mean(0, keepdims=True))), 1)))
               for p in np.split(probs, 5)]
-    assert fid.inception_score(logits, splits=5) == pytest.approx(np.mean(scores), rel=1e-9)
+    assert fid.inception_score(logits, split_size=10) == pytest.approx(np.mean(scores), rel=1e-9)
 
 
 def precision_recall_reference(real, fake, k):
@@ -199,7 +201,7 @@ def test_precision_recall_on_known_overlaps():
 
 def test_adm_npz_files_folders_and_cli(tmp_path, weights, model, capsys, monkeypatch):
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)  # 20: IS's 10 splits hold 2 images each
+    images = rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)  # 20 < 5000: IS is one part
     np.savez(tmp_path / 'samples.npz', arr_0=images)
     np.savez_compressed(tmp_path / 'compressed.npz', arr_0=images)
     (tmp_path / 'folder').mkdir()
@@ -212,7 +214,8 @@ def test_adm_npz_files_folders_and_cli(tmp_path, weights, model, capsys, monkeyp
         assert np.array_equal(np.concatenate(batches), images)
 
     samples, stats_path = str(tmp_path / 'samples.npz'), str(tmp_path / 'stats.npz')
-    common = ['--inception-weights', weights, '--device', 'cpu', '--batch-size', '4']
+    common = ['--inception-weights', weights, '--device', 'cpu', '--batch-size', '4',
+              '--allow-unverified-weights']
     fid.main([samples, '--save-stats', stats_path] + common)
     stats = np.load(stats_path)
     assert stats['mu'].shape == (2048,) and stats['sigma'].shape == (2048, 2048) and stats['sigma'].dtype == np.float64
@@ -281,3 +284,137 @@ def test_download_is_checked_against_the_sha256(tmp_path, monkeypatch, weights):
     assert fid.find_weights() == str(cache / fid.WEIGHTS_NAME)
     monkeypatch.setattr(fid, 'WEIGHTS_URL', 'file:///nonexistent')  # now found in the cache, no download
     assert fid.load_inception().fc.weight.shape == (1008, 2048)
+
+
+def adm_inception_score(logits, split_size):
+    """ADM's compute_inception_score written out in numpy: softmax, then parts starting at
+    range(0, N, split_size), each scored with its own marginal, then the plain mean of scores."""
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    scores = []
+    for start in range(0, len(probs), split_size):
+        part = probs[start:start + split_size]
+        kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
+        scores.append(np.exp(np.mean(np.sum(kl, 1))))
+    return float(np.mean(scores))
+
+
+@pytest.mark.parametrize('n, split_size', [(12_345, 5000), (123, 50), (50_000, 5000), (7, 5000)])
+def test_inception_score_follows_adm_split_rule(n, split_size):
+    rng = np.random.default_rng(n)
+    logits = rng.standard_normal((n, 12)) * 2
+    logits[:, 0] += np.linspace(0, 6, n)  # class 0 grows along the samples: every part differs
+    expected = adm_inception_score(logits, split_size)
+    assert fid.inception_score(logits, split_size) == pytest.approx(expected, rel=1e-12)
+    if n == 12_345:  # the default is ADM's 5,000; ten equal parts of 1234-1235 give another number
+        assert fid.inception_score(logits) == pytest.approx(expected, rel=1e-12)
+        parts = [adm_inception_score(part, len(part)) for part in np.array_split(logits, 10)]
+        assert abs(np.mean(parts) - expected) > 1e-3 * expected
+
+
+def test_weights_are_checked_against_the_published_sha256(weights, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(fid.ALLOW_UNVERIFIED_ENV)  # conftest allows random weights; not here
+    with pytest.raises(ValueError) as error:
+        fid.load_inception(weights)  # the right layout, random values
+    for part in (fid.WEIGHTS_SHA256, fid.WEIGHTS_URL, '--allow-unverified-weights',
+                 fid.ALLOW_UNVERIFIED_ENV):
+        assert part in str(error.value)
+    # training-time rFID loads fid.local_weights() (a cached file) through the same check
+    monkeypatch.setattr(utils, 'CACHE_DIR', str(tmp_path))
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
+    os.symlink(weights, tmp_path / fid.WEIGHTS_NAME)
+    assert fid.local_weights() == str(tmp_path / fid.WEIGHTS_NAME)
+    with pytest.raises(ValueError, match='sha256'):
+        fid.load_inception(fid.local_weights())
+    capsys.readouterr()
+    assert not fid.load_inception(weights, allow_unverified=True).weights_verified  # the override
+    assert fid.UNVERIFIED in capsys.readouterr().out
+    monkeypatch.setenv(fid.ALLOW_UNVERIFIED_ENV, '1')  # the override where no argument reaches
+    assert not fid.load_inception(fid.local_weights()).weights_verified
+    monkeypatch.delenv(fid.ALLOW_UNVERIFIED_ENV)
+    published = hashlib.sha256(Path(weights).read_bytes()).hexdigest()
+    monkeypatch.setattr(fid, 'WEIGHTS_SHA256', published)
+    capsys.readouterr()
+    assert fid.load_inception(weights).weights_verified  # the published file passes, silently
+    assert 'UNVERIFIED' not in capsys.readouterr().out
+
+
+def test_cli_marks_metrics_of_unverified_weights(tmp_path, weights, capsys, monkeypatch):
+    images = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / 'samples.npz', arr_0=images)
+    samples = str(tmp_path / 'samples.npz')
+    argv = [samples, samples, '--inception-weights', weights, '--device', 'cpu']
+    monkeypatch.delenv(fid.ALLOW_UNVERIFIED_ENV)
+    with pytest.raises(ValueError, match='--allow-unverified-weights'):
+        fid.main(argv)
+    small = {'pool': np.eye(6, 2048), 'logits': np.zeros((6, 1008)), 'spatial': np.eye(6, 2023)}
+    monkeypatch.setattr(fid, 'extract_features', lambda *args: small)  # numbers do not matter here
+    monkeypatch.setattr(fid, 'frechet_distance', lambda *stats: 0.0)
+    fid.main(argv + ['--allow-unverified-weights'])
+    printed = capsys.readouterr().out
+    assert printed.startswith('WARNING: ' + fid.UNVERIFIED)
+    for name in ('FID', 'sFID', 'Inception Score', 'Precision', 'Recall'):
+        line = next(line for line in printed.splitlines() if line.startswith(name + ':'))
+        assert line.endswith(f'({fid.UNVERIFIED})')
+
+
+def test_inputs_are_checked_before_any_feature(tmp_path, weights, capsys, monkeypatch):
+    def no_features(*args, **kwargs):
+        pytest.fail('features computed before the inputs were checked')
+    monkeypatch.setattr(fid, 'extract_features', no_features)
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    good = str(tmp_path / 'good.npz')
+    np.savez(good, arr_0=images)
+    common = ['--inception-weights', weights, '--device', 'cpu', '--allow-unverified-weights']
+
+    def folder(name, sizes):
+        (tmp_path / name).mkdir()
+        for i, size in enumerate(sizes):
+            Image.fromarray(np.zeros((size, size, 3), np.uint8)).save(tmp_path / name / f'{i}.png')
+        return str(tmp_path / name)
+    broken = folder('broken', [16, 16])
+    (tmp_path / 'broken' / 'bad.png').write_bytes(b'not a png')
+    for argv in ([broken, good], [good, broken]):  # REF too is checked before SAMPLES' features
+        with pytest.raises(ValueError, match=r'bad\.png: cannot read this image .*delete'):
+            fid.main(argv + common)
+    with pytest.raises(ValueError, match='different sizes.*resize them'):
+        fid.main([folder('mixed', [16, 16, 20]), good] + common)
+    other = str(tmp_path / 'other.npz')
+    np.savez(other, mu=np.zeros(64), sigma=np.eye(64))  # statistics of some other network
+    with pytest.raises(ValueError, match=r'mu has shape \(64,\), not \(2048,\).*--save-stats'):
+        fid.main([good, other] + common)
+    with pytest.raises(ValueError, match='sizes'):  # and the Frechet distance says so too
+        fid.frechet_distance(np.zeros(64), np.eye(64), np.zeros(2048), np.eye(2048))
+    with pytest.raises(FileNotFoundError, match='missing.npz'):
+        fid.main([good, str(tmp_path / 'missing.npz')] + common)
+    (tmp_path / 'notes.npz').write_text('not an archive')
+    with pytest.raises(ValueError, match='notes.npz: neither a folder of images nor an .npz'):
+        fid.main([good, str(tmp_path / 'notes.npz')] + common)
+    capsys.readouterr()
+    missing_folder = str(tmp_path / 'no' / 'stats.npz')
+    for argv, parts in (([good, '--save-stats', missing_folder], ('--save-stats', 'create')),
+                        ([good], ('REF', '--save-stats'))):  # no REF, no --save-stats: no output
+        with pytest.raises(SystemExit):
+            fid.main(argv + common)
+        message = capsys.readouterr().err
+        assert all(part in message for part in parts)
+    # a file whose header reads but whose pixels are cut off fails when decoded, naming the file
+    Image.fromarray(images[0]).save(tmp_path / 'whole.png')
+    (tmp_path / 'cut').mkdir()
+    (tmp_path / 'cut' / 'cut.png').write_bytes((tmp_path / 'whole.png').read_bytes()[:300])
+    count, batches = fid.read_images(str(tmp_path / 'cut'), batch_size=2)
+    assert count == 1
+    with pytest.raises(ValueError, match=r'cut\.png: cannot read this image'):
+        next(batches)
+
+
+def test_folders_read_16_bit_and_transparent_images_as_training_does(tmp_path):
+    grey = np.arange(256, dtype=np.uint16).reshape(16, 16)
+    Image.fromarray(grey * 257).save(tmp_path / 'a_deep.png')  # 16-bit grey: k * 257 is 8-bit k
+    rgba = np.zeros((16, 16, 4), np.uint8)  # fully transparent black
+    Image.fromarray(rgba).save(tmp_path / 'b_clear.png')
+    count, batches = fid.read_images(str(tmp_path), batch_size=2)
+    deep, clear = next(batches)
+    assert count == 2 and np.array_equal(deep, np.repeat(grey[..., None], 3, 2).astype(np.uint8))
+    assert (clear == 255).all()  # composited onto data.BACKGROUND, white
+    assert np.array_equal(clear, np.asarray(data.open_image(tmp_path / 'b_clear.png')))

@@ -28,12 +28,28 @@ def test_entropy_matches_brute_force_value_and_gradient(K, scale):
     z = (torch.randn(64, K, dtype=torch.float64) * scale).requires_grad_()
     fast_ps, fast_cb = entropy_terms(z, 0.01)
     slow_ps, slow_cb = brute_force_entropies(z, 0.01)
-    assert torch.allclose(fast_ps.double(), slow_ps, rtol=1e-4, atol=1e-5)
-    assert torch.allclose(fast_cb.double(), slow_cb, rtol=1e-4, atol=1e-5)
+    # float64 in, float64 all the way: equal to the brute force up to float64 rounding
+    assert fast_ps.dtype == fast_cb.dtype == torch.float64
+    assert torch.allclose(fast_ps, slow_ps, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(fast_cb, slow_cb, rtol=1e-10, atol=1e-12)
     # gradient of the whole Eq. (3) loss w.r.t. z
     g_fast, = torch.autograd.grad(fast_ps - fast_cb, z)
     g_slow, = torch.autograd.grad(slow_ps - slow_cb, z)
-    assert torch.allclose(g_fast, g_slow, rtol=1e-3, atol=1e-4 * g_slow.abs().max().item())
+    assert torch.allclose(g_fast, g_slow, rtol=1e-10, atol=1e-10 * g_slow.abs().max().item())
+
+
+def test_entropy_upcasts_half_precision_only():
+    torch.manual_seed(0)
+    z = torch.randn(32, 6) * 0.02
+    reference = entropy_terms(z.double(), 0.01)
+    for dtype in (torch.float16, torch.bfloat16):  # autocast's dtypes: computed in float32
+        rounded = z.to(dtype)
+        terms = entropy_terms(rounded, 0.01)
+        assert all(t.dtype == torch.float32 for t in terms)
+        expected = entropy_terms(rounded.double(), 0.01)  # the same rounded inputs, in float64
+        assert all(torch.allclose(t.double(), e, rtol=1e-5) for t, e in zip(terms, expected))
+    assert all(t.dtype == torch.float32 for t in entropy_terms(z, 0.01))
+    assert all(t.dtype == torch.float64 for t in reference)
 
 
 def test_entropy_limits():
