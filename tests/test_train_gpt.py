@@ -42,8 +42,8 @@ def files(tmp_path_factory):
     held_out = data.SyntheticShapes(n=9, size=24, num_classes=10, seed=5)  # 9: uneven rank shards
     val_images = np.stack([np.asarray(held_out.load(i))[2:22] for i in range(9)])
     np.savez(root / 'val.npz', images=val_images, labels=held_out.labels)
-    return {'tokenizer': save_tokenizer(root / 'tok.pt'), 'data': str(root / 'shapes.npz'), 'root': root,
-            'val': str(root / 'val.npz')}
+    return {'tokenizer': save_tokenizer(root / 'tok.pt'), 'data': str(root / 'shapes.npz'),
+            'root': root, 'val': str(root / 'val.npz')}
 
 
 def argv(files, out, *extra):
@@ -72,7 +72,7 @@ def held_out_rows(out):
 
 
 def direct_held_out_ce(files, model_state):
-    """Mean CE of the pre and post sub-tokens of the held-out centre crops, straight from GPT.forward."""
+    """Mean CE of the pre and post sub-tokens of the held-out centre crops, from GPT.forward."""
     tokenizer = Tokenizer.from_checkpoint(files['tokenizer']).eval()
     images = data.build_dataset(files['val'], 16, train=False)
     x = torch.stack([images[i][0] for i in range(len(images))])
@@ -131,7 +131,7 @@ def test_extraction_writes_the_on_the_fly_tokens_and_trains_identically(files, t
     codes = tmp_path / 'codes'
     extract(files, codes, '--views', '2')
     tokenizer = Tokenizer.from_checkpoint(files['tokenizer']).eval()
-    images = data.build_dataset(files['data'], 16, train=True, seed=0)  # what the trainer reads: no flip
+    images = data.build_dataset(files['data'], 16, train=True, seed=0)  # the trainer's: no flip
     extracted = data.CodesDataset(str(codes))
     views = []
     for epoch in range(2):  # view v = the augmentation of epoch v
@@ -234,11 +234,12 @@ def test_clear_errors_for_bad_paths_and_mismatches(files, tmp_path):
 
 def test_held_out_loss_is_logged_and_equals_a_direct_computation(files, tmp_path, capsys):
     out = tmp_path / 'images'
-    model = train_gpt.main(argv(files, out, '--epochs', '1', '--eval-every', '2', '--val-data', files['val']))
+    model = train_gpt.main(argv(files, out, '--epochs', '1', '--eval-every', '2',
+                                '--val-data', files['val']))
     assert 'held-out CE: pre' in capsys.readouterr().out
     rows = held_out_rows(out)
     assert [int(r['step']) for r in rows] == [0, 2, 4]  # before training and at every evaluation
-    assert float(rows[0]['val_ce_pre']) == pytest.approx(np.log(64), abs=1e-5)  # zero-initialised heads
+    assert float(rows[0]['val_ce_pre']) == pytest.approx(np.log(64), abs=1e-5)  # zero heads
     assert float(rows[0]['val_ce_post']) == pytest.approx(np.log(4096), abs=1e-5)
     assert float(rows[0]['val_bits_pre']) == pytest.approx(6, abs=1e-5)
     ce_pre, ce_post = direct_held_out_ce(files, model.state_dict())  # the final weights, at step 4
@@ -261,7 +262,8 @@ def test_extraction_refuses_a_folder_made_from_other_weights_or_data(files, tmp_
     codes = tmp_path / 'codes'
     meta = extract(files, codes, '--views', '1')
     made_from = meta['made_from']
-    assert made_from['tokenizer_sha256'] == weights_checksum(Tokenizer.from_checkpoint(files['tokenizer']))
+    tokenizer = Tokenizer.from_checkpoint(files['tokenizer'])
+    assert made_from['tokenizer_sha256'] == weights_checksum(tokenizer)
     assert made_from['data'] == [os.path.abspath(files['data'])]
     assert made_from['data_bytes'] == [os.path.getsize(files['data'])]
     assert (made_from['num_images'], made_from['image_size'], made_from['views']) == (64, 16, 1)
@@ -269,8 +271,8 @@ def test_extraction_refuses_a_folder_made_from_other_weights_or_data(files, tmp_
     before = np.load(codes / 'codes.npy')
     extract(files, codes, '--views', '1')  # the same again: nothing to do, nothing refused
     other_tokenizer = save_tokenizer(tmp_path / 'tok1.pt', seed=1)
-    with pytest.raises(ValueError, match=f'codes folder {codes} was made from.*\n  tokenizer_sha256'
-                       '(.|\n)*--overwrite'):
+    with pytest.raises(ValueError, match=f'codes folder {codes} was made from.*\n'
+                       '  tokenizer_sha256(.|\n)*--overwrite'):
         extract(files, codes, '--views', '1', '--tokenizer', other_tokenizer)
     with pytest.raises(ValueError, match='  data: folder .*shapes.npz.*val.npz'):
         extract(files, codes, '--views', '1', data_spec=files['val'])
@@ -288,7 +290,7 @@ def _jpeg_bytes(image):
 
 
 def test_extraction_skips_unreadable_images_as_training_does(files, tmp_path):
-    """110 JPEGs in an .npz: one corrupt one is skipped (listed, no codes), three (> 1%) stop it."""
+    """110 JPEGs in an .npz: a corrupt one is skipped (listed, no codes); three (> 1%) stop it."""
     shapes = data.SyntheticShapes(n=110, size=16, num_classes=10)
     blobs = [_jpeg_bytes(np.asarray(shapes.load(i))) for i in range(110)]
 
@@ -310,15 +312,17 @@ def test_extraction_skips_unreadable_images_as_training_does(files, tmp_path):
         with torch.no_grad():
             expected = tokenizer.encode(images[(1, i)][0][None])[1].flatten()
         assert torch.equal(codes[(1, j)][0], expected) and codes[(1, j)][1] == shapes.labels[i]
+    three_bad = archive(tmp_path / 'bad3.npz', {3, 50, 90})
     with pytest.raises(RuntimeError, match='could not be read'):
-        extract(files, tmp_path / 'codes3', '--views', '1', data_spec=archive(tmp_path / 'bad3.npz', {3, 50, 90}))
+        extract(files, tmp_path / 'codes3', '--views', '1', data_spec=three_bad)
 
 
 def to_official(state):
-    """Our GPT state_dict in the released Lightning layout (the inverse of gpt.convert_official_gpt)."""
-    names = {'class_emb.weight': 'class_emb.embedding_table.weight', 'head_pre.weight': 'head.0.weight',
-             'head_post.weight': 'head.1.weight', 'inter_blocks': 'spatial_blocks',
-             'intra_blocks': 'factorized_blocks', 'attn_norm': 'attention_norm', 'attn.qkv': 'attention.wqkv',
+    """Our GPT state_dict in the released Lightning layout (gpt.convert_official_gpt inverted)."""
+    names = {'class_emb.weight': 'class_emb.embedding_table.weight',
+             'head_pre.weight': 'head.0.weight', 'head_post.weight': 'head.1.weight',
+             'inter_blocks': 'spatial_blocks', 'intra_blocks': 'factorized_blocks',
+             'attn_norm': 'attention_norm', 'attn.qkv': 'attention.wqkv',
              'attn.proj': 'attention.wo', 'ffn.down': 'feed_forward.w2'}
     official = {}
     for key, value in state.items():
@@ -338,8 +342,9 @@ def test_init_from_copies_the_weights_with_a_fresh_optimizer(files, tmp_path, mo
     torch.save(to_official(trained), tmp_path / 'AR_tiny.ckpt')
     first_steps = []
 
-    def first_step(model, optimizer, micro_batches, lr, *args):  # what step 0 starts from, then stop
-        first_steps.append(({k: v.clone() for k, v in model.state_dict().items()}, len(optimizer.state), lr))
+    def first_step(model, optimizer, micro_batches, lr, *args):  # what step 0 starts from; stop
+        weights = {k: v.clone() for k, v in model.state_dict().items()}
+        first_steps.append((weights, len(optimizer.state), lr))
         raise Killed
 
     monkeypatch.setattr(train_gpt, 'train_step', first_step)
@@ -348,14 +353,16 @@ def test_init_from_copies_the_weights_with_a_fresh_optimizer(files, tmp_path, mo
             train_gpt.main(argv(files, tmp_path / 'b', '--init-from', source))
         weights, optimizer_entries, lr = first_steps.pop()
         assert all(torch.equal(weights[k], trained[k]) for k in trained)
-        assert optimizer_entries == 0 and lr == pytest.approx(0.005 * 1e-3)  # fresh AdamW, step 0's lr
+        assert optimizer_entries == 0  # a fresh AdamW
+        assert lr == pytest.approx(0.005 * 1e-3)  # step 0's lr
     # a checkpoint of another network (7 classes, the data has 10): refused, naming the field
     other = GPT.from_preset('tiny', num_classes=7, block_size=16)
     save_checkpoint(tmp_path / 'other.pt', {'kind': 'gpt', 'config': asdict(other.config),
                                             'model': other.state_dict()})
     torch.save(to_official(other.state_dict()), tmp_path / 'AR_other.ckpt')
     for source in (str(tmp_path / 'other.pt'), f"open-magvit2:{tmp_path / 'AR_other.ckpt'}"):
-        with pytest.raises(ValueError, match='--init-from: .*\n  num_classes: checkpoint 7 vs. now 10'):
+        with pytest.raises(ValueError, match='--init-from: .*\n  num_classes: checkpoint 7 vs. '
+                           'now 10'):
             train_gpt.main(argv(files, tmp_path / 'c', '--init-from', source))
     with pytest.raises(ValueError, match='not a gpt checkpoint'):
         train_gpt.main(argv(files, tmp_path / 'c', '--init-from', files['tokenizer']))
