@@ -10,12 +10,14 @@ Every dataset returns (image (3, H, W) float in [-1, 1], label int64) and takes 
 Augmentation is a pure function of (seed, epoch, index): the sampler yields (epoch, index) pairs, so a resumed run,
 any number of DataLoader workers and the token extraction below all see exactly the same crops.
 Train: resize the shorter side to `size` (bicubic), random crop (and an optional horizontal flip); eval: center crop.
+Stage 2 does not flip by default: the official AR data pipeline resizes and random-crops only.
 
 A corrupt or unreadable image is reported with its path and dropped from its batch (the collate function counts it);
 the trainers stop with an error once more than 1% of the images seen were bad.
 
 `extract_codes` encodes a dataset once into a memory-mapped array of 18-bit token indices (several augmented views
-per image) for train_gpt.py; run it as `python train_gpt.py --extract ...` (see there), under torchrun too.
+per image, or one centre crop of held-out images) for train_gpt.py; run it as
+`python extract_codes.py ...` (see there), under torchrun too.
 """
 
 import glob
@@ -267,86 +269,163 @@ def check_bad_fraction(num_bad, num_seen):
 # token extraction for the generator: dataset -> memory-mapped (views, N, h, w) int32 array of 18-bit indices
 
 
-@torch.no_grad()
-def extract_codes(tokenizer, dataset, out_dir, views, batch_size, dist_info, num_workers=4):
-    """Encode every image of `dataset` `views` times (view v = augmentation epoch v: its own random crop and flip).
+def data_source(spec):
+    """What a dataset spec points at, recorded with the codes made from it: absolute paths and the
+    bytes of each .npz (a folder's size is its image count, recorded as num_images)."""
+    if spec == 'synthetic':
+        return {'data': ['synthetic'], 'data_bytes': [None]}
+    paths = [os.path.abspath(p) for p in spec.split(',')]
+    sizes = [os.path.getsize(p) if os.path.isfile(p) else None for p in paths]
+    return {'data': paths, 'data_bytes': sizes}
 
-    Writes out_dir/codes.npy (views, N, h, w) int32, out_dir/labels.npy (N,) and out_dir/meta.json. Rank r of W
-    encodes images r, r+W, ... and writes them into the one shared memmap (ranks touch disjoint rows; several nodes
-    need a shared filesystem). Each rank records finished chunks in out_dir/progress_rank{r}.json, so a killed
-    extraction resumes where it stopped (with the same world size).
+
+def crop_mode(dataset):
+    """'center' (eval), 'random' or 'random+hflip': the augmentation of this dataset's views."""
+    return 'center' if not dataset.train else 'random+hflip' if dataset.hflip else 'random'
+
+
+def _check_made_from(out_dir, made_from):
+    """Refuse to add to codes made from another tokenizer, data, image size, views or crop mode."""
+    meta_path = os.path.join(out_dir, 'meta.json')
+    way_out = "write to a new folder, or pass --overwrite to replace these codes"
+    if os.path.exists(meta_path):
+        saved = json.load(open(meta_path)).get('made_from', {})
+        diff = [f"  {k}: folder {saved.get(k)!r} vs. now {v!r}"
+                for k, v in made_from.items() if saved.get(k) != v]
+        if diff:
+            raise ValueError(f"codes folder {out_dir} was made from something else:\n"
+                             + '\n'.join(diff) + '\n' + way_out)
+    elif os.path.exists(os.path.join(out_dir, 'codes.npy')):
+        raise ValueError(f"codes folder {out_dir} has codes.npy but no meta.json saying what they "
+                         f"were made from: {way_out}")
+
+
+@torch.no_grad()
+def extract_codes(tokenizer, dataset, out_dir, views, batch_size, dist_info, num_workers=4,
+                  source=None, overwrite=False, info=None):
+    """Encode every image of `dataset` `views` times (view v = augmentation epoch v: its own random
+    crop; an eval dataset gives its centre crop: use views=1). Command line: extract_codes.py.
+
+    Writes out_dir/codes.npy (views, N, h, w) int32, out_dir/labels.npy (N,) and out_dir/meta.json.
+    Rank r of W encodes images r, r+W, ... into the one shared memmap (ranks touch disjoint rows;
+    several nodes need a shared filesystem). Each rank records finished chunks in
+    out_dir/progress_rank{r}_of{W}.json, so a killed extraction resumes (with the same world size).
+
+    meta.json['made_from'] records the tokenizer's weights checksum, `source` (data_source(spec)),
+    the image count and size, the views, the crop mode and the seed; a folder made from anything
+    else is refused (overwrite=True empties it first). Unreadable images are skipped under the
+    trainers' rule (check_bad_fraction): they get no codes, meta.json['skipped'] lists them as
+    {'index', 'file'} and CodesDataset leaves them out. `info` is stored as is, never compared.
     """
     from tqdm import tqdm
 
-    from utils import autocast, barrier
+    from utils import autocast, barrier, weights_checksum
 
     rank, world = dist_info.rank, dist_info.world_size
     n = len(dataset)
     h = w = dataset.size // tokenizer.downsample
-    codes_path = os.path.join(out_dir, 'codes.npy')
+    codes_path, meta_path = os.path.join(out_dir, 'codes.npy'), os.path.join(out_dir, 'meta.json')
+    made_from = {'tokenizer_sha256': weights_checksum(tokenizer), **(source or {}),
+                 'num_images': n, 'image_size': dataset.size, 'views': views,
+                 'crop': crop_mode(dataset), 'seed': dataset.seed}
+    meta = {'views': views, 'num_images': n, 'grid': [h, w], 'num_bits': tokenizer.config.num_bits,
+            'image_size': dataset.size, 'num_classes': int(dataset.num_classes),
+            'made_from': made_from, **(info or {}), 'complete': False, 'skipped': []}
+    if not overwrite:
+        _check_made_from(out_dir, made_from)  # every rank reads it: all of them stop together
+    barrier()
     if rank == 0:
+        if overwrite:
+            old = glob.glob(os.path.join(out_dir, 'progress_rank*.json'))
+            for path in old + [codes_path, meta_path, os.path.join(out_dir, 'labels.npy')]:
+                if os.path.exists(path):
+                    os.remove(path)
         os.makedirs(out_dir, exist_ok=True)
         if not os.path.exists(codes_path):
-            np.lib.format.open_memmap(codes_path, mode='w+', dtype=np.int32, shape=(views, n, h, w)).flush()
+            shape = (views, n, h, w)
+            np.lib.format.open_memmap(codes_path, mode='w+', dtype=np.int32, shape=shape).flush()
             np.save(os.path.join(out_dir, 'labels.npy'), np.asarray(dataset.labels, np.int64))
+            with open(meta_path, 'w') as f:  # now: a rerun into a half-done folder is checked
+                json.dump(meta, f, indent=1)
     barrier()
     codes = np.load(codes_path, mmap_mode='r+')
     if codes.shape != (views, n, h, w):
-        raise ValueError(f"{codes_path} has shape {codes.shape}, expected {(views, n, h, w)}: use a new --codes dir")
+        raise ValueError(f"{codes_path} has shape {codes.shape}, expected {(views, n, h, w)}: "
+                         "write to a new folder, or pass --overwrite")
     progress_path = os.path.join(out_dir, f'progress_rank{rank}_of{world}.json')
-    done = json.load(open(progress_path))['chunks_done'] if os.path.exists(progress_path) else 0
+    progress = {'chunks_done': 0, 'num_seen': 0, 'skipped': {}}  # skipped: str(index) -> file
+    if os.path.exists(progress_path):
+        progress.update(json.load(open(progress_path)))
 
     mine = list(range(rank, n, world))
     chunks = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
     jobs = [(v, chunk) for v in range(views) for chunk in chunks]
+    done = progress['chunks_done']
     batch_sampler = [[(v, i) for i in chunk] for v, chunk in jobs[done:]]
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
-                                         collate_fn=list)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler,
+                                         num_workers=num_workers, collate_fn=list)
     tokenizer.eval()
-    for k, batch in enumerate(tqdm(loader, desc=f'extract rank {rank}', initial=done, total=len(jobs),
-                                   disable=rank != 0)):
+    for k, batch in enumerate(tqdm(loader, desc=f'extract rank {rank}', initial=done,
+                                   total=len(jobs), disable=rank != 0)):
         v, chunk = jobs[done + k]
-        if any(b is None for b in batch):
-            raise RuntimeError("unreadable image during extraction (see warning above); remove it and rerun")
-        x = torch.stack([b[0] for b in batch]).to(dist_info.device)
-        with autocast(dist_info.device_type):  # bf16 on GPU / NPU
-            _, indices, _ = tokenizer.encode(x)  # (B, h, w)
-        codes[v, chunk] = indices.cpu().numpy().astype(np.int32)
+        # an unreadable image (the dataset warns) gets no codes in any view; too many stop the run.
+        # The share counts images, not views: one bad file is one of this rank's images however
+        # many views read it
+        good = [(i, b) for i, b in zip(chunk, batch) if b is not None]
+        for i, b in zip(chunk, batch):
+            if b is None:
+                progress['skipped'][str(i)] = dataset.describe(i)
+        progress['num_seen'] += len(chunk) if v == 0 else 0
+        check_bad_fraction(len(progress['skipped']), progress['num_seen'])
+        if good:
+            x = torch.stack([b[0] for _, b in good]).to(dist_info.device)
+            with autocast(dist_info.device_type):  # bf16 on GPU / NPU
+                _, indices, _ = tokenizer.encode(x)  # (B, h, w)
+            codes[v, [i for i, _ in good]] = indices.cpu().numpy().astype(np.int32)
         if k % 50 == 49 or done + k + 1 == len(jobs):
             codes.flush()
             with open(progress_path + '.tmp', 'w') as f:
-                json.dump({'chunks_done': done + k + 1, 'chunks_total': len(jobs)}, f)
+                json.dump({**progress, 'chunks_done': done + k + 1, 'chunks_total': len(jobs)}, f)
             os.replace(progress_path + '.tmp', progress_path)
     codes.flush()
     barrier()
     if rank == 0:
-        finished = all(json.load(open(p))['chunks_done'] == json.load(open(p))['chunks_total']
-                       for p in glob.glob(os.path.join(out_dir, f'progress_rank*_of{world}.json')))
-        meta = {'views': views, 'num_images': n, 'grid': [h, w], 'num_bits': tokenizer.config.num_bits,
-                'image_size': dataset.size, 'num_classes': int(dataset.num_classes), 'complete': finished}
-        with open(os.path.join(out_dir, 'meta.json'), 'w') as f:
+        pattern = os.path.join(out_dir, f'progress_rank*_of{world}.json')
+        progresses = [json.load(open(p)) for p in glob.glob(pattern)]
+        skipped = {int(i): file for p in progresses for i, file in p['skipped'].items()}
+        meta['complete'] = len(progresses) == world and all(
+            p['chunks_done'] == p['chunks_total'] for p in progresses)
+        meta['skipped'] = [{'index': i, 'file': skipped[i]} for i in sorted(skipped)]
+        with open(meta_path + '.tmp', 'w') as f:
             json.dump(meta, f, indent=1)
+        os.replace(meta_path + '.tmp', meta_path)
     barrier()
+    return json.load(open(meta_path))  # as rank 0 completed it
 
 
 class CodesDataset(torch.utils.data.Dataset):
-    """Pre-extracted tokens: item (epoch, i) -> (tokens (h*w,) int64 of view epoch % views, label)."""
+    """Pre-extracted tokens: item (epoch, j) -> (tokens (h*w,) int64 of view epoch % views, label)
+    of the j-th image with codes (those skipped as unreadable at extraction are left out)."""
 
     def __init__(self, out_dir):
         meta_path = os.path.join(out_dir, 'meta.json')
         if not os.path.exists(meta_path):
-            raise FileNotFoundError(f"no {meta_path}: run the extraction first (python train_gpt.py --extract ...)")
+            raise FileNotFoundError(f"no {meta_path}: run the extraction first "
+                                    "(python extract_codes.py ...)")
         self.meta = json.load(open(meta_path))
         if not self.meta['complete']:
             raise RuntimeError(f"extraction in {out_dir} is incomplete: rerun it to finish")
         self.codes = np.load(os.path.join(out_dir, 'codes.npy'), mmap_mode='r')  # (views, N, h, w)
-        self.labels = np.load(os.path.join(out_dir, 'labels.npy'))
+        labels = np.load(os.path.join(out_dir, 'labels.npy'))
+        skipped = [s['index'] for s in self.meta.get('skipped', [])]
+        self.present = np.setdiff1d(np.arange(self.codes.shape[1]), skipped)  # (len,) rows of N
+        self.labels = labels[self.present]  # (len,) aligned with the items
         self.num_classes = self.meta['num_classes']
 
     def __len__(self):
-        return self.codes.shape[1]
+        return len(self.present)
 
     def __getitem__(self, item):
-        epoch, i = item if isinstance(item, tuple) else (0, item)
-        tokens = torch.from_numpy(self.codes[epoch % self.codes.shape[0], i].astype(np.int64)).flatten()
-        return tokens, int(self.labels[i])
+        epoch, j = item if isinstance(item, tuple) else (0, item)
+        tokens = self.codes[epoch % self.codes.shape[0], self.present[j]]  # (h, w)
+        return torch.from_numpy(tokens.astype(np.int64)).flatten(), int(self.labels[j])

@@ -322,7 +322,7 @@ if __name__ == '__main__':
     parser.add_argument('--out', default='rec.png')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help="cuda | npu | cpu")
     args = parser.parse_args()
-    from PIL import Image
+    from data import crop_image, open_image
     from utils import save_image_grid, setup
 
     dist = setup(args.device)
@@ -333,13 +333,13 @@ if __name__ == '__main__':
         model = Tokenizer.from_preset(args.preset)
     model = model.to(dist.device).eval()
     try:
-        image = Image.open(args.reconstruct).convert('RGB')
+        image = open_image(args.reconstruct)  # 16-bit and transparent files converted as in training
     except (OSError, ValueError) as e:  # missing file, not an image, truncated data
         raise SystemExit(f"cannot read image {args.reconstruct}: {e}")
     size = args.size or model.config.image_size
     if size % model.downsample:
         raise SystemExit(f"--size {size} is not a multiple of the downsampling factor {model.downsample}")
-    from data import crop_image  # the evaluation transform: resize the short side, centre crop
+    # the evaluation transform: resize the short side, centre crop
     x = crop_image(image, size, train=False, rng=None, hflip=False)[None].to(dist.device)  # (1, 3, size, size)
     with torch.no_grad():
         x_rec, indices, _ = model(x)

@@ -9,13 +9,19 @@ schedule of `get_lr`. The official code trains in fp16 mixed precision; we use b
 scaling) and fp32 on CPU. Tokenizer weights: EMA by default; the official AR configs load the *raw* weights
 (first_stage_config `use_ema: False`, which makes init_from_ckpt skip the model_ema.* entries): pass --no-ema for that.
 
-Two ways to feed it tokens, both with resize + random crop + horizontal flip, a pure function of (seed, epoch, image):
+Two ways to feed it tokens, both with resize + random crop, a pure function of (seed, epoch,
+image), and no horizontal flip, as the official AR data pipeline (--hflip adds random flips):
   on the fly (as the official code): the frozen tokenizer encodes every batch;
-  pre-extracted: encode --views augmented views of the dataset once (data.extract_codes, resumable, one shard of
-  images per rank), then train with no tokenizer encoding (epoch e reads view e % views):
-      python train_gpt.py --extract --tokenizer out/tok/ckpt.pt --data /data/imagenet/train --codes out/codes --views 10
+  pre-extracted: extract_codes.py encodes augmented views of the dataset once, then train with no
+  tokenizer encoding (epoch e reads view e % views):
+      python extract_codes.py --tokenizer out/tok/ckpt.pt --data /data/imagenet/train \
+          --codes out/codes
       python train_gpt.py --preset B --codes out/codes --tokenizer out/tok/ckpt.pt --out out/gpt_B
   (--tokenizer is optional with --codes: it only decodes the sample grids.)
+Held-out loss: --val-data /data/imagenet/val (centre crops, encoded once at the start) or
+--val-codes out/codes_val (from extract_codes.py --val) logs the mean CE of the pre and post
+sub-tokens, in nats and in bits per token, at step 0 and at every evaluation (eval mode: no
+dropout, the true labels).
 
 Single GPU:  python train_gpt.py --preset B --tokenizer out/tok/ckpt.pt --data /data/imagenet/train --out out/gpt_B
 One node:    torchrun --standalone --nproc_per_node 8 train_gpt.py --preset B --tokenizer ... --data ... --out ...
@@ -26,6 +32,11 @@ CPU demo:    python train_gpt.py --preset tiny --device cpu --tokenizer out/demo
 Resume:      the same command plus --resume (model, optimizer, step, data order and RNG: the run continues exactly),
              also on another number of GPUs (same global --batch-size; add --grad-accum if it no longer fits).
              --max-steps N stops at step N of the full schedule, with a checkpoint to --resume from.
+Fine-tune:   --init-from CKPT starts a new run (step 0, fresh AdamW state, the full lr schedule)
+             from the weights of our GPT checkpoint or a released one (open-magvit2:AR_256_B.ckpt);
+             the network built here (--preset, the data's classes and token grid) must match.
+             --resume instead continues OUT's own run with its optimizer and step; with --resume,
+             --init-from is ignored.
 Outputs in --out: ckpt.pt, log.csv, samples_stepN.png (a few fixed classes at each evaluation).
 """
 
@@ -37,6 +48,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict
 
+import numpy as np
 import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
@@ -50,6 +62,7 @@ from sample import generate_images
 from tokenizer import Tokenizer
 from utils import (all_reduce_mean, autocast, barrier, check_config, cleanup, load_checkpoint, peak_memory_gib, print0,
                    rng_state, save_checkpoint, save_image_grid, set_rng_state, setup, weights_checksum)
+from utils import all_reduce_sum, check_kind
 
 # -----------------------------------------------------------------------------
 # the learning-rate schedule and one optimisation step
@@ -98,6 +111,107 @@ def peak_flops(device_type):
 
 
 # -----------------------------------------------------------------------------
+# the frozen tokenizer, the held-out loss and --init-from
+
+
+def load_tokenizer(path, ema, image_size, device, compile=False):
+    """The frozen tokenizer (ours, or open-magvit2:PATH) on the device, for image_size pixels."""
+    tokenizer = Tokenizer.from_checkpoint(path, ema=ema).to(device).eval().requires_grad_(False)
+    if image_size % tokenizer.downsample:
+        raise ValueError(f"--image-size {image_size} is not a multiple of the tokenizer's "
+                         f"downsampling factor {tokenizer.downsample}")
+    if compile:  # the encoder (on the fly, extract_codes.py): GroupNorm + swish fused,
+        # channels_last as in bench.py's encode row, 372 -> 761 img/s at batch 64 (H200);
+        # dynamic: any batch size
+        tokenizer = tokenizer.to(memory_format=torch.channels_last)
+        tokenizer.encode = torch.compile(tokenizer.encode, dynamic=True)
+    return tokenizer
+
+
+@torch.no_grad()
+def encode_held_out(tokenizer, dataset, batch_size, dist, num_workers):
+    """This rank's share (images r, r+W, ...) of held-out images, encoded once: tokens (n, h*w) and
+    labels (n,) int64 on the CPU. Unreadable images are left out (the dataset warns about each)."""
+    rows = range(dist.rank, len(dataset), dist.world_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=rows,
+                                         num_workers=num_workers, collate_fn=data.collate_skip_bad)
+    grid = dataset.size // tokenizer.downsample
+    tokens = [torch.zeros(0, grid * grid, dtype=torch.long)]  # a rank may get no image at all
+    labels = [torch.zeros(0, dtype=torch.long)]
+    for images, batch_labels, _ in loader:
+        if len(images):
+            with autocast(dist.device_type):
+                indices = tokenizer.encode(images.to(dist.device))[1]  # (B, h, w)
+            tokens.append(indices.flatten(1).cpu())
+            labels.append(batch_labels)
+    return torch.cat(tokens), torch.cat(labels)
+
+
+def held_out_codes(path, rank, world_size):
+    """This rank's share of pre-extracted held-out codes (extract_codes.py --val): tokens (n, h*w),
+    labels (n,) int64, and the folder's meta.json."""
+    codes = data.CodesDataset(path)
+    if codes.meta.get('made_from', {}).get('crop') != 'center' or codes.meta['views'] != 1:
+        raise ValueError(f"--val-codes {path} is not one centre-crop view per image: write it "
+                         "with python extract_codes.py --val ...")
+    rows = codes.present[rank::world_size]  # (n,) rows of the codes that exist
+    tokens = torch.from_numpy(codes.codes[0, rows].astype(np.int64)).flatten(1)  # view 0: (n, h*w)
+    return tokens, torch.from_numpy(codes.labels[rank::world_size].astype(np.int64)), codes.meta
+
+
+@torch.no_grad()
+def held_out_loss(model, tokens, labels, batch_size, device_type):
+    """Mean cross-entropy (nats) of the pre and of the post sub-tokens of held-out tokens (n, h*w)
+    and labels (n,): this rank's share; the sums and the token count are reduced over all ranks.
+    Eval mode: no dropout, and the true labels (no class dropout). Returns (ce_pre, ce_post)."""
+    was_training = model.training
+    model.eval()
+    device = model.pre_emb.weight.device
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # CE pre, CE post, positions
+    for i in range(0, len(tokens), batch_size):
+        pre, post = split_indices(tokens[i:i + batch_size].to(device))  # (B, T) each
+        with autocast(device_type):
+            logits_pre, logits_post, _ = model(pre, post, labels[i:i + batch_size].to(device))
+        sums[0] += F.cross_entropy(logits_pre.flatten(0, 1).float(), pre.flatten(),
+                                   reduction='sum')
+        sums[1] += F.cross_entropy(logits_post.flatten(0, 1).float(), post.flatten(),
+                                   reduction='sum')
+        sums[2] += pre.numel()
+    model.train(was_training)
+    sums = all_reduce_sum(sums)
+    return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+
+
+# the config fields that make the network; the others (dropout, sampling defaults) may differ
+ARCH_FIELDS = ('vocab_bits', 'pre_bits', 'block_size', 'num_classes', 'n_inter', 'n_intra', 'dim',
+               'n_head', 'rope_base')
+
+
+def init_from(model, path):
+    """--init-from: copy the weights of our GPT checkpoint, or of a released Open-MAGVIT2 AR one
+    (open-magvit2:PATH, or a Lightning file with 'state_dict'), into `model`. The file must hold
+    the same network (ARCH_FIELDS): a difference is refused, naming the fields."""
+    official = path.startswith('open-magvit2:')
+    ckpt = load_checkpoint(path.removeprefix('open-magvit2:'))
+    if official or (isinstance(ckpt, dict) and 'state_dict' in ckpt):
+        # shapes give the sizes, the preset of that width and depth the head count; the token grid
+        # is not in the file (RoPE has no weights): ours is assumed
+        saved = GPT.from_official(ckpt, block_size=model.config.block_size)
+        config, state = asdict(saved.config), saved.state_dict()
+        del saved
+    else:
+        check_kind(ckpt, 'gpt', path)
+        config, state = ckpt['config'], ckpt['model']
+    try:
+        check_config({k: config.get(k) for k in ARCH_FIELDS},
+                     {k: getattr(model.config, k) for k in ARCH_FIELDS}, path)
+    except ValueError as e:
+        raise ValueError(f"--init-from: {e}\n(the model here comes from --preset, the classes of "
+                         "the data and --image-size / the tokenizer's grid)") from None
+    model.load_state_dict(state)
+
+
+# -----------------------------------------------------------------------------
 # presets: overrides of the argparse defaults, which are the paper's B run
 
 PRESETS = {
@@ -117,9 +231,11 @@ def get_args(argv=None):
     parser.add_argument('--tokenizer', help="tokenizer checkpoint (ours, or an official one as open-magvit2:PATH)")
     parser.add_argument('--no-ema', dest='ema', action='store_false', help="raw tokenizer weights, not EMA")
     parser.add_argument('--data', help="'synthetic', an ImageNet-style folder, or .npz archive(s)")
-    parser.add_argument('--codes', help="folder of pre-extracted tokens: train from it (or write it with --extract)")
-    parser.add_argument('--extract', action='store_true', help="encode --data into --codes and exit")
-    parser.add_argument('--views', type=int, default=10, help="augmented views per image for --extract")
+    parser.add_argument('--codes', help="folder of tokens from extract_codes.py: train from it")
+    parser.add_argument('--hflip', action='store_true',
+                        help="random horizontal flips (the official AR data pipeline has none)")
+    parser.add_argument('--val-data', help="held-out images for the held-out loss (encoded once)")
+    parser.add_argument('--val-codes', help="or their codes: extract_codes.py --val")
     parser.add_argument('--image-size', type=int, default=256)
     parser.add_argument('--batch-size', type=int, default=768, help="global batch: all ranks and micro-batches")
     parser.add_argument('--grad-accum', type=int, default=1, help="micro-batches per step (per rank)")
@@ -137,6 +253,8 @@ def get_args(argv=None):
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--out', default='out/gpt')
     parser.add_argument('--resume', action='store_true', help="continue from OUT/ckpt.pt")
+    parser.add_argument('--init-from', help="start from the weights of a GPT checkpoint (ours, or "
+                        "open-magvit2:PATH) at step 0 with a fresh optimizer")
     parser.add_argument('--device', default='cuda', help="cuda | npu | cpu")
     parser.add_argument('--compile', action='store_true', help="torch.compile the model for training, and the "
                         "tokenizer's encoder (see bench.py)")
@@ -154,29 +272,12 @@ def main(argv=None):
     dist = setup(args.device)
     device, device_type = dist.device, dist.device_type
 
-    # the frozen tokenizer: encodes batches on the fly / for --extract, decodes the sample grids
+    # the frozen tokenizer: encodes batches on the fly, decodes the sample grids
     tokenizer = None
     if args.tokenizer:
-        tokenizer = Tokenizer.from_checkpoint(args.tokenizer, ema=args.ema).to(device).eval().requires_grad_(False)
-        if args.image_size % tokenizer.downsample:
-            raise ValueError(f"--image-size {args.image_size} is not a multiple of the tokenizer's "
-                             f"downsampling factor {tokenizer.downsample}")
-        if args.compile:  # the encoder too (on the fly, --extract): GroupNorm + swish fused, channels_last as in
-            # bench.py's encode row, 372 -> 761 img/s at batch 64 (H200, 2026-11-29); dynamic: any batch size
-            tokenizer = tokenizer.to(memory_format=torch.channels_last)
-            tokenizer.encode = torch.compile(tokenizer.encode, dynamic=True)
+        tokenizer = load_tokenizer(args.tokenizer, args.ema, args.image_size, device, args.compile)
     elif not args.codes:
         raise ValueError("pass --tokenizer CKPT (to encode images on the fly) or --codes DIR (pre-extracted tokens)")
-
-    if args.extract:
-        if not (tokenizer and args.data and args.codes):
-            raise ValueError("--extract needs --tokenizer, --data and --codes")
-        dataset = data.build_dataset(args.data, args.image_size, train=True, seed=args.seed, hflip=True)
-        data.extract_codes(tokenizer, dataset, args.codes, args.views, args.batch_size // dist.world_size, dist,
-                           args.num_workers)
-        print0(f"wrote {args.views} views of {len(dataset)} images to {args.codes}")
-        cleanup()
-        return None
 
     # data: (epoch, index) -> tokens or images; sharded over ranks, resumable mid-epoch
     if args.codes:
@@ -189,7 +290,9 @@ def main(argv=None):
     else:
         if not args.data:
             raise ValueError("pass --data (or --codes)")
-        dataset = data.build_dataset(args.data, args.image_size, train=True, seed=args.seed, hflip=True)
+        # resize + random crop, no flip by default: the official AR data pipeline does not flip
+        dataset = data.build_dataset(args.data, args.image_size, train=True, seed=args.seed,
+                                     hflip=args.hflip)
         num_bits, grid = tokenizer.config.num_bits, [args.image_size // tokenizer.downsample] * 2
     micro_batch, rem = divmod(args.batch_size, dist.world_size * args.grad_accum)
     if rem or micro_batch == 0:
@@ -208,6 +311,26 @@ def main(argv=None):
     print0(f"peak lr {peak_lr:.3g} (= {args.lr:g} x batch {args.batch_size} / 768); {steps_per_epoch} steps/epoch, "
            f"{total_steps} steps, {warmup_steps} warmup; {len(dataset)} images, {dataset.num_classes} classes")
 
+    # held-out tokens for the held-out loss, this rank's share, kept in memory: (n, h*w), (n,)
+    val = None
+    if args.val_data:
+        if tokenizer is None:
+            raise ValueError("--val-data needs --tokenizer to encode it (or pass --val-codes)")
+        val_set = data.build_dataset(args.val_data, args.image_size, train=False, seed=args.seed)
+        val = encode_held_out(tokenizer, val_set, micro_batch, dist, args.num_workers)
+    elif args.val_codes:
+        *val, val_meta = held_out_codes(args.val_codes, dist.rank, dist.world_size)
+        if (val_meta['num_bits'], val_meta['grid']) != (num_bits, list(grid)):
+            raise ValueError(f"--val-codes {args.val_codes} holds {val_meta['num_bits']}-bit "
+                             f"tokens on a {val_meta['grid']} grid, the training tokens are "
+                             f"{num_bits}-bit on {list(grid)}")
+    if val is not None:
+        if len(val[1]) and val[1].max() >= dataset.num_classes:
+            raise ValueError(f"held-out labels go up to {val[1].max()}, the training data has "
+                             f"{dataset.num_classes} classes")
+        num_val = int(all_reduce_sum(torch.tensor(len(val[1]), device=device)))
+        print0(f"held-out loss on {num_val} images")
+
     # the model: same init on every rank (DDP also broadcasts rank 0's), then per-rank dropout randomness
     torch.manual_seed(args.seed)
     model = GPT.from_preset(args.preset, num_classes=dataset.num_classes, vocab_bits=num_bits,
@@ -216,6 +339,9 @@ def main(argv=None):
     print0(f"GPT {args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
            f"{grid[0]}x{grid[1]} tokens of {num_bits} bits, batch {micro_batch} x {args.grad_accum} micro-batches x "
            f"{dist.world_size} ranks")
+    if args.init_from and not args.resume:  # fine-tuning: these weights, step 0, a fresh optimizer
+        init_from(model, args.init_from)
+        print0(f"initialised from the weights of {args.init_from}")
     torch.manual_seed(args.seed + dist.rank)
     step, epoch, batch_in_epoch = 0, 0, 0
     ckpt_path = os.path.join(args.out, 'ckpt.pt')
@@ -243,8 +369,23 @@ def main(argv=None):
     tokenizer_info = {'path': args.tokenizer, 'ema': args.ema,
                       'config': asdict(tokenizer.config) if tokenizer else None, 'codes': args.codes}
 
+    def log_held_out():
+        """The held-out loss of the raw model now: a console line and a log.csv row (all ranks)."""
+        ce_pre, ce_post = held_out_loss(raw_model, *val, micro_batch, device_type)
+        bits_pre, bits_post = ce_pre / math.log(2), ce_post / math.log(2)
+        post_bits = num_bits - raw_model.config.pre_bits
+        print0(f"step {step} held-out CE: pre {ce_pre:.4f}, post {ce_post:.4f} nats = "
+               f"{bits_pre:.3f} of {raw_model.config.pre_bits} + {bits_post:.3f} of {post_bits} "
+               "bits per token")
+        if dist.is_main:
+            with open(log_path, 'a') as f:  # an evaluation row: the training columns stay empty
+                values = [f'{v:.6f}' for v in (ce_pre, ce_post, bits_pre, bits_post)]
+                csv.writer(f).writerow([step, epoch] + [''] * 7 + values)
+
     def evaluate_and_save():
         """Sample a grid of the fixed classes (own RNG, so training randomness is untouched) and checkpoint."""
+        if val is not None:
+            log_held_out()
         rngs = [rng_state()]
         if dist.ddp:  # every rank's RNG, for an exact resume
             rngs = [None] * dist.world_size
@@ -271,12 +412,15 @@ def main(argv=None):
     log_path = os.path.join(args.out, 'log.csv')
     if dist.is_main and not (args.resume and os.path.exists(log_path)):
         with open(log_path, 'w') as f:
-            f.write('step,epoch,lr,loss_pre,loss_post,tokens_per_s,mfu,peak_mem_gib,elapsed_s\n')
+            f.write('step,epoch,lr,loss_pre,loss_post,tokens_per_s,mfu,peak_mem_gib,elapsed_s,'
+                    'val_ce_pre,val_ce_post,val_bits_pre,val_bits_post\n')
     tokens_per_step = args.batch_size * grid[0] * grid[1]
     peak = peak_flops(device_type)
     num_bad = num_seen = 0
     stop_step = min(args.max_steps or total_steps, total_steps)
     progress = tqdm(total=stop_step, initial=step, disable=not dist.is_main, dynamic_ncols=True)
+    if val is not None and step == 0:
+        log_held_out()  # the "before" number (from scratch: log 64 and log 4096, zero heads)
     start_time = last_time = time.time()
     last_step = step
     while step < stop_step:

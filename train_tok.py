@@ -18,6 +18,14 @@ The paper's runs, 4 nodes x 8 GPUs (run on every node; NODE_RANK = 0..3, MASTER 
 Ascend NPUs: the same commands with --device npu (needs torch_npu; backend hccl).
 After a crash: the same command plus --resume (continues from out/ckpt.pt exactly where it stopped). A checkpoint
 also resumes on another number of GPUs if the global batch stays: 2 GPUs x --batch-size 32 -> 1 GPU x 64.
+Fine-tuning: --init-from CKPT starts a new run (step 0, fresh Adam states, the lr schedule from its
+start) from the weights of our tokenizer checkpoint or a released one (open-magvit2:PATH), which
+must have the architecture of --model. The generator takes the file's raw weights and the EMA its
+EMA weights (the raw ones if it has none): each continues from where it was, so training goes
+on from the weights it reached, not from their average. The EMA's warm-up restarts at step 0,
+so it soon follows the raw weights; the step-0 evaluation shows the file's EMA. The
+discriminator and LeCAM come from our checkpoint; a released one starts them fresh. --resume
+instead continues OUT's own run (optimizers, step, RNG); with --resume, --init-from is ignored.
 --data takes 'synthetic', an ImageNet-style folder root/<class>/<image>, or .npz archive(s) (see data.py).
 """
 
@@ -75,6 +83,8 @@ def get_args(argv=None):
     parser.add_argument('--out', default='out/tok', help="folder for ckpt.pt, log.csv and the image grids")
     parser.add_argument('--device', default='cuda', choices=['cuda', 'npu', 'cpu'])
     parser.add_argument('--resume', action='store_true', help="continue from OUT/ckpt.pt")
+    parser.add_argument('--init-from', help="start from the weights of a tokenizer checkpoint "
+                        "(ours, or open-magvit2:PATH) at step 0 with fresh optimizers")
     parser.add_argument('--eval-only', metavar='CKPT', help="only evaluate this tokenizer checkpoint (ours, or a "
                         "released one as open-magvit2:PATH) on the held-out images, then exit")
     # model and data
@@ -299,6 +309,23 @@ def main(argv=None):
         utils.cleanup()
         return metrics
     t = build(args, dist)
+    if args.init_from and not args.resume:  # fine-tuning: weights only (the docstring says which)
+        init = utils.load_checkpoint(args.init_from.removeprefix('open-magvit2:'))
+        raw = tokenizer.Tokenizer.from_checkpoint(init, ema=False)
+        try:
+            ema = tokenizer.Tokenizer.from_checkpoint(init, ema=True)  # ours without 'ema': raw
+        except KeyError:  # a released file without EMA entries
+            ema = raw
+        shape = [k for k in asdict(raw.config) if k != 'image_size']  # any training size is fine
+        utils.check_config({k: asdict(raw.config)[k] for k in shape},
+                           {k: asdict(t.raw_model.config)[k] for k in shape}, args.init_from)
+        t.raw_model.load_state_dict(raw.state_dict())
+        t.ema.load_state_dict(ema.state_dict())
+        if init.get('kind') == 'tokenizer' and init.get('disc') is not None:
+            t.raw_disc.load_state_dict(init['disc'])
+            t.lecam.load_state_dict(init['lecam'])  # the EMAs of this discriminator's logits
+        utils.print0(f"initialised from the weights of {args.init_from}")
+        del init, raw, ema
     config = asdict(t.raw_model.config)
     ckpt_path = os.path.join(args.out, 'ckpt.pt')
     step = epoch = batch_in_epoch = 0

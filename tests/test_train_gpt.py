@@ -1,7 +1,10 @@
 """train_gpt.py: the LR schedule against a piecewise-linear reference, extraction == on-the-fly encoding (same crops,
 and the same training run from either), the loss falls, resume == an uninterrupted run, DDP (gloo, 2 processes) keeps
-the ranks identical, clear errors for a bad checkpoint path and a tokenizer / GPT mismatch."""
+the ranks identical, clear errors for a bad checkpoint path and a tokenizer / GPT mismatch.
+The held-out loss equals a direct computation (one process and two); extract_codes.py refuses a
+folder made from other weights or data and skips unreadable images; --init-from copies weights."""
 import csv
+import io
 import os
 import socket
 from dataclasses import asdict
@@ -10,11 +13,15 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
+from PIL import Image
 
 import data
+import extract_codes
 import train_gpt
+from gpt import GPT
 from tokenizer import Tokenizer
-from utils import load_checkpoint, save_checkpoint
+from utils import load_checkpoint, save_checkpoint, weights_checksum
 
 
 def save_tokenizer(path, seed=0, **overrides):
@@ -32,7 +39,11 @@ def files(tmp_path_factory):
     shapes = data.SyntheticShapes(n=64, size=24, num_classes=10)
     images = np.stack([np.asarray(shapes.load(i))[2:22] for i in range(64)])  # (64, 20, 24, 3)
     np.savez(root / 'shapes.npz', images=images, labels=shapes.labels)
-    return {'tokenizer': save_tokenizer(root / 'tok.pt'), 'data': str(root / 'shapes.npz'), 'root': root}
+    held_out = data.SyntheticShapes(n=9, size=24, num_classes=10, seed=5)  # 9: uneven rank shards
+    val_images = np.stack([np.asarray(held_out.load(i))[2:22] for i in range(9)])
+    np.savez(root / 'val.npz', images=val_images, labels=held_out.labels)
+    return {'tokenizer': save_tokenizer(root / 'tok.pt'), 'data': str(root / 'shapes.npz'),
+            'root': root, 'val': str(root / 'val.npz')}
 
 
 def argv(files, out, *extra):
@@ -43,9 +54,38 @@ def argv(files, out, *extra):
             '--out', str(out), *extra]
 
 
+def extract(files, codes, *extra, data_spec=None):
+    """extract_codes.py with the settings of argv: 16px, batch 16, CPU."""
+    return extract_codes.main(['--device', 'cpu', '--tokenizer', files['tokenizer'],
+                               '--data', data_spec or files['data'], '--image-size', '16',
+                               '--batch-size', '16', '--num-workers', '0', '--codes', str(codes),
+                               *extra])
+
+
 def read_log(out):
     with open(os.path.join(out, 'log.csv')) as f:
         return list(csv.DictReader(f))
+
+
+def held_out_rows(out):
+    return [r for r in read_log(out) if r['val_ce_pre']]
+
+
+def direct_held_out_ce(files, model_state):
+    """Mean CE of the pre and post sub-tokens of the held-out centre crops, from GPT.forward."""
+    tokenizer = Tokenizer.from_checkpoint(files['tokenizer']).eval()
+    images = data.build_dataset(files['val'], 16, train=False)
+    x = torch.stack([images[i][0] for i in range(len(images))])
+    labels = torch.tensor([images[i][1] for i in range(len(images))])
+    model = GPT.from_preset('tiny', num_classes=10, block_size=16)
+    model.load_state_dict(model_state)
+    model.eval()
+    with torch.no_grad():
+        tokens = tokenizer.encode(x)[1].flatten(1)  # (9, 16)
+        pre, post = tokens & 63, tokens >> 6  # the low 6 bits (channels 0..5) and the high 12
+        logits_pre, logits_post, _ = model(pre, post, labels)
+    return (F.cross_entropy(logits_pre.flatten(0, 1), pre.flatten()).item(),
+            F.cross_entropy(logits_post.flatten(0, 1), post.flatten()).item())
 
 
 def test_lr_schedule_at_key_steps_and_paper_presets():
@@ -89,9 +129,9 @@ def test_loss_falls_and_lr_is_scaled_with_the_batch(files, tmp_path, capsys):
 
 def test_extraction_writes_the_on_the_fly_tokens_and_trains_identically(files, tmp_path):
     codes = tmp_path / 'codes'
-    train_gpt.main(argv(files, tmp_path / 'unused', '--extract', '--codes', str(codes), '--views', '2'))
+    extract(files, codes, '--views', '2')
     tokenizer = Tokenizer.from_checkpoint(files['tokenizer']).eval()
-    images = data.build_dataset(files['data'], 16, train=True, seed=0, hflip=True)  # what the trainer reads
+    images = data.build_dataset(files['data'], 16, train=True, seed=0)  # the trainer's: no flip
     extracted = data.CodesDataset(str(codes))
     views = []
     for epoch in range(2):  # view v = the augmentation of epoch v
@@ -100,7 +140,7 @@ def test_extraction_writes_the_on_the_fly_tokens_and_trains_identically(files, t
         got = torch.stack([extracted[(epoch, i)][0] for i in range(64)])
         assert torch.equal(got, expected)
         views.append(got)
-    assert (views[0] != views[1]).any(1).float().mean() > 0.5  # the views are different crops / flips
+    assert (views[0] != views[1]).any(1).float().mean() > 0.5  # the views are different crops
     assert extracted[(0, 5)][1] == images[(0, 5)][1]
     # two epochs from the codes (views 0, 1) == two epochs encoded on the fly, to the bit
     on_the_fly = train_gpt.main(argv(files, tmp_path / 'a')).state_dict()
@@ -159,9 +199,15 @@ def test_ddp_gloo_two_processes_keep_identical_weights(files, tmp_path):
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(argv(files, tmp_path / 'ddp', '--epochs', '1'), port, str(tmp_path)), nprocs=2)
+    args = argv(files, tmp_path / 'ddp', '--epochs', '1', '--val-data', files['val'])
+    mp.spawn(_ddp_worker, args=(args, port, str(tmp_path)), nprocs=2)
     rank0, rank1 = (torch.load(tmp_path / f'rank{r}.pt') for r in (0, 1))
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    # the held-out loss over both ranks' shards (5 + 4 images) == the direct one over all 9
+    final = held_out_rows(tmp_path / 'ddp')[-1]
+    ce_pre, ce_post = direct_held_out_ce(files, rank0)
+    assert float(final['val_ce_pre']) == pytest.approx(ce_pre, abs=2e-6)
+    assert float(final['val_ce_post']) == pytest.approx(ce_post, abs=2e-6)
     assert rank0['head_post.weight'].abs().sum() > 0  # trained: the zero-initialised head moved
     assert len(load_checkpoint(tmp_path / 'ddp' / 'ckpt.pt', 'gpt')['rng']) == 2  # each rank's RNG, for --resume
 
@@ -179,8 +225,144 @@ def test_clear_errors_for_bad_paths_and_mismatches(files, tmp_path):
         train_gpt.main(argv(files, tmp_path / 'b', '--epochs', '1', '--tokenizer', tok16, '--resume'))
     # pre-extracted 18-bit codes with a 16-bit tokenizer for the grids
     codes = tmp_path / 'codes'
-    train_gpt.main(argv(files, tmp_path / 'c', '--extract', '--codes', str(codes), '--views', '1'))
+    extract(files, codes, '--views', '1')
     with pytest.raises(ValueError, match='18-bit tokens on a 4x4 grid.* 16-bit tokens'):
         train_gpt.main(argv(files, tmp_path / 'c', '--codes', str(codes), '--tokenizer', tok16))
     with pytest.raises(ValueError, match='not a multiple'):
         train_gpt.main(argv(files, tmp_path / 'd', '--image-size', '18'))
+
+
+def test_held_out_loss_is_logged_and_equals_a_direct_computation(files, tmp_path, capsys):
+    out = tmp_path / 'images'
+    model = train_gpt.main(argv(files, out, '--epochs', '1', '--eval-every', '2',
+                                '--val-data', files['val']))
+    assert 'held-out CE: pre' in capsys.readouterr().out
+    rows = held_out_rows(out)
+    assert [int(r['step']) for r in rows] == [0, 2, 4]  # before training and at every evaluation
+    assert float(rows[0]['val_ce_pre']) == pytest.approx(np.log(64), abs=1e-5)  # zero heads
+    assert float(rows[0]['val_ce_post']) == pytest.approx(np.log(4096), abs=1e-5)
+    assert float(rows[0]['val_bits_pre']) == pytest.approx(6, abs=1e-5)
+    ce_pre, ce_post = direct_held_out_ce(files, model.state_dict())  # the final weights, at step 4
+    assert float(rows[-1]['val_ce_pre']) == pytest.approx(ce_pre, abs=2e-6)
+    assert float(rows[-1]['val_ce_post']) == pytest.approx(ce_post, abs=2e-6)
+    assert float(rows[-1]['val_bits_post']) == pytest.approx(ce_post / np.log(2), abs=2e-6)
+    assert ce_pre < np.log(64)  # it has learnt something, so the final row is not the step-0 one
+    # the same held-out images as codes (one centre-crop view): the same numbers
+    extract(files, tmp_path / 'val_codes', '--val', data_spec=files['val'])
+    out_codes = tmp_path / 'codes'
+    train_gpt.main(argv(files, out_codes, '--epochs', '1', '--eval-every', '2',
+                        '--val-codes', str(tmp_path / 'val_codes')))
+    assert [r['val_ce_post'] for r in held_out_rows(out_codes)] == [r['val_ce_post'] for r in rows]
+    extract(files, tmp_path / 'train_codes', '--views', '1')  # random crops: not held-out codes
+    with pytest.raises(ValueError, match='not one centre-crop view'):
+        train_gpt.main(argv(files, out_codes, '--val-codes', str(tmp_path / 'train_codes')))
+
+
+def test_extraction_refuses_a_folder_made_from_other_weights_or_data(files, tmp_path):
+    codes = tmp_path / 'codes'
+    meta = extract(files, codes, '--views', '1')
+    made_from = meta['made_from']
+    tokenizer = Tokenizer.from_checkpoint(files['tokenizer'])
+    assert made_from['tokenizer_sha256'] == weights_checksum(tokenizer)
+    assert made_from['data'] == [os.path.abspath(files['data'])]
+    assert made_from['data_bytes'] == [os.path.getsize(files['data'])]
+    assert (made_from['num_images'], made_from['image_size'], made_from['views']) == (64, 16, 1)
+    assert made_from['crop'] == 'random' and meta['complete'] and meta['skipped'] == []
+    before = np.load(codes / 'codes.npy')
+    extract(files, codes, '--views', '1')  # the same again: nothing to do, nothing refused
+    other_tokenizer = save_tokenizer(tmp_path / 'tok1.pt', seed=1)
+    with pytest.raises(ValueError, match=f'codes folder {codes} was made from.*\n'
+                       '  tokenizer_sha256(.|\n)*--overwrite'):
+        extract(files, codes, '--views', '1', '--tokenizer', other_tokenizer)
+    with pytest.raises(ValueError, match='  data: folder .*shapes.npz.*val.npz'):
+        extract(files, codes, '--views', '1', data_spec=files['val'])
+    with pytest.raises(ValueError, match='  views: folder 1 vs. now 2'):
+        extract(files, codes, '--views', '2')
+    assert np.array_equal(np.load(codes / 'codes.npy'), before)  # untouched by the refusals
+    meta = extract(files, codes, '--views', '2', '--tokenizer', other_tokenizer, '--overwrite')
+    assert meta['made_from']['views'] == 2 and np.load(codes / 'codes.npy').shape == (2, 64, 4, 4)
+
+
+def _jpeg_bytes(image):
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format='JPEG', quality=90)
+    return np.frombuffer(buffer.getvalue(), np.uint8)
+
+
+def test_extraction_skips_unreadable_images_as_training_does(files, tmp_path):
+    """110 JPEGs in an .npz: a corrupt one is skipped (listed, no codes); three (> 1%) stop it."""
+    shapes = data.SyntheticShapes(n=110, size=16, num_classes=10)
+    blobs = [_jpeg_bytes(np.asarray(shapes.load(i))) for i in range(110)]
+
+    def archive(path, bad):
+        parts = [b'not a jpeg' if i in bad else blob.tobytes() for i, blob in enumerate(blobs)]
+        offsets = np.cumsum([0] + [len(p) for p in parts]).astype(np.int64)
+        jpeg = np.frombuffer(b''.join(parts), np.uint8)
+        np.savez(path, jpeg=jpeg, offsets=offsets, labels=shapes.labels)
+        return str(path)
+
+    one_bad = archive(tmp_path / 'one_bad.npz', {37})
+    meta = extract(files, tmp_path / 'codes', '--views', '2', data_spec=one_bad)
+    assert meta['complete'] and meta['skipped'] == [{'index': 37, 'file': f'{one_bad}[37]'}]
+    codes = data.CodesDataset(str(tmp_path / 'codes'))
+    assert len(codes) == 109  # the others, in order, with their labels and their own views
+    images = data.build_dataset(one_bad, 16, train=True)
+    tokenizer = Tokenizer.from_checkpoint(files['tokenizer']).eval()
+    for j, i in ((0, 0), (36, 36), (37, 38), (108, 109)):
+        with torch.no_grad():
+            expected = tokenizer.encode(images[(1, i)][0][None])[1].flatten()
+        assert torch.equal(codes[(1, j)][0], expected) and codes[(1, j)][1] == shapes.labels[i]
+    three_bad = archive(tmp_path / 'bad3.npz', {3, 50, 90})
+    with pytest.raises(RuntimeError, match='could not be read'):
+        extract(files, tmp_path / 'codes3', '--views', '1', data_spec=three_bad)
+
+
+def to_official(state):
+    """Our GPT state_dict in the released Lightning layout (gpt.convert_official_gpt inverted)."""
+    names = {'class_emb.weight': 'class_emb.embedding_table.weight',
+             'head_pre.weight': 'head.0.weight', 'head_post.weight': 'head.1.weight',
+             'inter_blocks': 'spatial_blocks', 'intra_blocks': 'factorized_blocks',
+             'attn_norm': 'attention_norm', 'attn.qkv': 'attention.wqkv',
+             'attn.proj': 'attention.wo', 'ffn.down': 'feed_forward.w2'}
+    official = {}
+    for key, value in state.items():
+        for ours, theirs in names.items():
+            key = key.replace(ours, theirs)
+        if key.endswith('ffn.gate_up.weight'):
+            w1, w3 = value.chunk(2)
+            official[key.replace('ffn.gate_up', 'feed_forward.w1')] = w1
+            official[key.replace('ffn.gate_up', 'feed_forward.w3')] = w3
+        else:
+            official[key] = value
+    return {'state_dict': {'transformer.' + k: v for k, v in official.items()}}
+
+
+def test_init_from_copies_the_weights_with_a_fresh_optimizer(files, tmp_path, monkeypatch):
+    trained = train_gpt.main(argv(files, tmp_path / 'a', '--epochs', '1')).state_dict()
+    torch.save(to_official(trained), tmp_path / 'AR_tiny.ckpt')
+    first_steps = []
+
+    def first_step(model, optimizer, micro_batches, lr, *args):  # what step 0 starts from; stop
+        weights = {k: v.clone() for k, v in model.state_dict().items()}
+        first_steps.append((weights, len(optimizer.state), lr))
+        raise Killed
+
+    monkeypatch.setattr(train_gpt, 'train_step', first_step)
+    for source in (str(tmp_path / 'a' / 'ckpt.pt'), f"open-magvit2:{tmp_path / 'AR_tiny.ckpt'}"):
+        with pytest.raises(Killed):
+            train_gpt.main(argv(files, tmp_path / 'b', '--init-from', source))
+        weights, optimizer_entries, lr = first_steps.pop()
+        assert all(torch.equal(weights[k], trained[k]) for k in trained)
+        assert optimizer_entries == 0  # a fresh AdamW
+        assert lr == pytest.approx(0.005 * 1e-3)  # step 0's lr
+    # a checkpoint of another network (7 classes, the data has 10): refused, naming the field
+    other = GPT.from_preset('tiny', num_classes=7, block_size=16)
+    save_checkpoint(tmp_path / 'other.pt', {'kind': 'gpt', 'config': asdict(other.config),
+                                            'model': other.state_dict()})
+    torch.save(to_official(other.state_dict()), tmp_path / 'AR_other.ckpt')
+    for source in (str(tmp_path / 'other.pt'), f"open-magvit2:{tmp_path / 'AR_other.ckpt'}"):
+        with pytest.raises(ValueError, match='--init-from: .*\n  num_classes: checkpoint 7 vs. '
+                           'now 10'):
+            train_gpt.main(argv(files, tmp_path / 'c', '--init-from', source))
+    with pytest.raises(ValueError, match='not a gpt checkpoint'):
+        train_gpt.main(argv(files, tmp_path / 'c', '--init-from', files['tokenizer']))

@@ -264,3 +264,45 @@ def test_compile_blocks_same_function():
         outputs.append((x_rec, indices, losses['entropy_loss'], model.encoder.conv_in.weight.grad))
     for a, b in zip(*outputs):
         assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6)
+
+
+class StopBeforeStep(Exception):
+    pass
+
+
+def test_init_from_copies_the_weights_with_fresh_optimizers(tiny_run, tmp_path, monkeypatch):
+    out, _ = tiny_run
+    ckpt = utils.load_checkpoint(os.path.join(out, 'ckpt.pt'), expect_kind='tokenizer')
+    first_steps = []
+
+    def first_step(x, t, args, step):  # what step 0 starts from, then stop
+        first_steps.append((t, step))
+        raise StopBeforeStep
+
+    monkeypatch.setattr(train_tok, 'train_step', first_step)
+    with pytest.raises(StopBeforeStep):
+        train_tok.main(FAST + ['--init-from', os.path.join(out, 'ckpt.pt'),
+                               '--out', str(tmp_path / 'a')])
+    t, step = first_steps.pop()
+    assert step == 0 and not t.opt_g.state and not t.opt_d.state  # fresh Adam states
+    for module, key in ((t.raw_model, 'model'), (t.ema, 'ema'), (t.raw_disc, 'disc'),
+                        (t.lecam, 'lecam')):
+        assert all(torch.equal(v, ckpt[key][k]) for k, v in module.state_dict().items()), key
+    # a released file: raw weights to the generator, EMA weights to the EMA, a fresh discriminator
+    state = {k: v + 1 for k, v in ckpt['model'].items()}
+    state.update({'model_ema.' + k.replace('.', ''): v for k, v in ckpt['ema'].items()})
+    torch.save({'state_dict': state}, tmp_path / 'official.ckpt')
+    with pytest.raises(StopBeforeStep):
+        train_tok.main(FAST + ['--init-from', f"open-magvit2:{tmp_path / 'official.ckpt'}",
+                               '--out', str(tmp_path / 'b')])
+    t, _ = first_steps.pop()
+    assert all(torch.equal(v, state[k]) for k, v in t.raw_model.state_dict().items())
+    assert all(torch.equal(v, ckpt['ema'][k]) for k, v in t.ema.state_dict().items())
+    assert not torch.equal(t.raw_disc.state_dict()['main.0.weight'], ckpt['disc']['main.0.weight'])
+    # another architecture (16-bit codes for the 18-bit preset): refused, naming the field
+    other = Tokenizer.from_preset('tiny', num_bits=16)
+    utils.save_checkpoint(tmp_path / 'tok16.pt', {'kind': 'tokenizer', 'model': other.state_dict(),
+                                                  'config': vars(other.config)})
+    with pytest.raises(ValueError, match='num_bits: checkpoint 16 vs. now 18'):
+        train_tok.main(FAST + ['--init-from', str(tmp_path / 'tok16.pt'),
+                               '--out', str(tmp_path / 'c')])
