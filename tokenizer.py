@@ -302,6 +302,9 @@ def compile_blocks(model, **compile_options):
     one graph of the whole network (minutes). Within a block, Inductor fuses GroupNorm, swish and the casts around the
     cuDNN convolutions. compile_options go to torch.compile (the tests capture the same graphs with
     backend='aot_eager'; bench.py compares the compiled step's losses with the eager ones)."""
+    # one ResBlock.forward serves every block, and each (shape, dtype) of its input is one more compiled variant:
+    # about 15 in a 256px tokenizer, over Dynamo's default limit of 8 (past which it falls back to eager)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for module in model.modules():
         if isinstance(module, (ResBlock, AdaptiveGroupNorm, Upsampler, LFQ)):
             module.compile(**compile_options)
