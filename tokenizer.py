@@ -249,12 +249,13 @@ class Tokenizer(nn.Module):
     def from_checkpoint(cls, path_or_state, ema=True):
         """Build from our checkpoint ({'kind': 'tokenizer', 'config', 'model', optional 'ema'}) or from an official
         Open-MAGVIT2 one (a Lightning dict with 'state_dict'), given as a path or as the loaded dict. Which of the
-        two it is comes from its keys; the prefix 'open-magvit2:PATH' (as in sample.py) is accepted and only
-        documents it. ema=True takes the EMA weights when the checkpoint has them."""
+        two it is comes from its keys. A released file that holds pickled Lightning objects must be given as
+        'open-magvit2:PATH' (utils.load_checkpoint loads only such paths in full). ema=True takes the EMA
+        weights when the checkpoint has them."""
         from utils import load_checkpoint
         ckpt = path_or_state
         if isinstance(ckpt, str):
-            ckpt = load_checkpoint(ckpt.removeprefix('open-magvit2:'))
+            ckpt = load_checkpoint(ckpt)
         if not isinstance(ckpt, dict) or ('state_dict' not in ckpt and ckpt.get('kind') != 'tokenizer'):
             kind = ckpt.get('kind') if isinstance(ckpt, dict) else type(ckpt).__name__
             raise ValueError(f"not a tokenizer checkpoint (kind {kind!r}): expected ours (kind 'tokenizer') "
