@@ -1,8 +1,10 @@
 """train_gpt.py: the LR schedule against a piecewise-linear reference, extraction == on-the-fly encoding (same crops,
 and the same training run from either), the loss falls, resume == an uninterrupted run, DDP (gloo, 2 processes) keeps
-the ranks identical, clear errors for a bad checkpoint path and a tokenizer / GPT mismatch."""
+the ranks identical, clear errors for a bad checkpoint path and a tokenizer / GPT mismatch; resume refuses other
+inputs (tokenizer, data, its weights), a rerun onto a run needs --resume; the checkpoint records the tokenizer."""
 import csv
 import os
+import shutil
 import socket
 from dataclasses import asdict
 
@@ -14,7 +16,7 @@ import torch.multiprocessing as mp
 import data
 import train_gpt
 from tokenizer import Tokenizer
-from utils import load_checkpoint, save_checkpoint
+from utils import load_checkpoint, save_checkpoint, weights_checksum
 
 
 def save_tokenizer(path, seed=0, **overrides):
@@ -65,7 +67,9 @@ def test_lr_schedule_at_key_steps_and_paper_presets():
         args = train_gpt.get_args(['--preset', name])
         assert (args.lr, args.warmup_epochs, args.epochs, args.batch_size) == (lr, warmup_epochs, epochs, 768)
         assert (args.weight_decay, args.grad_clip) == (0.05, 1.0)
+        assert args.model == name  # a preset is a named run: its architecture and training settings
     assert train_gpt.get_args(['--preset', 'XL', '--lr', '1e-4']).lr == 1e-4  # the command line beats the preset
+    assert train_gpt.get_args([]).model == 'B' and train_gpt.get_args(['--model', 'L']).lr == 3e-4
 
 
 def test_loss_falls_and_lr_is_scaled_with_the_batch(files, tmp_path, capsys):
@@ -80,6 +84,7 @@ def test_loss_falls_and_lr_is_scaled_with_the_batch(files, tmp_path, capsys):
     assert first == pytest.approx(np.log(64) + np.log(4096), abs=0.05)  # zero-initialised heads: uniform
     assert last < first - 1.5, (first, last)  # 12.48 -> ~10.7 nats in 32 steps
     ckpt = load_checkpoint(out / 'ckpt.pt', 'gpt')
+    torch.load(out / 'ckpt.pt', weights_only=True)  # tensors and plain types only: no pickled code
     assert ckpt['step'] == 32 and (ckpt['epoch'], ckpt['batch_in_epoch']) == (8, 0)
     assert ckpt['config']['block_size'] == 16 and ckpt['config']['num_classes'] == 10
     assert ckpt['tokenizer']['path'] == files['tokenizer']
@@ -137,6 +142,8 @@ def test_resume_equals_an_uninterrupted_run(files, tmp_path, monkeypatch):
     for a, b in zip(full['optimizer']['state'].values(), resumed['optimizer']['state'].values()):
         assert torch.equal(a['exp_avg'], b['exp_avg']) and torch.equal(a['exp_avg_sq'], b['exp_avg_sq'])
     assert read_log(tmp_path / 'full')[-1]['loss_post'] == read_log(tmp_path / 'resumed')[-1]['loss_post']
+    # step 7 was logged before the kill and again after the resume from step 6: once in the log
+    assert [int(r['step']) for r in read_log(tmp_path / 'resumed')] == list(range(1, 13))
     # --max-steps stops early (mid-epoch, with a checkpoint) on the same schedule; --resume finishes the same run
     train_gpt.main(argv(files, tmp_path / 'stopped', *common, '--max-steps', '5'))
     ckpt = load_checkpoint(tmp_path / 'stopped' / 'ckpt.pt', 'gpt')
@@ -144,6 +151,33 @@ def test_resume_equals_an_uninterrupted_run(files, tmp_path, monkeypatch):
     train_gpt.main(argv(files, tmp_path / 'stopped', *common, '--resume'))
     stopped = load_checkpoint(tmp_path / 'stopped' / 'ckpt.pt', 'gpt')
     assert stopped['step'] == 12 and all(torch.equal(full['model'][k], stopped['model'][k]) for k in full['model'])
+
+
+def test_checkpoint_records_the_tokenizer_and_resume_refuses_other_inputs(files, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    save_tokenizer(tmp_path / 'tok.pt')
+    run = argv(files, tmp_path / 'run', '--epochs', '1', '--max-steps', '2')
+    run[run.index('--tokenizer') + 1] = 'tok.pt'  # relative, as typed
+    train_gpt.main(run)
+    info = load_checkpoint(tmp_path / 'run' / 'ckpt.pt', 'gpt')['tokenizer']
+    assert info['path'] == str(tmp_path / 'tok.pt') and info['ema']  # absolute: sample.py may run elsewhere
+    assert info['fingerprint'] == weights_checksum(Tokenizer.from_checkpoint('tok.pt'))
+    with pytest.raises(FileExistsError, match='holds a run already.*--resume.*--overwrite'):
+        train_gpt.main(run)  # the same command again, without --resume
+    shutil.copy(files['data'], tmp_path / 'moved.npz')
+    other_tokenizer = save_tokenizer(tmp_path / 'other.pt', seed=1)
+    for name, flags in (('tokenizer', ['--tokenizer', other_tokenizer]), ('data', ['--data', 'moved.npz']),
+                        ('seed', ['--seed', '1']), ('ema', ['--no-ema'])):
+        with pytest.raises(ValueError, match=f"another config:\n  {name}: checkpoint"):
+            train_gpt.main(run + ['--resume'] + flags)
+    save_tokenizer(tmp_path / 'tok.pt', seed=1)  # retrained in place: the same path, other weights
+    with pytest.raises(ValueError, match='tokenizer_fingerprint'):
+        train_gpt.main(run + ['--resume'])
+    save_tokenizer(tmp_path / 'tok.pt')
+    # how often it logs / samples, where it stops and the micro-batching may change
+    train_gpt.main(run + ['--resume', '--log-every', '2', '--eval-every', '3', '--max-steps', '4',
+                          '--grad-accum', '2'])
+    assert load_checkpoint(tmp_path / 'run' / 'ckpt.pt', 'gpt')['step'] == 4
 
 
 def _ddp_worker(rank, args, port, out):
