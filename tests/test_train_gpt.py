@@ -1,7 +1,8 @@
 """train_gpt.py: the LR schedule against a piecewise-linear reference, extraction == on-the-fly encoding (same crops,
 and the same training run from either), the loss falls, resume == an uninterrupted run, DDP (gloo, 2 processes) keeps
-the ranks identical, clear errors for a bad checkpoint path and a tokenizer / GPT mismatch; resume refuses other
-inputs (tokenizer, data, its weights), a rerun onto a run needs --resume; the checkpoint records the tokenizer."""
+the ranks identical, clear errors for a bad checkpoint path and a tokenizer / GPT mismatch; resume
+refuses other inputs (tokenizer, data, its weights), a rerun onto a run needs --resume; the
+checkpoint records the tokenizer."""
 import csv
 import os
 import shutil
@@ -67,7 +68,7 @@ def test_lr_schedule_at_key_steps_and_paper_presets():
         args = train_gpt.get_args(['--preset', name])
         assert (args.lr, args.warmup_epochs, args.epochs, args.batch_size) == (lr, warmup_epochs, epochs, 768)
         assert (args.weight_decay, args.grad_clip) == (0.05, 1.0)
-        assert args.model == name  # a preset is a named run: its architecture and training settings
+        assert args.model == name  # a named run: its architecture and training settings
     assert train_gpt.get_args(['--preset', 'XL', '--lr', '1e-4']).lr == 1e-4  # the command line beats the preset
     assert train_gpt.get_args([]).model == 'B' and train_gpt.get_args(['--model', 'L']).lr == 3e-4
 
@@ -153,21 +154,23 @@ def test_resume_equals_an_uninterrupted_run(files, tmp_path, monkeypatch):
     assert stopped['step'] == 12 and all(torch.equal(full['model'][k], stopped['model'][k]) for k in full['model'])
 
 
-def test_checkpoint_records_the_tokenizer_and_resume_refuses_other_inputs(files, tmp_path, monkeypatch):
+def test_checkpoint_records_the_tokenizer_and_resume_refuses_other_inputs(files, tmp_path,
+                                                                          monkeypatch):
     monkeypatch.chdir(tmp_path)
     save_tokenizer(tmp_path / 'tok.pt')
     run = argv(files, tmp_path / 'run', '--epochs', '1', '--max-steps', '2')
     run[run.index('--tokenizer') + 1] = 'tok.pt'  # relative, as typed
     train_gpt.main(run)
     info = load_checkpoint(tmp_path / 'run' / 'ckpt.pt', 'gpt')['tokenizer']
-    assert info['path'] == str(tmp_path / 'tok.pt') and info['ema']  # absolute: sample.py may run elsewhere
+    assert info['path'] == str(tmp_path / 'tok.pt') and info['ema']  # absolute
     assert info['fingerprint'] == weights_checksum(Tokenizer.from_checkpoint('tok.pt'))
     with pytest.raises(FileExistsError, match='holds a run already.*--resume.*--overwrite'):
         train_gpt.main(run)  # the same command again, without --resume
     shutil.copy(files['data'], tmp_path / 'moved.npz')
     other_tokenizer = save_tokenizer(tmp_path / 'other.pt', seed=1)
-    for name, flags in (('tokenizer', ['--tokenizer', other_tokenizer]), ('data', ['--data', 'moved.npz']),
-                        ('seed', ['--seed', '1']), ('ema', ['--no-ema'])):
+    for name, flags in (('tokenizer', ['--tokenizer', other_tokenizer]),
+                        ('data', ['--data', 'moved.npz']), ('seed', ['--seed', '1']),
+                        ('ema', ['--no-ema'])):
         with pytest.raises(ValueError, match=f"another config:\n  {name}: checkpoint"):
             train_gpt.main(run + ['--resume'] + flags)
     save_tokenizer(tmp_path / 'tok.pt', seed=1)  # retrained in place: the same path, other weights
