@@ -166,7 +166,7 @@ def bench_tokenizer_step(preset, image_size, batch, dist, weights_dir, compile_m
     eager_s = time.perf_counter() - start
     result = {}
     if compile_model:
-        del t
+        t = None  # free the eager copy first
         torch.cuda.empty_cache()
         t = train_tok.build(args, dist)
         train_tok.compile_step_modules(t.raw_model, t.raw_disc, t.lpips)
@@ -187,7 +187,7 @@ def bench_tokenizer_step(preset, image_size, batch, dist, weights_dir, compile_m
     ms, mem = cuda_time(run, iters=10, warmup=3, name=name)
     result.update(img_per_s=batch / (ms / 1e3), peak_gib=mem, tflop_per_image=flops / batch / 1e12,
                   mfu=flops / (ms / 1e3) / peak)
-    del t
+    t = None
     torch.cuda.empty_cache()
     return result
 

@@ -13,9 +13,17 @@ Evaluation set in the ADM format (read by fid.py and the ADM evaluator), 50 imag
     add --device npu on Ascend NPUs.
 The images are cut into shards of --batch-size; shard s is always generated with the seed --seed * 1000003 + s,
 whichever rank runs it, so the result does not depend on the number of GPUs. Each finished shard is saved to
-OUT.shards/ at once, so a killed run resumes when rerun with the same command. Then rank 0 writes OUT: `arr_0` uint8 (N, H, W, 3), shuffled
-with a fixed seed as the official combine_npz.py, and `arr_1` the class labels in the same order (as ADM's
-image_sample.py), and removes the shards.
+OUT.shards/ at once, so a killed run resumes when rerun with the same command. Then rank 0 writes
+OUT: `arr_0` uint8 (N, H, W, 3), shuffled with a fixed seed as the official combine_npz.py, and
+`arr_1` the class labels in the same order (as ADM's image_sample.py), records the settings in
+OUT.settings.json and removes the shards. A rerun onto an existing OUT with other settings is an
+error; --overwrite samples it again.
+
+Tokenizer: the one the generator was trained on (the path and weights fingerprint that train_gpt.py
+records; a --tokenizer with other weights is an error unless --allow-tokenizer-mismatch), decoding
+with the weights it was trained on: EMA or raw as recorded, raw for a released AR checkpoint (as
+the official pipeline, which decodes with the tokenizer stored in the AR file, without model_ema).
+--ema / --no-ema override that choice.
 
 Sampling settings: cfg scale and temperature per sub-token ("pre,post"), top-k and top-p; the defaults are the
 paper's for the model size (gpt.py PRESETS), with top-k and top-p off as in the official scripts.
@@ -25,6 +33,7 @@ show their requested class.
 
 import argparse
 import json
+import math
 import os
 import shutil
 import time
@@ -39,7 +48,8 @@ import data
 from gpt import GPT, GPTConfig
 from quantizer import merge_indices
 from tokenizer import Tokenizer
-from utils import autocast, barrier, check_kind, cleanup, load_checkpoint, print0, save_image_grid, setup, to_uint8
+from utils import (DEVICES, OFFICIAL_PREFIX, autocast, barrier, check_kind, cleanup,
+                   load_checkpoint, print0, save_image_grid, setup, to_uint8, weights_checksum)
 
 
 @torch.no_grad()
@@ -52,26 +62,44 @@ def generate_images(gpt, tokenizer, labels, generator, **sampling):
     return tokenizer.decode_indices(indices).float().clamp(-1, 1)
 
 
-def load_models(gpt_path, tokenizer_path=None, ema=True):
+def load_models(gpt_path, tokenizer_path=None, ema=None, allow_tokenizer_mismatch=False):
     """Our GPT checkpoint and the tokenizer it was trained on (default: the path stored in the GPT checkpoint), or a
     released Open-MAGVIT2 AR checkpoint (`open-magvit2:AR_256_B.ckpt`, or detected by its Lightning 'state_dict')
-    with the released tokenizer passed as --tokenizer open-magvit2:PATH."""
-    official = gpt_path.startswith('open-magvit2:')
-    gpt_path = gpt_path.removeprefix('open-magvit2:')
+    with the released tokenizer passed as --tokenizer open-magvit2:PATH.
+    ema=None decodes with the tokenizer weights the generator was trained on (ours: the recorded
+    choice; released: raw); True / False overrides it. Our checkpoints record the fingerprint of
+    those weights: another tokenizer is an error, unless allow_tokenizer_mismatch."""
+    official = gpt_path.startswith(OFFICIAL_PREFIX)
     ckpt = load_checkpoint(gpt_path)
+    gpt_path = gpt_path.removeprefix(OFFICIAL_PREFIX)
+    trained = {}  # the tokenizer the generator was trained on, as train_gpt.py records it
     if official or (isinstance(ckpt, dict) and 'state_dict' in ckpt):
         gpt = GPT.from_official(ckpt)  # key mapping in gpt.convert_official_gpt; unknown / missing keys are errors
         if not tokenizer_path:
             raise ValueError(f"{gpt_path} is an official checkpoint: pass the released tokenizer as "
                              "--tokenizer open-magvit2:PATH")
+        trained_ema = False  # the official AR configs load the tokenizer with use_ema: False
     else:
         check_kind(ckpt, 'gpt', gpt_path)
         gpt = GPT(GPTConfig(**ckpt['config']))
         gpt.load_state_dict(ckpt['model'])
-        tokenizer_path = tokenizer_path or (ckpt.get('tokenizer') or {}).get('path')
+        trained = ckpt.get('tokenizer') or {}
+        tokenizer_path = tokenizer_path or trained.get('path')
+        trained_ema = trained.get('ema', True)
     if not tokenizer_path:
         raise ValueError(f"{gpt_path} does not name its tokenizer (trained from --codes?): pass --tokenizer CKPT")
-    tokenizer = Tokenizer.from_checkpoint(tokenizer_path, ema=ema)
+    tokenizer_ckpt = load_checkpoint(tokenizer_path)
+    tokenizer = Tokenizer.from_checkpoint(tokenizer_ckpt, ema=trained_ema)
+    fingerprint = trained.get('fingerprint')
+    if fingerprint and weights_checksum(tokenizer) != fingerprint and not allow_tokenizer_mismatch:
+        weights = 'EMA' if trained_ema else 'raw'
+        raise ValueError(f"{gpt_path} was trained with tokenizer {trained.get('path')} ({weights} "
+                         f"weights, fingerprint {fingerprint}), but {tokenizer_path} holds other "
+                         f"weights (fingerprint {weights_checksum(tokenizer)}): pass "
+                         "--tokenizer with the one it was trained with, or "
+                         "--allow-tokenizer-mismatch to decode with this one anyway")
+    if ema is not None and ema != trained_ema:  # an explicit --ema / --no-ema
+        tokenizer = Tokenizer.from_checkpoint(tokenizer_ckpt, ema=ema)
     if tokenizer.config.num_bits != gpt.config.vocab_bits:
         raise ValueError(f"mismatch: {gpt_path} models {gpt.config.vocab_bits}-bit tokens (vocabulary "
                          f"{2 ** gpt.config.vocab_bits}) but tokenizer {tokenizer_path} makes "
@@ -125,32 +153,97 @@ def check_class_consistency(images, labels, tokenizer, epochs=3, seed=0):
 # main
 
 
-def main(argv=None):
+def get_args(argv=None):
+    """The command line, checked before any work: errors name the flag. Returns (args, sampling),
+    where sampling holds the per-sub-token (pre, post) settings for GPT.generate (None: the
+    preset's)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--gpt', required=True, help="checkpoint written by train_gpt.py")
     parser.add_argument('--tokenizer', help="tokenizer checkpoint (default: the one the GPT was trained with)")
-    parser.add_argument('--no-ema', dest='ema', action='store_false', help="raw tokenizer weights, not EMA")
+    parser.add_argument('--ema', action=argparse.BooleanOptionalAction,
+                        help="decode with the tokenizer's EMA (--ema) or raw (--no-ema) weights "
+                        "(default: those the GPT was trained on; raw for a released AR "
+                        "checkpoint)")
+    parser.add_argument('--allow-tokenizer-mismatch', action='store_true',
+                        help="decode with a --tokenizer whose weights are not the ones the "
+                        "GPT was trained with")
     parser.add_argument('--classes', help="comma-separated class ids (default: all classes of the model)")
     parser.add_argument('--num-per-class', type=int, default=4)
     parser.add_argument('--out', default='samples.png', help=".png: one grid; .npz: ADM evaluation format")
+    parser.add_argument('--overwrite', action='store_true',
+                        help="sample again onto an existing .npz --out")
     parser.add_argument('--batch-size', type=int, default=32, help="images per forward pass and per shard")
-    parser.add_argument('--cfg-scale', help="'pre,post' (default: the preset's)")
-    parser.add_argument('--temperature', help="'pre,post' (default: the preset's)")
+    parser.add_argument('--cfg-scale', help="'s' or 'pre,post' (default: the preset's)")
+    parser.add_argument('--temperature',
+                        help="'t' or 'pre,post', >= 0; 0 = greedy (default: the preset's)")
     parser.add_argument('--top-k', default='0', help="'k' or 'pre,post'; 0 = off")
-    parser.add_argument('--top-p', default='1.0', help="'p' or 'pre,post'; 1.0 = off")
+    parser.add_argument('--top-p', default='1.0', help="'p' or 'pre,post' in (0, 1]; 1.0 = off")
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--check-classes', choices=['synthetic'], help="score the samples with a classifier")
-    parser.add_argument('--device', default='cuda', help="cuda | npu | cpu")
+    parser.add_argument('--device', default='cuda', choices=DEVICES)
     args = parser.parse_args(argv)
-    pair = lambda s, cast: None if s is None else tuple(cast(v) for v in (s.split(',') * 2)[:2])  # 'a' -> (a, a)
-    sampling = dict(cfg_scale=pair(args.cfg_scale, float), temperature=pair(args.temperature, float),
-                    top_k=pair(args.top_k, int), top_p=pair(args.top_p, float))
 
+    def pair(flag, cast, valid, requirement):  # 'a' -> (a, a), 'a,b' -> (a, b); None stays None
+        text = getattr(args, flag[2:].replace('-', '_'))
+        if text is None:
+            return None
+        try:
+            values = tuple(cast(v) for v in text.split(','))
+        except ValueError:
+            values = ()
+        if len(values) not in (1, 2) or not all(valid(v) for v in values):
+            parser.error(f"{flag} {text!r}: expected one value or 'pre,post', {requirement}")
+        return (values * 2)[:2]
+    sampling = dict(cfg_scale=pair('--cfg-scale', float, math.isfinite, "numbers"),
+                    temperature=pair('--temperature', float, lambda t: 0 <= t < math.inf,
+                                     "each >= 0"),
+                    top_k=pair('--top-k', int, lambda k: k >= 0, "integers >= 0"),
+                    top_p=pair('--top-p', float, lambda p: 0 < p <= 1, "each in (0, 1]"))
+    if args.classes is not None:
+        try:
+            args.classes = [int(c) for c in args.classes.split(',')]
+        except ValueError:
+            parser.error(f"--classes {args.classes!r}: expected comma-separated class ids, "
+                         "e.g. 0,1,2")
+    for flag in ('--num-per-class', '--batch-size'):
+        if getattr(args, flag[2:].replace('-', '_')) < 1:
+            parser.error(f"{flag} must be at least 1")
+    return args, sampling
+
+
+def main(argv=None):
+    args, sampling = get_args(argv)
     dist = setup(args.device)
-    gpt, tokenizer = load_models(args.gpt, args.tokenizer, args.ema)
+    npz = args.out.endswith('.npz')
+    if not npz and dist.ddp:
+        raise ValueError("a .png grid is made by one process; use an .npz --out under torchrun")
+    shard_dir, settings_path = args.out + '.shards', args.out + '.settings.json'
+    settings = {k: v for k, v in vars(args).items() if k != 'overwrite'}
+    # a retrained GPT starts anew (a missing one is reported by load_models)
+    gpt_file = args.gpt.removeprefix(OFFICIAL_PREFIX)
+    settings['gpt_mtime'] = os.path.getmtime(gpt_file) if os.path.exists(gpt_file) else None
+    settings = json.loads(json.dumps(settings))  # as read back from the file
+    # an evaluation file is never silently stale
+    if npz and os.path.exists(args.out) and not args.overwrite:
+        recorded = None
+        if os.path.exists(settings_path):
+            with open(settings_path) as f:
+                recorded = json.load(f)
+        if recorded == settings:
+            print0(f"{args.out} exists already, made with these settings: nothing to do")
+            cleanup()
+            return None
+        if recorded is None:
+            differ = f"none recorded in {settings_path}"
+        else:
+            differ = ', '.join(k for k in settings if recorded.get(k) != settings[k])
+        raise FileExistsError(f"{args.out} exists already, made with other settings ({differ}): "
+                              "pass --overwrite to sample it again, or another --out")
+
+    gpt, tokenizer = load_models(args.gpt, args.tokenizer, args.ema, args.allow_tokenizer_mismatch)
     gpt, tokenizer = gpt.to(dist.device), tokenizer.to(dist.device)
     config = gpt.config
-    classes = [int(c) for c in args.classes.split(',')] if args.classes else list(range(config.num_classes))
+    classes = args.classes or list(range(config.num_classes))
     if not all(0 <= c < config.num_classes for c in classes):
         raise ValueError(f"--classes must lie in 0..{config.num_classes - 1} for this model")
     labels = torch.tensor(classes).repeat_interleave(args.num_per_class)  # class-major: a grid row per class
@@ -159,23 +252,19 @@ def main(argv=None):
            f"temperature {sampling['temperature'] or config.temperature}, top-k {sampling['top_k']}, "
            f"top-p {sampling['top_p']}")
 
-    npz = args.out.endswith('.npz')
-    if npz and os.path.exists(args.out):
-        print0(f"{args.out} exists already; delete it to sample again")
-        cleanup()
-        return None
-    if not npz and dist.ddp:
-        raise ValueError("a .png grid is made by one process; use an .npz --out under torchrun")
-    shard_dir = args.out + '.shards'
-    settings = dict(vars(args), gpt_mtime=os.path.getmtime(args.gpt))  # a retrained GPT starts anew
     if npz and dist.is_main:  # refuse to mix shards made with other settings into one evaluation set
+        if args.overwrite:
+            for path in (args.out, settings_path):
+                if os.path.exists(path):
+                    os.remove(path)
+            shutil.rmtree(shard_dir, ignore_errors=True)
         os.makedirs(shard_dir, exist_ok=True)
-        settings_path = os.path.join(shard_dir, 'settings.json')
-        if os.path.exists(settings_path):
-            with open(settings_path) as f:
-                if json.load(f) != json.loads(json.dumps(settings)):
+        shard_settings = os.path.join(shard_dir, 'settings.json')
+        if os.path.exists(shard_settings):
+            with open(shard_settings) as f:
+                if json.load(f) != settings:
                     raise ValueError(f"{shard_dir} holds shards made with other settings: delete it or use the same")
-        with open(settings_path, 'w') as f:
+        with open(shard_settings, 'w') as f:
             json.dump(settings, f, indent=1)
     barrier()
 
@@ -217,6 +306,9 @@ def main(argv=None):
         all_images = np.concatenate([p['images'] for p in parts])
         all_labels = np.concatenate([p['labels'] for p in parts])
         order = np.random.default_rng(args.seed).permutation(len(all_labels))
+        # before OUT: an OUT without its settings would be refused
+        with open(settings_path, 'w') as f:
+            json.dump(settings, f, indent=1)
         with open(args.out + '.tmp', 'wb') as f:
             np.savez(f, arr_0=all_images[order], arr_1=all_labels[order])
         os.replace(args.out + '.tmp', args.out)

@@ -10,7 +10,7 @@ the same parameter names, so the released checkpoints load with an almost-identi
 Quick look at a reconstruction (writes input | reconstruction side by side):
     python tokenizer.py --reconstruct photo.jpg --ckpt out/tok.pt --out rec.png                # our checkpoint
     python tokenizer.py --reconstruct photo.jpg --ckpt open-magvit2:imagenet_256_L.ckpt        # released weights
-    python tokenizer.py --reconstruct photo.jpg --ckpt imagenet_256_L.ckpt --device npu        # Ascend NPU
+    python tokenizer.py --reconstruct photo.jpg --ckpt out/tok.pt --device npu   # Ascend NPU
 Without --ckpt, --preset NAME builds an untrained tokenizer (its output is noise: a smoke test only).
 Training is in train_tok.py.
 """
@@ -249,12 +249,13 @@ class Tokenizer(nn.Module):
     def from_checkpoint(cls, path_or_state, ema=True):
         """Build from our checkpoint ({'kind': 'tokenizer', 'config', 'model', optional 'ema'}) or from an official
         Open-MAGVIT2 one (a Lightning dict with 'state_dict'), given as a path or as the loaded dict. Which of the
-        two it is comes from its keys; the prefix 'open-magvit2:PATH' (as in sample.py) is accepted and only
-        documents it. ema=True takes the EMA weights when the checkpoint has them."""
+        two it is comes from its keys. ema=True takes the EMA weights when the checkpoint has them.
+        A released file that holds pickled Lightning objects must be named 'open-magvit2:PATH':
+        utils.load_checkpoint unpickles only such paths in full."""
         from utils import load_checkpoint
         ckpt = path_or_state
         if isinstance(ckpt, str):
-            ckpt = load_checkpoint(ckpt.removeprefix('open-magvit2:'))
+            ckpt = load_checkpoint(ckpt)
         if not isinstance(ckpt, dict) or ('state_dict' not in ckpt and ckpt.get('kind') != 'tokenizer'):
             kind = ckpt.get('kind') if isinstance(ckpt, dict) else type(ckpt).__name__
             raise ValueError(f"not a tokenizer checkpoint (kind {kind!r}): expected ours (kind 'tokenizer') "
@@ -323,10 +324,10 @@ if __name__ == '__main__':
     parser.add_argument('--no-ema', dest='ema', action='store_false', help="raw weights instead of the EMA ones")
     parser.add_argument('--size', type=int, help="center crop and resize to this (default: the model's image_size)")
     parser.add_argument('--out', default='rec.png')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help="cuda | npu | cpu")
+    from utils import DEVICES, save_image_grid, setup
+    parser.add_argument('--device', default='cuda', choices=DEVICES)
     args = parser.parse_args()
     from data import crop_image, open_image
-    from utils import save_image_grid, setup
 
     dist = setup(args.device)
     if args.ckpt:

@@ -31,6 +31,8 @@ Ascend NPU:  torchrun --standalone --nproc_per_node 8 train_gpt.py --device npu 
 CPU demo:    python train_gpt.py --preset tiny --device cpu --tokenizer out/demo_tok/ckpt.pt --out out/demo_gpt
 Resume:      the same command plus --resume (model, optimizer, step, data order and RNG: the run continues exactly),
              also on another number of GPUs (same global --batch-size; add --grad-accum if it no longer fits).
+             Without --resume the same command refuses to touch the run; --overwrite deletes it
+             and starts again.
              --max-steps N stops at step N of the full schedule, with a checkpoint to --resume from.
 Fine-tune:   --init-from CKPT starts a new run (step 0, fresh AdamW state, the full lr schedule)
              from the weights of our GPT checkpoint or a released one (open-magvit2:AR_256_B.ckpt);
@@ -41,7 +43,6 @@ Outputs in --out: ckpt.pt, log.csv, samples_stepN.png (a few fixed classes at ea
 """
 
 import argparse
-import csv
 import math
 import os
 import time
@@ -57,12 +58,14 @@ from tqdm import tqdm
 
 import data
 from gpt import GPT
+from gpt import PRESETS as GPT_PRESETS
 from quantizer import split_indices
 from sample import generate_images
 from tokenizer import Tokenizer
-from utils import (all_reduce_mean, autocast, barrier, check_config, cleanup, load_checkpoint, peak_memory_gib, print0,
-                   rng_state, save_checkpoint, save_image_grid, set_rng_state, setup, weights_checksum)
-from utils import all_reduce_sum, check_kind
+from utils import (DEVICES, OFFICIAL_PREFIX, CSVLog, all_reduce_mean, all_reduce_sum, autocast, barrier,
+                   check_config, check_kind, check_resume, cleanup, load_checkpoint, peak_memory_gib,
+                   prepare_run_folder, print0, rng_state, save_checkpoint, save_image_grid,
+                   set_rng_state, setup, weights_checksum)
 
 # -----------------------------------------------------------------------------
 # the learning-rate schedule and one optimisation step
@@ -212,22 +215,35 @@ def init_from(model, path):
 
 
 # -----------------------------------------------------------------------------
-# presets: overrides of the argparse defaults, which are the paper's B run
+# presets: named runs, overrides of the argparse defaults (which are the paper's B run);
+# --model is the architecture (gpt.PRESETS), as --model in train_tok.py
 
 PRESETS = {
-    'B': dict(),
-    'L': dict(),
-    'XL': dict(lr=2.4e-4, warmup_epochs=7, epochs=350),
+    'B': dict(model='B'),
+    'L': dict(model='L'),
+    'XL': dict(model='XL', lr=2.4e-4, warmup_epochs=7, epochs=350),
     # CPU quick start (~4-5 min on 2 cores): 4000 synthetic 32px images of 10 classes, an 8x8 token grid; small
     # batches and a high lr (4.2e-3 after scaling to batch 32) learn the most in the time
-    'tiny': dict(data='synthetic', image_size=32, batch_size=32, lr=0.1, epochs=7, warmup_epochs=0.3,
-                 eval_every=125, log_every=10, num_workers=0, sample_classes='0,1,2,3,4,5,6,7,8,9'),
+    'tiny': dict(model='tiny', data='synthetic', image_size=32, batch_size=32, lr=0.1, epochs=7,
+                 warmup_epochs=0.3, eval_every=125, log_every=10, num_workers=0,
+                 sample_classes='0,1,2,3,4,5,6,7,8,9'),
 }
+# the flags that may differ on --resume (utils.check_resume): where and how fast the run goes
+# (--grad-accum splits the same global batch), how often it logs and samples, where it stops
+# (--max-steps keeps the schedule of --epochs). Every other flag (--tokenizer, --data, --codes,
+# --batch-size...) changes what is trained. A preset is only a name: the values it sets are
+# compared one by one.
+RESUME_MAY_CHANGE = {'resume', 'overwrite', 'device', 'out', 'num_workers', 'compile',
+                     'grad_accum', 'max_steps', 'eval_every', 'log_every', 'sample_classes',
+                     'preset'}
 
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--preset', default='B', choices=list(PRESETS), help="model size and training defaults")
+    parser.add_argument('--preset', choices=list(PRESETS), help="a named run: its --model and "
+                        "training settings (see PRESETS; the defaults are the paper's B run)")
+    parser.add_argument('--model', default='B', choices=list(GPT_PRESETS),
+                        help="architecture (gpt.PRESETS)")
     parser.add_argument('--tokenizer', help="tokenizer checkpoint (ours, or an official one as open-magvit2:PATH)")
     parser.add_argument('--no-ema', dest='ema', action='store_false', help="raw tokenizer weights, not EMA")
     parser.add_argument('--data', help="'synthetic', an ImageNet-style folder, or .npz archive(s)")
@@ -255,12 +271,16 @@ def get_args(argv=None):
     parser.add_argument('--resume', action='store_true', help="continue from OUT/ckpt.pt")
     parser.add_argument('--init-from', help="start from the weights of a GPT checkpoint (ours, or "
                         "open-magvit2:PATH) at step 0 with a fresh optimizer")
-    parser.add_argument('--device', default='cuda', help="cuda | npu | cpu")
+    parser.add_argument('--overwrite', action='store_true',
+                        help="delete the run in --out and start again")
+    parser.add_argument('--device', default='cuda', choices=DEVICES)
     parser.add_argument('--compile', action='store_true', help="torch.compile the model for training, and the "
                         "tokenizer's encoder (see bench.py)")
-    preset = parser.parse_known_args(argv)[0].preset
-    parser.set_defaults(**PRESETS[preset])  # the command line still overrides the preset
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.preset:  # preset values replace the defaults; flags on the command line still win
+        parser.set_defaults(**PRESETS[args.preset])
+        args = parser.parse_args(argv)
+    return args
 
 
 # -----------------------------------------------------------------------------
@@ -273,11 +293,15 @@ def main(argv=None):
     device, device_type = dist.device, dist.device_type
 
     # the frozen tokenizer: encodes batches on the fly, decodes the sample grids
-    tokenizer = None
+    tokenizer = tokenizer_fingerprint = None
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer, args.ema, args.image_size, device, args.compile)
+        # of the weights used (EMA or raw): sample.py checks it
+        tokenizer_fingerprint = weights_checksum(tokenizer)
     elif not args.codes:
         raise ValueError("pass --tokenizer CKPT (to encode images on the fly) or --codes DIR (pre-extracted tokens)")
+    # a fresh run must not overwrite the one in --out
+    ckpt_path = prepare_run_folder(args.out, args.resume, args.overwrite, dist.is_main)
 
     # data: (epoch, index) -> tokens or images; sharded over ranks, resumable mid-epoch
     if args.codes:
@@ -333,10 +357,10 @@ def main(argv=None):
 
     # the model: same init on every rank (DDP also broadcasts rank 0's), then per-rank dropout randomness
     torch.manual_seed(args.seed)
-    model = GPT.from_preset(args.preset, num_classes=dataset.num_classes, vocab_bits=num_bits,
+    model = GPT.from_preset(args.model, num_classes=dataset.num_classes, vocab_bits=num_bits,
                             block_size=grid[0] * grid[1]).to(device)
     optimizer = model.configure_optimizers(args.weight_decay, peak_lr, (0.9, 0.95), device_type)
-    print0(f"GPT {args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+    print0(f"GPT {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
            f"{grid[0]}x{grid[1]} tokens of {num_bits} bits, batch {micro_batch} x {args.grad_accum} micro-batches x "
            f"{dist.world_size} ranks")
     if args.init_from and not args.resume:  # fine-tuning: these weights, step 0, a fresh optimizer
@@ -344,12 +368,12 @@ def main(argv=None):
         print0(f"initialised from the weights of {args.init_from}")
     torch.manual_seed(args.seed + dist.rank)
     step, epoch, batch_in_epoch = 0, 0, 0
-    ckpt_path = os.path.join(args.out, 'ckpt.pt')
     if args.resume:
         ckpt = load_checkpoint(ckpt_path, 'gpt')
-        check_config(ckpt['config'], asdict(model.config), ckpt_path)
-        check_config(ckpt['train_args'], {k: getattr(args, k) for k in ('batch_size', 'lr', 'epochs', 'warmup_epochs',
-                                                                        'image_size', 'seed', 'preset')}, ckpt_path)
+        check_resume(ckpt, asdict(model.config), vars(args), RESUME_MAY_CHANGE, ckpt_path)
+        # the same --tokenizer path may hold other weights now (retrained in place)
+        check_config({'tokenizer_fingerprint': ckpt['tokenizer'].get('fingerprint')},
+                     {'tokenizer_fingerprint': tokenizer_fingerprint}, ckpt_path)
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
         step, epoch, batch_in_epoch = ckpt['step'], ckpt['epoch'], ckpt['batch_in_epoch']
@@ -366,8 +390,15 @@ def main(argv=None):
     if dist.ddp:
         # broadcast_buffers off: the only buffer is the constant RoPE table
         model = DDP(model, device_ids=None if device_type == 'cpu' else [dist.local_rank], broadcast_buffers=False)
-    tokenizer_info = {'path': args.tokenizer, 'ema': args.ema,
-                      'config': asdict(tokenizer.config) if tokenizer else None, 'codes': args.codes}
+    # which tokenizer the tokens came from, for sample.py: an absolute path (the run may be
+    # sampled from another folder) and the fingerprint of the weights used, which sample.py checks
+    tokenizer_path = args.tokenizer
+    if tokenizer_path:  # 'open-magvit2:' (a released file) stays in front
+        prefix = OFFICIAL_PREFIX if tokenizer_path.startswith(OFFICIAL_PREFIX) else ''
+        tokenizer_path = prefix + os.path.abspath(tokenizer_path.removeprefix(prefix))
+    tokenizer_info = {'path': tokenizer_path, 'ema': args.ema,
+                      'fingerprint': tokenizer_fingerprint, 'codes': args.codes,
+                      'config': asdict(tokenizer.config) if tokenizer else None}
 
     def log_held_out():
         """The held-out loss of the raw model now: a console line and a log.csv row (all ranks)."""
@@ -377,10 +408,9 @@ def main(argv=None):
         print0(f"step {step} held-out CE: pre {ce_pre:.4f}, post {ce_post:.4f} nats = "
                f"{bits_pre:.3f} of {raw_model.config.pre_bits} + {bits_post:.3f} of {post_bits} "
                "bits per token")
-        if dist.is_main:
-            with open(log_path, 'a') as f:  # an evaluation row: the training columns stay empty
-                values = [f'{v:.6f}' for v in (ce_pre, ce_post, bits_pre, bits_post)]
-                csv.writer(f).writerow([step, epoch] + [''] * 7 + values)
+        # an evaluation row: the training columns stay empty
+        log.write({'step': step, 'epoch': epoch, **{name: f'{v:.6f}' for name, v in zip(
+            fields[-4:], (ce_pre, ce_post, bits_pre, bits_post))}})
 
     def evaluate_and_save():
         """Sample a grid of the fixed classes (own RNG, so training randomness is untouched) and checkpoint."""
@@ -408,12 +438,10 @@ def main(argv=None):
         barrier()
 
     # the training loop
-    os.makedirs(args.out, exist_ok=True)
-    log_path = os.path.join(args.out, 'log.csv')
-    if dist.is_main and not (args.resume and os.path.exists(log_path)):
-        with open(log_path, 'w') as f:
-            f.write('step,epoch,lr,loss_pre,loss_post,tokens_per_s,mfu,peak_mem_gib,elapsed_s,'
-                    'val_ce_pre,val_ce_post,val_bits_pre,val_bits_post\n')
+    fields = ['step', 'epoch', 'lr', 'loss_pre', 'loss_post', 'tokens_per_s', 'mfu',
+              'peak_mem_gib', 'elapsed_s', 'val_ce_pre', 'val_ce_post', 'val_bits_pre', 'val_bits_post']
+    log = CSVLog(os.path.join(args.out, 'log.csv'), fields, dist.is_main,
+                 resume_step=step if args.resume else None)
     tokens_per_step = args.batch_size * grid[0] * grid[1]
     peak = peak_flops(device_type)
     num_bad = num_seen = 0
@@ -452,11 +480,10 @@ def main(argv=None):
                 last_time, last_step = now, step
                 progress.set_postfix(loss_pre=f'{loss_pre:.3f}', loss_post=f'{loss_post:.3f}', lr=f'{lr:.2e}',
                                      tok_s=f'{tokens_per_s:.0f}', mfu=f'{mfu:.1%}')
-                if dist.is_main:
-                    with open(log_path, 'a') as f:
-                        csv.writer(f).writerow([step, epoch, f'{lr:.4g}', f'{loss_pre:.4f}', f'{loss_post:.4f}',
-                                                f'{tokens_per_s:.1f}', f'{mfu:.4f}',
-                                                f'{peak_memory_gib(device_type):.2f}', f'{now - start_time:.1f}'])
+                log.write(dict(zip(fields, [
+                    step, epoch, f'{lr:.4g}', f'{loss_pre:.4f}', f'{loss_post:.4f}',
+                    f'{tokens_per_s:.1f}', f'{mfu:.4f}', f'{peak_memory_gib(device_type):.2f}',
+                    f'{now - start_time:.1f}'])))
                 if not math.isfinite(loss_pre + loss_post):
                     raise RuntimeError(f"loss is {loss_pre + loss_post} at step {step}; lower --lr or check the data")
             if step % args.eval_every == 0 or step == stop_step:

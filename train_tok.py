@@ -16,8 +16,11 @@ The paper's runs, 4 nodes x 8 GPUs (run on every node; NODE_RANK = 0..3, MASTER 
     torchrun --nnodes=4 --node_rank=$NODE_RANK --nproc_per_node=8 --master_addr=$MASTER --master_port=29500 \
         train_tok.py --preset imagenet256 --data /data/imagenet/train --val-data /data/imagenet/val --out runs/tok256
 Ascend NPUs: the same commands with --device npu (needs torch_npu; backend hccl).
-After a crash: the same command plus --resume (continues from out/ckpt.pt exactly where it stopped). A checkpoint
-also resumes on another number of GPUs if the global batch stays: 2 GPUs x --batch-size 32 -> 1 GPU x 64.
+After a crash: the same command plus --resume (continues from out/ckpt.pt exactly where it
+stopped). Without --resume the same command refuses to touch the run; --overwrite deletes it and
+starts again. --batch-size is global (all GPUs), as the paper quotes it: each of N processes takes
+batch-size / N images, so a checkpoint also resumes on another number of GPUs (256 as 32 GPUs x 8
+-> 8 GPUs x 32).
 Fine-tuning: --init-from CKPT starts a new run (step 0, fresh Adam states, the lr schedule from its
 start) from the weights of our tokenizer checkpoint or a released one (open-magvit2:PATH), which
 must have the architecture of --model. The generator takes the file's raw weights and the EMA its
@@ -31,7 +34,6 @@ instead continues OUT's own run (optimizers, step, RNG); with --resume, --init-f
 
 import argparse
 import copy
-import csv
 import os
 import time
 from dataclasses import asdict
@@ -52,15 +54,16 @@ from quantizer import indices_to_bits
 # presets: overrides of the command-line defaults below (which are the 256px run)
 
 PRESETS = {
-    # The official runs, configs/Open-MAGVIT2/gpu/imagenet_lfqgan_{128,256}_L.yaml: 4 nodes x 8 GPUs x batch 8
-    # (global batch 256), Adam(0.5, 0.9) lr 1e-4 for G and D without warm-up or decay except x0.1 drops after
-    # the listed epochs, GAN from step 0 with fixed weight 0.1 (the adaptive `disc_weight` 0.8 is never used),
+    # The official runs, configs/Open-MAGVIT2/gpu/imagenet_lfqgan_{128,256}_L.yaml: 4 nodes x 8
+    # GPUs x batch 8 (global batch 256, our --batch-size), Adam(0.5, 0.9) lr 1e-4 for G and D
+    # without warm-up or decay except x0.1 drops after the listed epochs, GAN from step 0 with
+    # fixed weight 0.1 (the adaptive `disc_weight` 0.8 is never used),
     # PatchGAN ndf 64 / 3 layers / BatchNorm (no SyncBatchNorm), LeCAM EMA decay 0.999, generator EMA on,
     # fp16 mixed precision (we use bf16, which needs no loss scaling).
-    'imagenet128': dict(model='imagenet128', image_size=128, batch_size=8, epochs=350, lr_drops=[250, 300],
-                        lecam_weight=0.01),
-    'imagenet256': dict(model='imagenet256', image_size=256, batch_size=8, epochs=270, lr_drops=[200, 250],
-                        lecam_weight=0.05),
+    'imagenet128': dict(model='imagenet128', image_size=128, batch_size=256, epochs=350,
+                        lr_drops=[250, 300], lecam_weight=0.01),
+    'imagenet256': dict(model='imagenet256', image_size=256, batch_size=256, epochs=270,
+                        lr_drops=[200, 250], lecam_weight=0.05),
     # built-in shapes at 32px, ~2.5 minutes on 2 CPU cores (18 dB PSNR from 8). No LPIPS (its VGG weights are
     # 528 MB); a higher lr; a weak GAN: at 32px the PatchGAN judges 2x2 patches, and the paper's 0.1 costs ~3 dB in
     # a 500-step run; a stronger LeCAM, which is meant for small datasets like this one
@@ -68,29 +71,37 @@ PRESETS = {
                  perceptual_weight=0.0, gan_weight=0.01, lecam_weight=0.1, eval_every=250, ckpt_every=250,
                  log_every=10),
 }
-# train_args that may change when resuming; any other difference is refused
-RESUME_MAY_CHANGE = {'preset', 'resume', 'device', 'out', 'epochs', 'max_steps', 'eval_every', 'eval_images',
-                     'ckpt_every', 'log_every', 'num_workers', 'compile', 'channels_last', 'val_data',
-                     'vgg_weights', 'lpips_weights', 'inception_weights', 'eval_only',
-                     'max_minutes'}
+# the flags that may differ on --resume (utils.check_resume): where and how fast the run goes, how
+# often it logs, evaluates and saves, when it stops (--max-steps, --max-minutes) (the lr drops are per epoch, so --epochs only
+# moves the end), where the fixed pretrained weights are read from. Every other flag changes what
+# is trained and must match. A preset is only a name: the values it sets are compared one by one.
+RESUME_MAY_CHANGE = {'resume', 'overwrite', 'eval_only', 'device', 'out', 'num_workers',
+                     'compile', 'channels_last', 'epochs', 'max_steps', 'eval_every',
+                     'eval_images', 'ckpt_every', 'log_every', 'val_data', 'vgg_weights',
+                     'lpips_weights', 'inception_weights', 'preset', 'max_minutes'}
 
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--preset', choices=sorted(PRESETS), help="named overrides of the defaults (see PRESETS)")
+    parser.add_argument('--preset', choices=sorted(PRESETS), help="a named run: its --model and "
+                        "training settings (see PRESETS; the defaults are the 256px run)")
     parser.add_argument('--data', default='synthetic', help="'synthetic', an image folder, or .npz file(s)")
     parser.add_argument('--val-data', help="held-out images for evaluation (default: the held-out split of --data)")
     parser.add_argument('--out', default='out/tok', help="folder for ckpt.pt, log.csv and the image grids")
-    parser.add_argument('--device', default='cuda', choices=['cuda', 'npu', 'cpu'])
+    parser.add_argument('--device', default='cuda', choices=utils.DEVICES)
     parser.add_argument('--resume', action='store_true', help="continue from OUT/ckpt.pt")
     parser.add_argument('--init-from', help="start from the weights of a tokenizer checkpoint "
                         "(ours, or open-magvit2:PATH) at step 0 with fresh optimizers")
+    parser.add_argument('--overwrite', action='store_true',
+                        help="delete the run in --out and start again")
     parser.add_argument('--eval-only', metavar='CKPT', help="only evaluate this tokenizer checkpoint (ours, or a "
                         "released one as open-magvit2:PATH) on the held-out images, then exit")
     # model and data
-    parser.add_argument('--model', default='imagenet256', choices=sorted(tokenizer.PRESETS), help="tokenizer preset")
+    parser.add_argument('--model', default='imagenet256', choices=sorted(tokenizer.PRESETS),
+                        help="architecture (tokenizer.PRESETS)")
     parser.add_argument('--image-size', type=int, default=256)
-    parser.add_argument('--batch-size', type=int, default=8, help="per GPU; global = batch size x world size")
+    parser.add_argument('--batch-size', type=int, default=256,
+                        help="global: split evenly over the processes")
     parser.add_argument('--num-workers', type=int, help="DataLoader workers per process (default 4, 0 on cpu)")
     parser.add_argument('--seed', type=int, default=0)
     # optimisation
@@ -240,7 +251,8 @@ def evaluate(ema, val_set, args, dist, step, num_images=None):
     inception = fid.load_inception(inception_weights, dist.device) if inception_weights else None
     num_images = args.eval_images if num_images is None else num_images
     n = min(num_images or len(val_set), len(val_set)) // dist.world_size * dist.world_size
-    loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size, num_workers=args.num_workers,
+    loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size // dist.world_size,
+                                         num_workers=args.num_workers,
                                          sampler=range(dist.rank, n, dist.world_size), collate_fn=collate_skip_bad)
     num_bits = ema.config.num_bits
     seen = torch.zeros(2 ** num_bits, device=dist.device)  # 1 for every code that occurs
@@ -301,6 +313,14 @@ def main(argv=None):
     start_time = time.time()  # --max-minutes counts from here: building and compiling are part of the budget
     args = get_args(argv)
     dist = utils.setup(args.device)
+    micro_batch, rem = divmod(args.batch_size, dist.world_size)  # images per process and step
+    if rem or micro_batch == 0:
+        raise ValueError(f"--batch-size {args.batch_size} (global) does not split evenly over "
+                         f"{dist.world_size} processes: pass a multiple of {dist.world_size} (the "
+                         "official runs: 256 = 32 GPUs x 8), or run on a number of GPUs that "
+                         "divides it")
+    if not args.eval_only:  # before any work: a fresh run must not overwrite the one in --out
+        ckpt_path = utils.prepare_run_folder(args.out, args.resume, args.overwrite, dist.is_main)
     if args.eval_only:  # PSNR / usage / rFID of a finished tokenizer, e.g. the released 256px one (rFID 1.17)
         model = tokenizer.Tokenizer.from_checkpoint(args.eval_only).to(dist.device).eval()
         os.makedirs(args.out, exist_ok=True)
@@ -327,18 +347,14 @@ def main(argv=None):
         utils.print0(f"initialised from the weights of {args.init_from}")
         del init, raw, ema
     config = asdict(t.raw_model.config)
-    ckpt_path = os.path.join(args.out, 'ckpt.pt')
     step = epoch = batch_in_epoch = 0
     if args.resume:
         ckpt = utils.load_checkpoint(ckpt_path, expect_kind='tokenizer')
-        utils.check_config(ckpt['config'], config, ckpt_path)
-        # the global batch must stay, not the per-GPU one: 2 GPUs x 32 may resume as 1 GPU x 64 and back. The data
-        # order is the same (EpochSampler gives each step the same global slice of the permutation at any world
-        # size); what changes is only D's BatchNorm, whose statistics are per GPU as in the official code
-        saved_args = dict(ckpt['train_args'],
-                          global_batch=ckpt['train_args']['batch_size'] * ckpt.get('world_size', 1))
-        now_args = {k: v for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE | {'batch_size'}}
-        utils.check_config(saved_args, dict(now_args, global_batch=args.batch_size * dist.world_size), ckpt_path)
+        # --batch-size is global, so 2 GPUs x 32 may resume as 1 GPU x 64 and back. The data order
+        # is the same (EpochSampler gives each step the same global slice of the permutation at any
+        # world size); what changes is only D's BatchNorm, whose statistics are per GPU as in the
+        # official code
+        utils.check_resume(ckpt, config, vars(args), RESUME_MAY_CHANGE, ckpt_path)
         t.raw_model.load_state_dict(ckpt['model'])
         t.ema.load_state_dict(ckpt['ema'])
         t.raw_disc.load_state_dict(ckpt['disc'])
@@ -357,31 +373,28 @@ def main(argv=None):
     if args.data != 'synthetic' and not args.val_data:
         utils.print0("warning: no --val-data, so the evaluation uses center crops of the training images")
     sampler = EpochSampler(len(train_set), dist.rank, dist.world_size, seed=args.seed)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=args.num_workers, collate_fn=collate_skip_bad,
-                                         pin_memory=dist.device_type == 'cuda', persistent_workers=args.num_workers > 0)
-    steps_per_epoch = len(train_set) // dist.world_size // args.batch_size
+    loader = torch.utils.data.DataLoader(train_set, batch_size=micro_batch, sampler=sampler,
+                                         drop_last=True, num_workers=args.num_workers,
+                                         collate_fn=collate_skip_bad,
+                                         pin_memory=dist.device_type == 'cuda',
+                                         persistent_workers=args.num_workers > 0)
+    steps_per_epoch = len(train_set) // args.batch_size
     max_steps = args.max_steps or args.epochs * steps_per_epoch
     utils.print0(f"tokenizer {args.model}: {sum(p.numel() for p in t.raw_model.parameters()) / 1e6:.2f}M params, "
                  f"discriminator {sum(p.numel() for p in t.raw_disc.parameters()) / 1e6:.2f}M; {len(train_set)} "
-                 f"training images at {args.image_size}px; batch {args.batch_size} per process x {dist.world_size} "
-                 f"= {args.batch_size * dist.world_size} global; {steps_per_epoch} steps/epoch, {max_steps} steps")
+                 f"training images at {args.image_size}px; global batch {args.batch_size} = "
+                 f"{micro_batch} per process x {dist.world_size}; {steps_per_epoch} steps/epoch, "
+                 f"{max_steps} steps")
 
-    os.makedirs(args.out, exist_ok=True)
-    log_path = os.path.join(args.out, 'log.csv')
     num_bits = t.raw_model.config.num_bits
     fields = ['step', 'epoch', 'minutes', 'lr', 'recon', 'lpips', 'g_gan', 'per_sample_entropy', 'codebook_entropy',
               'commit', 'd_loss', 'd_lecam', 'logits_real', 'logits_fake', 'img_per_s', 'peak_mem_gib', 'bad_images',
               'psnr', 'codebook_usage', 'rfid', 'dead_bits'] + [f'bit{k}' for k in range(num_bits)]
-    if dist.is_main and not (args.resume and os.path.exists(log_path)):
-        with open(log_path, 'w', newline='') as f:
-            csv.DictWriter(f, fields).writeheader()
+    csv_log = utils.CSVLog(os.path.join(args.out, 'log.csv'), fields, dist.is_main,
+                           resume_step=step if args.resume else None)
 
-    def log_row(row):
-        row['minutes'] = (time.time() - start_time) / 60  # wall-clock since the start, compile included
-        if dist.is_main:
-            with open(log_path, 'a', newline='') as f:
-                csv.DictWriter(f, fields, restval='').writerow(row)
+    def log_row(row):  # with the wall-clock minutes since the start, compile included
+        csv_log.write({**row, 'minutes': (time.time() - start_time) / 60})
 
     def save():
         if dist.is_main:
@@ -409,7 +422,7 @@ def main(argv=None):
     pbar = tqdm(total=max_steps, initial=step, disable=not dist.is_main, dynamic_ncols=True)
     sums, num_summed, images_seen, num_bad, num_seen, t0 = {}, 0, 0, 0, 0, time.time()
     while step < planned_steps:
-        sampler.set_epoch(epoch, start=batch_in_epoch * args.batch_size)
+        sampler.set_epoch(epoch, start=batch_in_epoch * micro_batch)
         for images, _, dropped in loader:
             # learning rate: constant, x0.1 at each of --lr-drops (the official lr_drop_epoch, applied per epoch);
             # optional linear warm-up and a linear cooldown to 0 over the last --cooldown of the run

@@ -7,8 +7,12 @@ joins the process group with the backend that goes with the device: nccl (cuda),
 gloo (cpu). Nothing else in the repository needs to know which one it is.
 """
 
+import csv
+import errno
+import glob
 import hashlib
 import os
+import pickle
 import random
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -38,9 +42,12 @@ class Dist:
         return self.rank == 0
 
 
+DEVICES = ('cuda', 'npu', 'cpu')  # every script's --device: these choices, then setup(args.device)
+
+
 def setup(device_name='cuda'):
     """Pick the device and, under torchrun, init the process group. Returns a Dist."""
-    if device_name not in ('cuda', 'npu', 'cpu'):
+    if device_name not in DEVICES:
         raise ValueError(f"unknown --device {device_name!r}: choose cuda, npu or cpu")
     if device_name == 'npu':
         try:
@@ -138,23 +145,91 @@ def download(url, path, sha256):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints
+# run folders: the guard against overwriting a run, checkpoints, resume checks, log.csv
+
+
+def prepare_run_folder(out, resume, overwrite, is_main):
+    """Called by both trainers before any work. A fresh run refuses a folder that holds one (its
+    log and checkpoint would be overwritten); --overwrite deletes them first. Every rank checks (so
+    all of them stop together); rank 0 then removes the temporary files that a kill during a
+    checkpoint write left behind."""
+    ckpt_path, log_path = os.path.join(out, 'ckpt.pt'), os.path.join(out, 'log.csv')
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --out, --overwrite deletes it: "
+                         "pass one of them")
+    existing = [name for name in ('ckpt.pt', 'log.csv') if os.path.exists(os.path.join(out, name))]
+    if existing and not (resume or overwrite):
+        raise FileExistsError(f"{out} holds a run already ({', '.join(existing)}): pass --resume "
+                              "to continue it, a new --out, or --overwrite to delete it and start "
+                              "again")
+    barrier()  # no rank writes to the folder before every rank has looked at it
+    if is_main:
+        os.makedirs(out, exist_ok=True)
+        # save_checkpoint's temporary files, left by a kill during a write
+        for stale in glob.glob(glob.escape(ckpt_path) + '.tmp*'):
+            os.remove(stale)
+        if overwrite:
+            for path in (ckpt_path, log_path):
+                if os.path.exists(path):
+                    os.remove(path)
+    barrier()
+    return ckpt_path
 
 
 def save_checkpoint(path, obj):
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact, never a truncated file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """Write atomically and durably: the bytes go to a temporary file, which is synced to disk and
+    renamed over `path` (then the folder is synced, so that the rename survives a power cut). A
+    crash or a full disk mid-write leaves the previous checkpoint intact and no temporary file
+    behind. obj must hold only tensors and plain Python types: load_checkpoint refuses anything
+    else (weights_only=True)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # also KeyboardInterrupt: never leave a partial file
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"the disk is full: could not write checkpoint {path} "
+                          f"(the previous one, if any, is intact); free space in {folder} and "
+                          "--resume") from e
+        raise
+    if hasattr(os, 'O_DIRECTORY'):  # POSIX: make the rename itself durable
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# marks a released Lightning checkpoint: the only files that are unpickled in full
+OFFICIAL_PREFIX = 'open-magvit2:'
 
 
 def load_checkpoint(path, expect_kind=None):
-    """Load one of our checkpoints (a dict with 'kind' and 'config') with errors a person can act on."""
+    """Load a checkpoint with errors a person can act on. Ours (a dict with 'kind' and 'config')
+    hold only tensors and plain types and load with weights_only=True, which runs no pickled code.
+    A released Open-MAGVIT2 file, given as 'open-magvit2:PATH', also holds pickled Lightning
+    objects: it is loaded in full (weights_only=False), so load only ones you trust."""
+    path = os.fspath(path)
+    official = path.startswith(OFFICIAL_PREFIX)
+    path = path.removeprefix(OFFICIAL_PREFIX)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=False)
+        ckpt = torch.load(path, map_location='cpu', weights_only=not official)
+    except pickle.UnpicklingError as e:  # torch's message names the first object it refused
+        lines = str(e).splitlines()
+        refused = next((line.strip() for line in lines if 'Unsupported global' in line), '')
+        raise RuntimeError(f"{path} holds more than tensors and plain types, so it is not loaded "
+                           f"(weights_only=True). A released Open-MAGVIT2 checkpoint you trust: "
+                           f"pass it as {OFFICIAL_PREFIX}{path}. {refused}") from e
     except Exception as e:
         raise RuntimeError(f"could not read checkpoint {path} (truncated or not a PyTorch file?): {e}") from e
     if expect_kind is not None:
@@ -177,22 +252,68 @@ def check_config(saved, current, path):
         raise ValueError(f"checkpoint {path} was written with another config:\n{lines}")
 
 
+def check_resume(ckpt, config, args, may_change, path):
+    """Refuse to resume with another model config or with other flags, except the names in
+    may_change (each trainer's RESUME_MAY_CHANGE: where and how fast it runs, how often it logs,
+    when it stops). Every other flag changes what is trained, so it must match the checkpoint's; a
+    flag the checkpoint does not know (written before the flag existed) counts as a difference."""
+    check_config(ckpt['config'], config, path)
+    saved = ckpt['train_args']
+    names = sorted((set(saved) | set(args)) - set(may_change))
+    check_config({k: saved.get(k, '<absent>') for k in names},
+                 {k: args.get(k, '<absent>') for k in names}, path)
+
+
 def rng_state():
-    state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
+    """Every RNG a training step draws on, as tensors and plain types (so that the checkpoint
+    loads with weights_only=True)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {'python': [version, list(internal), gauss],
+             'numpy': [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+             'torch': torch.get_rng_state()}
     if torch.cuda.is_available():
         state['cuda'] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state):
-    random.setstate(state['python'])
-    np.random.set_state(state['numpy'])
+    version, internal, gauss = state['python']
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state['torch'])
     if 'cuda' in state and torch.cuda.is_available():
         # one state per GPU the saving process saw (all of the node's under torchrun); a run resumed on fewer
         # visible GPUs restores those it has (each process only draws on its own device)
         for i, cuda_state in enumerate(state['cuda'][:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(cuda_state, i)
+
+
+class CSVLog:
+    """A run's log.csv, written by rank 0 only: a header, then a row per write (missing fields stay
+    empty). On resume the rows after the checkpoint's step are dropped, since the resumed run logs
+    those steps again."""
+
+    def __init__(self, path, fields, enabled, resume_step=None):
+        self.path, self.fields, self.enabled = path, fields, enabled
+        if not enabled:
+            return
+        rows = []
+        if resume_step is not None and os.path.exists(path):
+            with open(path, newline='') as f:
+                rows = [row for row in csv.DictReader(f) if int(row['step']) <= resume_step]
+        # rewritten whole, then renamed: never half a log
+        with open(path + '.tmp', 'w', newline='') as f:
+            writer = csv.DictWriter(f, fields, restval='', extrasaction='ignore')
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(path + '.tmp', path)
+
+    def write(self, row):
+        if self.enabled:
+            with open(self.path, 'a', newline='') as f:
+                csv.DictWriter(f, self.fields, restval='').writerow(row)
 
 
 # -----------------------------------------------------------------------------

@@ -1,7 +1,10 @@
 """sample.py: a fixed seed reproduces the images, the ADM-format .npz is valid, an interrupted evaluation run resumes
 without duplicating or losing images (and gives the same file), 2 ranks give what 1 rank gives, clear errors for a
-missing checkpoint and a tokenizer / GPT mismatch, and the class-consistency score."""
+missing checkpoint and a tokenizer / GPT mismatch, and the class-consistency score; the tokenizer
+weights the generator was trained on (recorded fingerprint and EMA choice; raw for released
+files), arguments checked before any work, an existing .npz made with other settings refused."""
 import os
+import re
 import socket
 from dataclasses import asdict
 
@@ -15,7 +18,7 @@ import sample
 from gpt import GPT
 from tokenizer import Tokenizer
 from test_train_gpt import save_tokenizer  # an untrained tiny tokenizer in our checkpoint format
-from utils import save_checkpoint
+from utils import load_checkpoint, save_checkpoint, weights_checksum
 
 
 @pytest.fixture(scope='module')
@@ -138,3 +141,82 @@ def test_official_ar_checkpoint_is_accepted(files, tmp_path):
     assert torch.equal(gpt.head_pre.weight, ckpt['state_dict']['transformer.head.0.weight'])
     with pytest.raises(ValueError, match='--tokenizer open-magvit2'):
         load_models(str(tmp_path / 'AR_fake.ckpt'))
+
+
+def test_decodes_with_the_tokenizer_weights_it_was_trained_on(files, tmp_path):
+    raw = Tokenizer.from_checkpoint(files['tokenizer'])
+    torch.manual_seed(1)
+    ema = Tokenizer.from_preset('tiny')  # stands in for the EMA copy: other weights, same shapes
+    tok = str(tmp_path / 'tok.pt')
+    save_checkpoint(tok, {'kind': 'tokenizer', 'config': asdict(raw.config),
+                          'model': raw.state_dict(), 'ema': ema.state_dict()})
+    ckpt = load_checkpoint(files['gpt'])  # trained on the raw weights (train_gpt.py --no-ema)
+    ckpt['tokenizer'] = {'path': tok, 'ema': False, 'fingerprint': weights_checksum(raw)}
+    gpt = str(tmp_path / 'gpt.pt')
+    save_checkpoint(gpt, ckpt)
+    def decoder(*args, **kwargs):  # the fingerprint of the tokenizer load_models decodes with
+        return weights_checksum(sample.load_models(gpt, *args, **kwargs)[1])
+    assert decoder() == weights_checksum(raw)  # the recorded choice
+    assert decoder(tok) == weights_checksum(raw)  # the same tokenizer, named
+    assert decoder(ema=True) == weights_checksum(ema)  # --ema overrides
+    # another tokenizer: the error names the one it was trained with and the ways out
+    other = save_tokenizer(tmp_path / 'other.pt', seed=2)
+    expected = (f"trained with tokenizer {re.escape(tok)} \\(raw weights, fingerprint "
+                f"{weights_checksum(raw)}\\).*--tokenizer with the one it was trained with, or "
+                "--allow-tokenizer-mismatch")
+    with pytest.raises(ValueError, match=expected):
+        sample.load_models(gpt, other)
+    with pytest.raises(ValueError, match='--allow-tokenizer-mismatch'):
+        sample.main(['--gpt', gpt, '--tokenizer', other, '--device', 'cpu',
+                     '--out', str(tmp_path / 'a.png')])
+    assert decoder(other, allow_tokenizer_mismatch=True) == \
+        weights_checksum(Tokenizer.from_checkpoint(other))
+    # a released AR checkpoint decodes with the raw tokenizer weights, as the official pipeline
+    # (not model_ema.*)
+    from test_gpt import fake_official_checkpoint
+    official_tok = dict(raw.state_dict())
+    official_tok.update({'model_ema.' + k.replace('.', ''): v
+                         for k, v in ema.state_dict().items()})
+    torch.save({'state_dict': official_tok}, tmp_path / 'tok.ckpt')
+    ar = fake_official_checkpoint(num_classes=5)
+    ar['state_dict'] = {k: v.float() for k, v in ar['state_dict'].items()}
+    torch.save(ar, tmp_path / 'AR.ckpt')
+    _, tokenizer = sample.load_models(f"open-magvit2:{tmp_path / 'AR.ckpt'}",
+                                      f"open-magvit2:{tmp_path / 'tok.ckpt'}")
+    assert weights_checksum(tokenizer) == weights_checksum(raw)
+
+
+def test_arguments_are_checked_before_any_work(files, tmp_path, capsys):
+    for flags, message in ((['--cfg-scale', '1,2,3'], "--cfg-scale '1,2,3'"),
+                           (['--classes', '0,,1'], '--classes'),
+                           (['--batch-size', '0'], '--batch-size must'),
+                           (['--batch-size', '-2'], '--batch-size'),
+                           (['--num-per-class', '0'], '--num-per-class must'),
+                           (['--temperature', '-1'], '--temperature'),
+                           (['--temperature', '1,x'], '--temperature'),
+                           (['--top-p', '0'], '--top-p'), (['--top-p', '1,1.5'], '--top-p'),
+                           (['--top-k', '-1'], '--top-k'), (['--top-k', '2.5'], '--top-k')):
+        with pytest.raises(SystemExit):
+            sample.main(argv(files, tmp_path / 'x.npz', *flags))
+        assert message in capsys.readouterr().err, flags
+    assert os.listdir(tmp_path) == []  # nothing was written
+    flags = ['--cfg-scale', '3', '--temperature', '0', '--top-k', '5,0']  # 0: greedy, passed on
+    _, sampling = sample.get_args(argv(files, 'a.png', *flags))
+    assert sampling == dict(cfg_scale=(3.0, 3.0), temperature=(0.0, 0.0), top_k=(5, 0),
+                            top_p=(1.0, 1.0))
+
+
+def test_an_existing_npz_is_never_silently_stale(files, tmp_path, capsys):
+    out = tmp_path / 's.npz'
+    sample.main(argv(files, out, '--num-per-class', '1'))  # 3 images, one shard
+    first = np.load(out)['arr_0']
+    sample.main(argv(files, out, '--num-per-class', '1'))  # the same command again: nothing to do
+    assert 'exists already, made with these settings: nothing to do' in capsys.readouterr().out
+    with pytest.raises(FileExistsError, match=r'made with other settings \(seed\).*--overwrite'):
+        sample.main(argv(files, out, '--num-per-class', '1', '--seed', '3'))
+    assert np.array_equal(np.load(out)['arr_0'], first)
+    sample.main(argv(files, out, '--num-per-class', '1', '--seed', '3', '--overwrite'))
+    assert not np.array_equal(np.load(out)['arr_0'], first)
+    os.remove(str(out) + '.settings.json')  # a file without its settings is not trusted either
+    with pytest.raises(FileExistsError, match='none recorded'):
+        sample.main(argv(files, out, '--num-per-class', '1', '--seed', '3'))

@@ -1,11 +1,14 @@
 """train_gpt.py: the LR schedule against a piecewise-linear reference, extraction == on-the-fly encoding (same crops,
 and the same training run from either), the loss falls, resume == an uninterrupted run, DDP (gloo, 2 processes) keeps
-the ranks identical, clear errors for a bad checkpoint path and a tokenizer / GPT mismatch.
-The held-out loss equals a direct computation (one process and two); extract_codes.py refuses a
-folder made from other weights or data and skips unreadable images; --init-from copies weights."""
+the ranks identical, clear errors for a bad checkpoint path and a tokenizer / GPT mismatch; resume
+refuses other inputs (tokenizer, data, its weights), a rerun onto a run needs --resume; the
+checkpoint records the tokenizer. The held-out loss equals a direct computation (one process and
+two); extract_codes.py refuses a folder made from other weights or data and skips unreadable
+images; --init-from copies weights."""
 import csv
 import io
 import os
+import shutil
 import socket
 from dataclasses import asdict
 
@@ -105,7 +108,9 @@ def test_lr_schedule_at_key_steps_and_paper_presets():
         args = train_gpt.get_args(['--preset', name])
         assert (args.lr, args.warmup_epochs, args.epochs, args.batch_size) == (lr, warmup_epochs, epochs, 768)
         assert (args.weight_decay, args.grad_clip) == (0.05, 1.0)
+        assert args.model == name  # a named run: its architecture and training settings
     assert train_gpt.get_args(['--preset', 'XL', '--lr', '1e-4']).lr == 1e-4  # the command line beats the preset
+    assert train_gpt.get_args([]).model == 'B' and train_gpt.get_args(['--model', 'L']).lr == 3e-4
 
 
 def test_loss_falls_and_lr_is_scaled_with_the_batch(files, tmp_path, capsys):
@@ -120,6 +125,7 @@ def test_loss_falls_and_lr_is_scaled_with_the_batch(files, tmp_path, capsys):
     assert first == pytest.approx(np.log(64) + np.log(4096), abs=0.05)  # zero-initialised heads: uniform
     assert last < first - 1.5, (first, last)  # 12.48 -> ~10.7 nats in 32 steps
     ckpt = load_checkpoint(out / 'ckpt.pt', 'gpt')
+    torch.load(out / 'ckpt.pt', weights_only=True)  # tensors and plain types only: no pickled code
     assert ckpt['step'] == 32 and (ckpt['epoch'], ckpt['batch_in_epoch']) == (8, 0)
     assert ckpt['config']['block_size'] == 16 and ckpt['config']['num_classes'] == 10
     assert ckpt['tokenizer']['path'] == files['tokenizer']
@@ -177,6 +183,8 @@ def test_resume_equals_an_uninterrupted_run(files, tmp_path, monkeypatch):
     for a, b in zip(full['optimizer']['state'].values(), resumed['optimizer']['state'].values()):
         assert torch.equal(a['exp_avg'], b['exp_avg']) and torch.equal(a['exp_avg_sq'], b['exp_avg_sq'])
     assert read_log(tmp_path / 'full')[-1]['loss_post'] == read_log(tmp_path / 'resumed')[-1]['loss_post']
+    # step 7 was logged before the kill and again after the resume from step 6: once in the log
+    assert [int(r['step']) for r in read_log(tmp_path / 'resumed')] == list(range(1, 13))
     # --max-steps stops early (mid-epoch, with a checkpoint) on the same schedule; --resume finishes the same run
     train_gpt.main(argv(files, tmp_path / 'stopped', *common, '--max-steps', '5'))
     ckpt = load_checkpoint(tmp_path / 'stopped' / 'ckpt.pt', 'gpt')
@@ -184,6 +192,35 @@ def test_resume_equals_an_uninterrupted_run(files, tmp_path, monkeypatch):
     train_gpt.main(argv(files, tmp_path / 'stopped', *common, '--resume'))
     stopped = load_checkpoint(tmp_path / 'stopped' / 'ckpt.pt', 'gpt')
     assert stopped['step'] == 12 and all(torch.equal(full['model'][k], stopped['model'][k]) for k in full['model'])
+
+
+def test_checkpoint_records_the_tokenizer_and_resume_refuses_other_inputs(files, tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    save_tokenizer(tmp_path / 'tok.pt')
+    run = argv(files, tmp_path / 'run', '--epochs', '1', '--max-steps', '2')
+    run[run.index('--tokenizer') + 1] = 'tok.pt'  # relative, as typed
+    train_gpt.main(run)
+    info = load_checkpoint(tmp_path / 'run' / 'ckpt.pt', 'gpt')['tokenizer']
+    assert info['path'] == str(tmp_path / 'tok.pt') and info['ema']  # absolute
+    assert info['fingerprint'] == weights_checksum(Tokenizer.from_checkpoint('tok.pt'))
+    with pytest.raises(FileExistsError, match='holds a run already.*--resume.*--overwrite'):
+        train_gpt.main(run)  # the same command again, without --resume
+    shutil.copy(files['data'], tmp_path / 'moved.npz')
+    other_tokenizer = save_tokenizer(tmp_path / 'other.pt', seed=1)
+    for name, flags in (('tokenizer', ['--tokenizer', other_tokenizer]),
+                        ('data', ['--data', 'moved.npz']), ('seed', ['--seed', '1']),
+                        ('ema', ['--no-ema'])):
+        with pytest.raises(ValueError, match=f"another config:\n  {name}: checkpoint"):
+            train_gpt.main(run + ['--resume'] + flags)
+    save_tokenizer(tmp_path / 'tok.pt', seed=1)  # retrained in place: the same path, other weights
+    with pytest.raises(ValueError, match='tokenizer_fingerprint'):
+        train_gpt.main(run + ['--resume'])
+    save_tokenizer(tmp_path / 'tok.pt')
+    # how often it logs / samples, where it stops and the micro-batching may change
+    train_gpt.main(run + ['--resume', '--log-every', '2', '--eval-every', '3', '--max-steps', '4',
+                          '--grad-accum', '2'])
+    assert load_checkpoint(tmp_path / 'run' / 'ckpt.pt', 'gpt')['step'] == 4
 
 
 def _ddp_worker(rank, args, port, out):
@@ -255,7 +292,7 @@ def test_held_out_loss_is_logged_and_equals_a_direct_computation(files, tmp_path
     assert [r['val_ce_post'] for r in held_out_rows(out_codes)] == [r['val_ce_post'] for r in rows]
     extract(files, tmp_path / 'train_codes', '--views', '1')  # random crops: not held-out codes
     with pytest.raises(ValueError, match='not one centre-crop view'):
-        train_gpt.main(argv(files, out_codes, '--val-codes', str(tmp_path / 'train_codes')))
+        train_gpt.main(argv(files, str(tmp_path / 'refused'), '--val-codes', str(tmp_path / 'train_codes')))
 
 
 def test_extraction_refuses_a_folder_made_from_other_weights_or_data(files, tmp_path):
@@ -348,9 +385,9 @@ def test_init_from_copies_the_weights_with_a_fresh_optimizer(files, tmp_path, mo
         raise Killed
 
     monkeypatch.setattr(train_gpt, 'train_step', first_step)
-    for source in (str(tmp_path / 'a' / 'ckpt.pt'), f"open-magvit2:{tmp_path / 'AR_tiny.ckpt'}"):
+    for i, source in enumerate((str(tmp_path / 'a' / 'ckpt.pt'), f"open-magvit2:{tmp_path / 'AR_tiny.ckpt'}")):
         with pytest.raises(Killed):
-            train_gpt.main(argv(files, tmp_path / 'b', '--init-from', source))
+            train_gpt.main(argv(files, tmp_path / f'b{i}', '--init-from', source))
         weights, optimizer_entries, lr = first_steps.pop()
         assert all(torch.equal(weights[k], trained[k]) for k in trained)
         assert optimizer_entries == 0  # a fresh AdamW

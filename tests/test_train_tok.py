@@ -1,5 +1,7 @@
 """train_tok.py on CPU: the tiny preset learns, resume == an uninterrupted run, DDP (gloo, 2 processes) keeps the
-generator identical on both ranks, another config is refused, a corrupt image is skipped and counted, and the
+generator identical on both ranks, another config is refused, so is a rerun onto a run without
+--resume (and --overwrite starts again), the global batch splits over the processes, a corrupt
+image is skipped and counted, and the
 evaluation's PSNR / codebook usage / streamed rFID agree with slow direct computations. The LPIPS and Inception
 weight files are random: the numbers here test the code, they are not results."""
 import copy
@@ -50,6 +52,7 @@ def test_tiny_learns_and_checkpoint_loads(tiny_run):
     assert os.path.exists(os.path.join(out, 'recon_step20.png'))
     # the checkpoint feeds the next stage: Tokenizer.from_checkpoint takes its EMA weights and config
     ckpt = utils.load_checkpoint(os.path.join(out, 'ckpt.pt'), expect_kind='tokenizer')
+    torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)  # tensors and plain types only
     assert ckpt['step'] == 20 and ckpt['epoch'] == 0 and ckpt['batch_in_epoch'] == 20
     loaded = Tokenizer.from_checkpoint(os.path.join(out, 'ckpt.pt'))
     for a, b in zip(loaded.state_dict().values(), t.ema.state_dict().values()):
@@ -93,6 +96,31 @@ def test_resume_refuses_another_config(tiny_run, tmp_path):
         train_tok.main(FAST + ['--max-steps', '2', '--out', str(tmp_path / 'nothing'), '--resume'])
 
 
+def test_rerun_without_resume_refuses_and_overwrite_starts_again(tiny_run, tmp_path):
+    out, _ = tiny_run
+    before = [open(os.path.join(out, name), 'rb').read() for name in ('log.csv', 'ckpt.pt')]
+    with pytest.raises(FileExistsError, match=r'a run already.*--resume.*new --out.*--overwrite'):
+        train_tok.main(FAST + ['--max-steps', '2', '--ckpt-every', '2', '--out', out])
+    assert [open(os.path.join(out, name), 'rb').read() for name in ('log.csv', 'ckpt.pt')] \
+        == before
+    # --overwrite starts again; the temporary file of a kill during a checkpoint write is removed
+    run = str(tmp_path / 'run')
+    train_tok.main(FAST + ['--max-steps', '2', '--out', run])
+    open(os.path.join(run, 'ckpt.pt.tmp4242'), 'wb').write(b'PK partial')
+    train_tok.main(FAST + ['--max-steps', '1', '--out', run, '--overwrite'])
+    assert sorted(f for f in os.listdir(run) if not f.endswith('.png')) == ['ckpt.pt', 'log.csv']
+    assert [r['step'] for r in read_log(run)] == ['0', '1', '1']  # eval, train, eval: no old rows
+    assert utils.load_checkpoint(os.path.join(run, 'ckpt.pt'))['step'] == 1
+
+
+def test_global_batch_must_split_over_the_processes(monkeypatch):
+    three = utils.Dist(torch.device('cpu'), 'cpu', world_size=3)
+    monkeypatch.setattr(utils, 'setup', lambda device: three)
+    with pytest.raises(ValueError, match='--batch-size 8 .global. does not split evenly over 3 '
+                                         'processes: pass a multiple of 3'):
+        train_tok.main(FAST + ['--batch-size', '8'])
+
+
 def write_random_lpips_weights(folder):
     """Random LPIPS weight files in both standard layouts (bench.write_random_lpips) -> the flags that load them."""
     vgg, lin = write_random_lpips(str(folder))
@@ -103,7 +131,8 @@ def _ddp_worker(rank, world_size, port, out, lpips_flags):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    t = train_tok.main(FAST + ['--max-steps', '3', '--out', out] + lpips_flags)
+    t = train_tok.main(FAST + ['--batch-size', '8', '--max-steps', '3', '--out', out]
+                       + lpips_flags)
     flat = lambda module: torch.cat([p.detach().flatten() for p in module.parameters()])  # noqa: E731
     torch.save({'model': flat(t.raw_model), 'ema': flat(t.ema), 'disc': flat(t.raw_disc),
                 'checksum': utils.weights_checksum(t.raw_model)}, os.path.join(out, f'rank{rank}.pt'))
@@ -134,9 +163,10 @@ def test_ddp_two_processes_keep_generator_identical(tmp_path):
     assert utils.load_checkpoint(os.path.join(out, 'ckpt.pt'))['step'] == 3
     rows = [r for r in read_log(out) if r['recon']]
     assert len(rows) == 3 and all(float(r['lpips']) > 0 for r in rows)
-    # the 2-process checkpoint (2 x 4 images) resumes in one process at the same global batch (1 x 8), not another
+    # the 2-process checkpoint (global --batch-size 8 = 2 x 4 images) resumes in one process at the
+    # same global batch (1 x 8), not another
     lpips_flags = write_random_lpips_weights(tmp_path)
-    with pytest.raises(ValueError, match=r"another config(.|\n)*global_batch"):
+    with pytest.raises(ValueError, match=r"another config:\n  batch_size: checkpoint 8 vs. now 4"):
         train_tok.main(FAST + ['--max-steps', '4', '--out', out, '--resume'] + lpips_flags)
     t = train_tok.main(FAST + ['--batch-size', '8', '--max-steps', '4', '--out', out, '--resume'] + lpips_flags)
     assert utils.load_checkpoint(os.path.join(out, 'ckpt.pt'))['step'] == 4
