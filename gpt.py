@@ -71,10 +71,8 @@ def apply_rope(x, rope):
 def pair_attention(q, k, v, bias=None):
     """softmax(q k^T / sqrt(hs) + bias) v over two keys, written out: q (B, nh, S, hs), k, v (B, nh, 2, hs), bias
     (S, 2) additive, None = causal (h_t does not see pre_t). -> (B, nh, S, hs).
-    Fused attention kernels (flash, cuDNN) compute tiles of 64+ queries x 64+ keys, so on 2 x 2 scores almost all
-    their work is padding. H200, 2026-11-29: the compiled B training step at batch 64 went from 580 to 663 img/s
-    with this instead of F.scaled_dot_product_attention (bench.py --compile --rows gpt; --rows attention times the
-    two alone)."""
+    Fused attention kernels (flash, cuDNN) compute tiles of 64+ queries x 64+ keys, so on 2 x 2
+    scores almost all their work is padding (python bench.py --rows attention times the two)."""
     if bias is None:
         bias = torch.full((2, 2), float('-inf'), device=q.device).triu(1)  # [[0, -inf], [0, 0]]
     att = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5 + bias  # (B, nh, S, 2) scores
@@ -99,12 +97,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, S, hs)
         if cache is not None:
-            # decoding one position (S = 1) at index pos (a (1,) int64 tensor): write k, v into the preallocated
-            # (B, nh, L, hs) buffers and attend to slots 0..pos; bias (1, L) is -inf on the later slots, which hold
-            # stale values. Fixed shapes at every step, so the step can be captured in a CUDA graph. (Reading only
-            # the first 32, 64, ... slots, one graph per window, was tried: cuDNN's kernel took about as long at 224
-            # as at 256 slots, 0.164 vs 0.162 ms at 512 rows (bench.py --rows attention), so it would have saved ~2%
-            # net; not kept.)
+            # decoding one position (S = 1) at slot pos ((1,) int64) of the (B, nh, L, hs) buffers,
+            # attending to all L slots with bias -inf after pos (stale values): the same shapes at
+            # every position, so one step can be captured in a CUDA graph and replayed
             k_cache, v_cache = cache
             k_cache.index_copy_(2, pos, k.to(k_cache.dtype))
             v_cache.index_copy_(2, pos, v.to(v_cache.dtype))
