@@ -193,10 +193,13 @@ def top_k_top_p_filter(logits, top_k=0, top_p=1.0):
 
 
 def sample_from_logits(logits, temperature, top_k, top_p, uniform):
-    """One token per row of logits (B, V) -> (B,) int64: temperature, then top-k / top-p, then an
+    """One token per row of logits (B, V) -> (B,) int64. temperature 0: the argmax (greedy;
+    top-k and top-p never drop it). Otherwise temperature, then top-k / top-p, then an
     inverse-CDF draw with the given uniform numbers (B,) in [0, 1): the smallest token whose
     cumulative probability exceeds u. Equivalent to torch.multinomial, but the randomness is
     drawn up front, so a CUDA graph can replay the step."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
     probs = top_k_top_p_filter(logits.float() / temperature, top_k, top_p).softmax(dim=-1)
     cdf = probs.cumsum(dim=-1)  # (B, V)
     # (B,): the number of tokens whose cdf stays <= u is the index of the first one past u (x cdf[-1]: rounding)
@@ -336,6 +339,10 @@ class GPT(nn.Module):
         cfg_scale = pair(self.config.cfg_scale if cfg_scale is None else cfg_scale)
         temperature = pair(self.config.temperature if temperature is None else temperature)
         top_k, top_p = pair(top_k), pair(top_p)
+        if any(t < 0 for t in temperature):
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if not all(0 < p <= 1 for p in top_p):
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
         return cfg_scale, temperature, top_k, top_p
 
     def start_generation(self, labels, generator):
@@ -356,7 +363,7 @@ class GPT(nn.Module):
         """Sample block_size tokens for labels (B,) -> (pre, post), each (B, T) int64.
 
         cfg_scale, temperature: (pre, post) pairs, default the preset's (paper) values;
-        top_k (0 = off), top_p (1.0 = off): a value or a
+        temperature 0 is greedy (argmax). top_k (0 = off), top_p (1.0 = off): a value or a
         (pre, post) pair. generator: a torch.Generator on labels' device makes it reproducible.
         Classifier-free guidance by batch doubling: the rows [cond; null] run together and the
         guided logits are uncond + s * (cond - uncond), per sub-token. This is the plain loop;

@@ -117,7 +117,29 @@ def test_kv_cache_decoding_and_cfg_match_full_forward_float64():
     torch.testing.assert_close(cache_post, full_post, rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("settings", [dict(top_p=0.9), dict(temperature=(0.7, 1.3), top_k=(0, 50))])
+def test_temperature_zero_is_greedy_per_sub_token():
+    model = small_model()
+    labels = torch.tensor([0, 3, 4])
+    pre, post = model.generate(labels, cfg_scale=(1.5, 3.0), temperature=(0, 0))
+    full_pre, full_post = guided_forward(model, pre, post, labels, (1.5, 3.0))
+    assert torch.equal(pre, full_pre.argmax(-1)) and torch.equal(post, full_post.argmax(-1))
+    # greedy pre, sampled post: every pre is its argmax, the posts are not all theirs
+    pre, post = model.generate(labels, cfg_scale=(1.5, 3.0), temperature=(0, 1.0),
+                               generator=torch.Generator().manual_seed(2))
+    full_pre, full_post = guided_forward(model, pre, post, labels, (1.5, 3.0))
+    assert torch.equal(pre, full_pre.argmax(-1)) and not torch.equal(post, full_post.argmax(-1))
+
+
+def test_invalid_sampling_settings_raise():
+    model = small_model()
+    labels = torch.tensor([0])
+    for bad in (dict(temperature=(-0.5, 1.0)), dict(top_p=0.0), dict(top_p=(1.0, 1.5))):
+        for generate in (model.generate, model.generate_fast):
+            with pytest.raises(ValueError):
+                generate(labels, **bad)
+
+
+@pytest.mark.parametrize("settings", [dict(top_p=0.9), dict(temperature=(0, 1.3), top_k=(0, 50))])
 def test_fast_path_gives_the_plain_tokens(settings):
     """generate_fast runs decode_step eagerly off CUDA: the very step a CUDA graph records and replays."""
     model = small_model()
