@@ -269,9 +269,9 @@ def bench_attention():
 def bench_sampling(model, batch, variant, decoder=None):
     """GPT sampling of batch images (2 * batch rows with CFG) under bf16 autocast, the paper's B
     settings. variant: 'loop' (GPT.generate), 'graph' (GPT.generate_fast) or 'compiled'
-    (generate_fast(compile=True)). Returns a dict: images_per_s (median of 3 runs after a first one,
-    which compiles and captures), first_run_s, and for the graph variants ms_per_position (the
-    replays alone) and, compiled, compile_s (first run minus a later one)."""
+    (generate_fast(compile=True)). Returns a dict: images_per_s (median of 3 runs after a first
+    one, which compiles and captures), first_run_s, and for the graph variants ms_per_position
+    (the replays alone) and, compiled, compile_s (first run minus a later one)."""
     labels = torch.arange(batch, device='cuda') % 1000
     settings = dict(cfg_scale=(1.9, 2.0), temperature=(1.0, 1.0), top_k=0, top_p=1.0,
                     generator=torch.Generator(device='cuda').manual_seed(0))
@@ -395,7 +395,7 @@ def main():
             report('gpt_B_onthefly_b24', ips, 'img/s', tokens_per_s=tps, mfu=mfu, peak_gib=mem)
         torch.cuda.empty_cache()
     if 'sample' in rows or 'sampling' in rows:  # 'sampling': the GPT alone, no tokenizer decoding
-        # the plain loop (batch 50), generate_fast's CUDA graph, and that graph of the compiled step
+        # the plain loop (batch 50), generate_fast's CUDA graph, and the graph of the compiled step
         model = gpt_module.GPT.from_preset('B', num_classes=1000).cuda().eval()
         for batch in [int(b) for b in args.sample_batches.split(',')]:
             for variant in ('loop', 'graph', 'compiled') if batch == 50 else ('graph', 'compiled'):

@@ -78,9 +78,9 @@ def test_pair_attention_matches_sdpa_float64():
 
 
 def teacher_forced_logits(model, pre, post, labels, cfg_scale):
-    """generate's loop with the given tokens fed back instead of sampled ones (teacher forcing), from the model's
-    public pieces: the guided logits of every position, (B, T, 64) and (B, T, 4096)."""
-    x, _ = model.start_generation(labels, None)  # KV caches for [cond; null], (2B, 1, C) class embeddings
+    """generate's loop with the given tokens fed back instead of sampled ones (teacher forcing),
+    from the model's public pieces: the guided logits of each position, (B, T, 64), (B, T, 4096)."""
+    x, _ = model.start_generation(labels, None)  # caches for [cond; null]; x (2B, 1, C)
     logits_pre, logits_post = [], []
     with torch.no_grad():
         for t in range(pre.shape[1]):
@@ -93,10 +93,11 @@ def teacher_forced_logits(model, pre, post, labels, cfg_scale):
 
 
 def guided_forward(model, pre, post, labels, cfg_scale):
-    """The same guided logits by full recomputation: GPT.forward with the labels and with the null class."""
+    """The same guided logits by full recomputation: GPT.forward with labels and the null class."""
+    null = torch.full_like(labels, model.config.num_classes)
     with torch.no_grad():
         cond_pre, cond_post, _ = model(pre, post, labels)
-        uncond_pre, uncond_post, _ = model(pre, post, torch.full_like(labels, model.config.num_classes))
+        uncond_pre, uncond_post, _ = model(pre, post, null)
     return (uncond_pre + cfg_scale[0] * (cond_pre - uncond_pre),
             uncond_post + cfg_scale[1] * (cond_post - uncond_post))
 
@@ -141,7 +142,7 @@ def test_invalid_sampling_settings_raise():
 
 @pytest.mark.parametrize("settings", [dict(top_p=0.9), dict(temperature=(0, 1.3), top_k=(0, 50))])
 def test_fast_path_gives_the_plain_tokens(settings):
-    """generate_fast runs decode_step eagerly off CUDA: the very step a CUDA graph records and replays."""
+    """generate_fast runs decode_step eagerly off CUDA: the step a CUDA graph records on GPUs."""
     model = small_model()
     labels = torch.tensor([0, 3, 4])
     plain = model.generate(labels, generator=torch.Generator().manual_seed(5), **settings)
@@ -150,14 +151,16 @@ def test_fast_path_gives_the_plain_tokens(settings):
 
 
 def test_compiled_step_gives_the_plain_tokens(monkeypatch):
-    """compile=True traces the step as one graph (fullgraph: no break) with its in-place writes functionalised.
-    Inductor's code generation takes ~45 s on CPU, so here the traced graph runs through AOT autograd's eager
-    backend: the same trace and functionalisation, without the generated kernels."""
+    """compile=True traces the step as one graph (fullgraph: no break), its in-place writes
+    functionalised. Inductor's code generation takes tens of seconds on CPU, so here the traced
+    graph runs on AOT autograd's eager backend: the same trace and functionalisation, without the
+    generated kernels (the CUDA test below runs inductor)."""
     model = small_model(n_inter=1, n_intra=1)
     labels = torch.tensor([0, 3])
     monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile, backend='aot_eager'))
     plain = model.generate(labels, generator=torch.Generator().manual_seed(5), top_p=0.9)
-    fast = model.generate_fast(labels, generator=torch.Generator().manual_seed(5), top_p=0.9, compile=True)
+    fast = model.generate_fast(labels, generator=torch.Generator().manual_seed(5), top_p=0.9,
+                               compile=True)
     assert torch.equal(plain[0], fast[0]) and torch.equal(plain[1], fast[1])
 
 
@@ -386,12 +389,12 @@ def test_cuda_graph_sampling_gives_the_plain_tokens():
     for p in model.parameters():  # heads are zero at init: give them weights so the samples depend on everything
         torch.nn.init.normal_(p, std=0.1) if p.dim() > 1 else None
     labels = torch.arange(6, device='cuda')
-    plain = model.generate(labels, generator=torch.Generator('cuda').manual_seed(3), top_p=0.9)
-    graph = model.generate_fast(labels, generator=torch.Generator('cuda').manual_seed(3), top_p=0.9)
+    seed = lambda: torch.Generator('cuda').manual_seed(3)
+    plain = model.generate(labels, generator=seed(), top_p=0.9)
+    graph = model.generate_fast(labels, generator=seed(), top_p=0.9)
     assert torch.equal(plain[0], graph[0]) and torch.equal(plain[1], graph[1])
-    # compiled: fused kernels round differently, so the comparison is in float64, where that cannot flip a token
+    # compiled: fused kernels round differently, so compare in float64, where that flips no token
     model.double()
-    plain = model.generate(labels, generator=torch.Generator('cuda').manual_seed(3), top_p=0.9)
-    compiled = model.generate_fast(labels, generator=torch.Generator('cuda').manual_seed(3), top_p=0.9,
-                                   compile=True)
+    plain = model.generate(labels, generator=seed(), top_p=0.9)
+    compiled = model.generate_fast(labels, generator=seed(), top_p=0.9, compile=True)
     assert torch.equal(plain[0], compiled[0]) and torch.equal(plain[1], compiled[1])
