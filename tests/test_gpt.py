@@ -79,7 +79,7 @@ def test_pair_attention_matches_sdpa_float64():
 
 def teacher_forced_logits(model, pre, post, labels, cfg_scale):
     """generate's loop with the given tokens fed back instead of sampled ones (teacher forcing),
-    from the model's public pieces: the guided logits of each position, (B, T, 64), (B, T, 4096)."""
+    from the model's public pieces: the guided logits per position, (B, T, 64), (B, T, 4096)."""
     x, _ = model.start_generation(labels, None)  # caches for [cond; null]; x (2B, 1, C)
     logits_pre, logits_post = [], []
     with torch.no_grad():
