@@ -306,53 +306,61 @@ def bench_attention():
     return results
 
 
-def bench_sampling(batch, decoder=None, fast=True):
-    model = gpt_module.GPT.from_preset('B', num_classes=1000).cuda().eval()
+def bench_sampling(model, batch, variant, decoder=None):
+    """GPT sampling of batch images (2 * batch rows with CFG) under bf16 autocast, the paper's B
+    settings. variant: 'loop' (GPT.generate), 'graph' (GPT.generate_fast) or 'compiled'
+    (generate_fast(compile=True)). Returns a dict: images_per_s (median of 3 runs after a first
+    one, which compiles and captures), first_run_s, and for the graph variants ms_per_position
+    (the replays alone) and, compiled, compile_s (first run minus a later one)."""
     labels = torch.arange(batch, device='cuda') % 1000
-    gen = torch.Generator(device='cuda').manual_seed(0)
-    times = []
+    settings = dict(cfg_scale=(1.9, 2.0), temperature=(1.0, 1.0), top_k=0, top_p=1.0,
+                    generator=torch.Generator(device='cuda').manual_seed(0))
+    compile_step = variant == 'compiled'
 
     def run():
         with utils.autocast('cuda'):
-            pre, post = model.generate(labels, cfg_scale=(1.9, 2.0), temperature=(1.0, 1.0), top_k=0, top_p=1.0,
-                                       generator=gen, cuda_graph=fast)
+            if variant == 'loop':
+                pre, post = model.generate(labels, **settings)
+            else:
+                pre, post = model.generate_fast(labels, compile=compile_step, **settings)
             if decoder is not None:
                 indices = quantizer.merge_indices(pre, post).view(batch, 16, 16)
                 for chunk in indices.split(64):  # 256px decoding of 256 images at once needs > 100 GB
                     decoder.decode_indices(chunk)
-    for _ in range(3):
+    times = []
+    for _ in range(4):
         torch.cuda.synchronize()
         start = time.perf_counter()
         run()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    images_per_s = batch / statistics.median(times[1:])  # the first run includes the graph capture
-    if decoder is not None or not fast:
-        return images_per_s, None
-    # one position (index 200) as a CUDA graph: ms per position, the unit of the roofline (the KV cache read), and
-    # its kernels, profiled eager (a whole run is ~100k events, which made the profiler run for minutes)
+    later = statistics.median(times[1:])
+    result = dict(images_per_s=batch / later, first_run_s=times[0])
+    if compile_step:
+        result['compile_s'] = times[0] - later
+    if decoder is not None or variant == 'loop':
+        return result
+    # ms per position: generate_fast's graph alone, 3 x 50 replays (every position reads the whole
+    # cache, so the cost is the same at each); one autocast region around warm-up, capture and
+    # replays, as in sampling, so that the weights are cast to bf16 once and not inside the graph
     T = model.config.block_size
-    x = torch.randn(2 * batch, 1, model.config.dim, device='cuda')
-    pre, post = (torch.zeros(batch, T, dtype=torch.long, device='cuda') for _ in range(2))
-    uniforms, pos = torch.rand(2, T, batch, device='cuda'), torch.full((1,), 200, device='cuda')
-    sampling = ((1.9, 2.0), (1.0, 1.0), (0, 0), (1.0, 1.0))
-
-    # one autocast region around warm-up, capture and replays, as in generate: the weights are cast to bf16 once
-    # (autocast's cache), not inside the graph
     with torch.no_grad(), utils.autocast('cuda'):
-        def position():
-            model.decode_position(x, pos, pre, post, uniforms, sampling)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up on a side stream before capture, as in GPT.generate
-            position()
-        torch.cuda.current_stream().wait_stream(stream)
-        profile(position, f"sample_B_b{batch}_one_position")
+        step, _, _ = model.decode_step(labels, compile=compile_step, **settings)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a side stream, as in GPT.generate_fast
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        profile(step, f"sample_B_b{batch}_{variant}_one_position")  # one position, not a whole run
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            position()
-        ms_per_position = cuda_time(graph.replay, iters=20)[0]
-    return images_per_s, ms_per_position
+            step()
+        replays = 50  # x (1 warm-up + 3 timed): with the 3 positions above, stays inside the T
+        assert 3 + 4 * replays <= T
+        ms = cuda_time(lambda: [graph.replay() for _ in range(replays)], iters=3, warmup=1)[0]
+    result['ms_per_position'] = ms / replays
+    return result
 
 
 def main():
@@ -426,16 +434,24 @@ def main():
             ips, tps, mfu, mem = bench_gpt_step(24, peak, args.compile, encode_with=encoder)
             report('gpt_B_onthefly_b24', ips, 'img/s', tokens_per_s=tps, mfu=mfu, peak_gib=mem)
         torch.cuda.empty_cache()
-    if 'sample' in rows:
+    if 'sample' in rows or 'sampling' in rows:  # 'sampling': the GPT alone, no tokenizer decoding
+        # the plain loop (batch 50), generate_fast's CUDA graph, and the graph of the compiled step
+        model = gpt_module.GPT.from_preset('B', num_classes=1000).cuda().eval()
         for batch in [int(b) for b in args.sample_batches.split(',')]:
-            extra = {'plain_loop': bench_sampling(batch, fast=False)[0]} if batch == 50 else {}
-            ips, ms_per_position = bench_sampling(batch)
-            report(f'sample_B_b{batch}', ips, 'img/s', ms_per_position=ms_per_position,
-                   with_decode=bench_sampling(batch, decoder=encoder)[0], **extra)
-        z = (torch.randint(0, 2, (50, 18, 16, 16), device='cuda') * 2 - 1).float()
-        with torch.no_grad():
-            ms, mem = cuda_time(lambda: _decode(encoder, z), name='decode_b50')
-        report('decode_b50', 50 / (ms / 1e3), 'img/s', peak_gib=mem)
+            for variant in ('loop', 'graph', 'compiled') if batch == 50 else ('graph', 'compiled'):
+                result = bench_sampling(model, batch, variant)
+                if variant == 'graph' and encoder is not None:  # tokens to images, as sample.py
+                    result['with_decode'] = bench_sampling(model, batch, variant,
+                                                           decoder=encoder)['images_per_s']
+                name = f'sample_B_b{batch}' + ('' if variant == 'graph' else f'_{variant}')
+                report(name, result.pop('images_per_s'), 'img/s', **result)
+            model.free_caches()
+            torch.cuda.empty_cache()
+        if encoder is not None:
+            z = (torch.randint(0, 2, (50, 18, 16, 16), device='cuda') * 2 - 1).float()
+            with torch.no_grad():
+                ms, mem = cuda_time(lambda: _decode(encoder, z), name='decode_b50')
+            report('decode_b50', 50 / (ms / 1e3), 'img/s', peak_gib=mem)
     if any(r.startswith('tok') for r in rows):
         # (preset, image size, batch, LPIPS): the paper's two runs at batch 8 and 32 per GPU, and the 128px model at
         # 64px (Tiny-ImageNet's size), without LPIPS as the fixed-budget recipe of the README

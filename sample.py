@@ -55,8 +55,8 @@ from utils import (DEVICES, OFFICIAL_PREFIX, autocast, barrier, check_kind, clea
 @torch.no_grad()
 def generate_images(gpt, tokenizer, labels, generator, **sampling):
     """labels (B,) -> images (B, 3, H, W) in [-1, 1]; sampling: cfg_scale, temperature, top_k, top_p of generate."""
-    # on CUDA the per-position step is replayed as a CUDA graph (same tokens as the plain loop, ~6x faster at batch 50)
-    pre, post = gpt.generate(labels, generator=generator, cuda_graph=labels.is_cuda, **sampling)  # (B, T) each
+    # generate's tokens; on GPUs one position replays as a CUDA graph (bench.py --rows sampling)
+    pre, post = gpt.generate_fast(labels, generator=generator, **sampling)  # (B, T) each
     grid = gpt.config.grid_size
     indices = merge_indices(pre, post, gpt.config.pre_bits).view(-1, grid, grid)  # (B, h, w) 18-bit indices
     return tokenizer.decode_indices(indices).float().clamp(-1, 1)

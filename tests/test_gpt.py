@@ -1,6 +1,7 @@
 """gpt.py: causality, sub-token dependency, KV-cache decoding vs. full forward (float64), CFG, top-k/top-p support,
 class dropout, Table 1 parameter counts, overfit + generate, and loading an official-layout checkpoint against a slow
 re-implementation of the official forward pass written on the official key names."""
+import functools
 import math
 
 import pytest
@@ -76,21 +77,91 @@ def test_pair_attention_matches_sdpa_float64():
                                F.scaled_dot_product_attention(q[:, :, 1:], k, v))
 
 
+def teacher_forced_logits(model, pre, post, labels, cfg_scale):
+    """generate's loop with the given tokens fed back instead of sampled ones (teacher forcing),
+    from the model's public pieces: the guided logits per position, (B, T, 64), (B, T, 4096)."""
+    x, _ = model.start_generation(labels, None)  # caches for [cond; null]; x (2B, 1, C)
+    logits_pre, logits_post = [], []
+    with torch.no_grad():
+        for t in range(pre.shape[1]):
+            cond, uncond = model.decode_pre(x, torch.tensor([t])).chunk(2)
+            logits_pre.append(uncond + cfg_scale[0] * (cond - uncond))
+            cond, uncond = model.decode_post(pre[:, t].repeat(2)).chunk(2)
+            logits_post.append(uncond + cfg_scale[1] * (cond - uncond))
+            x = (model.pre_emb(pre[:, t]) + model.post_emb(post[:, t])).repeat(2, 1)[:, None]
+    return torch.stack(logits_pre, dim=1), torch.stack(logits_post, dim=1)
+
+
+def guided_forward(model, pre, post, labels, cfg_scale):
+    """The same guided logits by full recomputation: GPT.forward with labels and the null class."""
+    null = torch.full_like(labels, model.config.num_classes)
+    with torch.no_grad():
+        cond_pre, cond_post, _ = model(pre, post, labels)
+        uncond_pre, uncond_post, _ = model(pre, post, null)
+    return (uncond_pre + cfg_scale[0] * (cond_pre - uncond_pre),
+            uncond_post + cfg_scale[1] * (cond_post - uncond_post))
+
+
 def test_kv_cache_decoding_and_cfg_match_full_forward_float64():
     model = small_model()
     pre, post, labels = random_tokens(3, 16, model)
     with torch.no_grad():
         cond_pre, cond_post, _ = model(pre, post, labels)
-        null = torch.full_like(labels, model.config.num_classes)
-        uncond_pre, uncond_post, _ = model(pre, post, null)
     # scale 1: the guided logits are the conditional ones, at every position, both sub-tokens
-    cache_pre, cache_post = model.generate(labels, cfg_scale=(1.0, 1.0), force=(pre, post))
+    cache_pre, cache_post = teacher_forced_logits(model, pre, post, labels, (1.0, 1.0))
     torch.testing.assert_close(cache_pre, cond_pre, rtol=0, atol=1e-10)
     torch.testing.assert_close(cache_post, cond_post, rtol=0, atol=1e-10)
     # other scales: uncond + s * (cond - uncond), with its own scale per sub-token
-    cache_pre, cache_post = model.generate(labels, cfg_scale=(1.5, 3.0), force=(pre, post))
-    torch.testing.assert_close(cache_pre, uncond_pre + 1.5 * (cond_pre - uncond_pre), rtol=0, atol=1e-10)
-    torch.testing.assert_close(cache_post, uncond_post + 3.0 * (cond_post - uncond_post), rtol=0, atol=1e-10)
+    cache_pre, cache_post = teacher_forced_logits(model, pre, post, labels, (1.5, 3.0))
+    full_pre, full_post = guided_forward(model, pre, post, labels, (1.5, 3.0))
+    torch.testing.assert_close(cache_pre, full_pre, rtol=0, atol=1e-10)
+    torch.testing.assert_close(cache_post, full_post, rtol=0, atol=1e-10)
+
+
+def test_temperature_zero_is_greedy_per_sub_token():
+    model = small_model()
+    labels = torch.tensor([0, 3, 4])
+    pre, post = model.generate(labels, cfg_scale=(1.5, 3.0), temperature=(0, 0))
+    full_pre, full_post = guided_forward(model, pre, post, labels, (1.5, 3.0))
+    assert torch.equal(pre, full_pre.argmax(-1)) and torch.equal(post, full_post.argmax(-1))
+    # greedy pre, sampled post: every pre is its argmax, the posts are not all theirs
+    pre, post = model.generate(labels, cfg_scale=(1.5, 3.0), temperature=(0, 1.0),
+                               generator=torch.Generator().manual_seed(2))
+    full_pre, full_post = guided_forward(model, pre, post, labels, (1.5, 3.0))
+    assert torch.equal(pre, full_pre.argmax(-1)) and not torch.equal(post, full_post.argmax(-1))
+
+
+def test_invalid_sampling_settings_raise():
+    model = small_model()
+    labels = torch.tensor([0])
+    for bad in (dict(temperature=(-0.5, 1.0)), dict(top_p=0.0), dict(top_p=(1.0, 1.5))):
+        for generate in (model.generate, model.generate_fast):
+            with pytest.raises(ValueError):
+                generate(labels, **bad)
+
+
+@pytest.mark.parametrize("settings", [dict(top_p=0.9), dict(temperature=(0, 1.3), top_k=(0, 50))])
+def test_fast_path_gives_the_plain_tokens(settings):
+    """generate_fast runs decode_step eagerly off CUDA: the step a CUDA graph records on GPUs."""
+    model = small_model()
+    labels = torch.tensor([0, 3, 4])
+    plain = model.generate(labels, generator=torch.Generator().manual_seed(5), **settings)
+    fast = model.generate_fast(labels, generator=torch.Generator().manual_seed(5), **settings)
+    assert torch.equal(plain[0], fast[0]) and torch.equal(plain[1], fast[1])
+
+
+def test_compiled_step_gives_the_plain_tokens(monkeypatch):
+    """compile=True traces the step as one graph (fullgraph: no break), its in-place writes
+    functionalised. Inductor's code generation takes tens of seconds on CPU, so here the traced
+    graph runs on AOT autograd's eager backend: the same trace and functionalisation, without the
+    generated kernels (the CUDA test below runs inductor)."""
+    model = small_model(n_inter=1, n_intra=1)
+    labels = torch.tensor([0, 3])
+    monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile, backend='aot_eager'))
+    plain = model.generate(labels, generator=torch.Generator().manual_seed(5), top_p=0.9)
+    fast = model.generate_fast(labels, generator=torch.Generator().manual_seed(5), top_p=0.9,
+                               compile=True)
+    assert torch.equal(plain[0], fast[0]) and torch.equal(plain[1], fast[1])
 
 
 def test_generate_is_reproducible_and_reuses_static_caches():
@@ -318,6 +389,12 @@ def test_cuda_graph_sampling_gives_the_plain_tokens():
     for p in model.parameters():  # heads are zero at init: give them weights so the samples depend on everything
         torch.nn.init.normal_(p, std=0.1) if p.dim() > 1 else None
     labels = torch.arange(6, device='cuda')
-    plain = model.generate(labels, generator=torch.Generator('cuda').manual_seed(3), top_p=0.9)
-    graph = model.generate(labels, generator=torch.Generator('cuda').manual_seed(3), top_p=0.9, cuda_graph=True)
+    seed = lambda: torch.Generator('cuda').manual_seed(3)
+    plain = model.generate(labels, generator=seed(), top_p=0.9)
+    graph = model.generate_fast(labels, generator=seed(), top_p=0.9)
     assert torch.equal(plain[0], graph[0]) and torch.equal(plain[1], graph[1])
+    # compiled: fused kernels round differently, so compare in float64, where that flips no token
+    model.double()
+    plain = model.generate(labels, generator=seed(), top_p=0.9)
+    compiled = model.generate_fast(labels, generator=seed(), top_p=0.9, compile=True)
+    assert torch.equal(plain[0], compiled[0]) and torch.equal(plain[1], compiled[1])
