@@ -195,7 +195,7 @@ def init_from(model, path):
     (open-magvit2:PATH, or a Lightning file with 'state_dict'), into `model`. The file must hold
     the same network (ARCH_FIELDS): a difference is refused, naming the fields."""
     official = path.startswith('open-magvit2:')
-    ckpt = load_checkpoint(path.removeprefix('open-magvit2:'))
+    ckpt = load_checkpoint(path)  # open-magvit2:PATH loads a released file in full
     if official or (isinstance(ckpt, dict) and 'state_dict' in ckpt):
         # shapes give the sizes, the preset of that width and depth the head count; the token grid
         # is not in the file (RoPE has no weights): ours is assumed

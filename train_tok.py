@@ -330,7 +330,7 @@ def main(argv=None):
         return metrics
     t = build(args, dist)
     if args.init_from and not args.resume:  # fine-tuning: weights only (the docstring says which)
-        init = utils.load_checkpoint(args.init_from.removeprefix('open-magvit2:'))
+        init = utils.load_checkpoint(args.init_from)  # open-magvit2:PATH loads a released file in full
         raw = tokenizer.Tokenizer.from_checkpoint(init, ema=False)
         try:
             ema = tokenizer.Tokenizer.from_checkpoint(init, ema=True)  # ours without 'ema': raw
