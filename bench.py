@@ -1,6 +1,6 @@
 """
-GPU benchmarks of every expensive step, on synthetic inputs (no dataset, random weights), against the numbers of the
-official Open-MAGVIT2 code measured on the same kind of card (H200, torch 2.11, bf16 autocast, TF32 on).
+GPU benchmarks of every expensive step on synthetic inputs (no dataset, random weights), printed beside
+the original Open-MAGVIT2 code's speed on the same rows (OFFICIAL below). One GPU:
 
     python bench.py                      # all rows, prints a table and writes out/bench.json
     python bench.py --rows entropy,gpt   # some rows
@@ -9,9 +9,12 @@ official Open-MAGVIT2 code measured on the same kind of card (H200, torch 2.11, 
     python bench.py --rows sample --profile   # and the GPU kernels that take the time, per row (out/bench_profile.txt)
     torchrun --standalone --nproc_per_node=2 bench.py --rows allreduce   # the GPU-to-GPU link (DDP's gradients)
 
-Each row is timed with CUDA events after warm-up: the median of >= 10 repetitions (sampling: of 3 full runs).
-MFU = 6 * params * tokens/s / peak, where peak is the bf16 matmul rate measured here on an 8192^3 product.
-LPIPS and Inception use random weights written to a temporary folder: speed does not depend on the values.
+Each row is timed with CUDA events after warm-up: the median of >= 10 repetitions (sampling: of 3 full
+runs). MFU is model FLOPs per second over the chip's datasheet bf16 peak (utils.peak_flops), the same
+definition as train_gpt.py's log: the GPT rows count FLOPs with GPT.estimate_mfu, the tokenizer rows
+with torch.utils.flop_counter (count_flops). The bf16 matmul rate measured on an 8192^3 product is
+printed beside it, as the ceiling a real kernel reaches. LPIPS and Inception use random weights written
+to a temporary folder: speed does not depend on the values.
 """
 
 import argparse
@@ -33,18 +36,13 @@ import train_gpt
 import train_tok
 import utils
 
-# the official implementation on one H200 (see issue "Performance on the GPU"): row -> (value, unit)
+# the original Open-MAGVIT2 code timed by the same rows on one H200 (torch 2.11, bf16 autocast, TF32):
+# row -> value in the row's unit
 OFFICIAL = {
     'tok_step_256_b8': 41.0, 'tok_step_256_b32': 50.7, 'tok_step_128_b8': 70.0,
     'entropy_8192_ms': 122.0, 'entropy_2048_ms': 33.0, 'encode_256_b64': 465.0,
     'gpt_B_step_b64': 286.0, 'gpt_B_onthefly_b24': 150.0,
     'sample_B_b256': 25.5, 'sample_B_b50': 6.5, 'decode_b50': 355.0,
-}
-GOAL = {
-    'tok_step_256_b8': 100.0, 'tok_step_256_b32': 150.0, 'tok_step_128_b8': 200.0,
-    'entropy_8192_ms': 1.0, 'entropy_2048_ms': 0.5, 'encode_256_b64': 1000.0,
-    'gpt_B_step_b64': 680.0, 'gpt_B_onthefly_b24': 400.0,
-    'sample_B_b256': 250.0, 'sample_B_b50': 50.0, 'decode_b50': 700.0,
 }
 
 
@@ -87,8 +85,8 @@ def cuda_time(fn, iters=10, warmup=3, name=None):
 
 
 def matmul_peak():
-    a, b = torch.randn(8192, 8192, device='cuda', dtype=torch.bfloat16), torch.randn(8192, 8192, device='cuda',
-                                                                                 dtype=torch.bfloat16)
+    """The bf16 FLOP/s of one 8192^3 matrix product: what a real kernel reaches on this GPU."""
+    a, b = (torch.randn(8192, 8192, device='cuda', dtype=torch.bfloat16) for _ in range(2))
     ms, _ = cuda_time(lambda: a @ b, iters=10, warmup=3)
     return 2 * 8192 ** 3 / (ms / 1e3)
 
@@ -146,9 +144,10 @@ def count_flops(fn):
 
 
 def bench_tokenizer_step(preset, image_size, batch, dist, weights_dir, compile_model, peak, perceptual=True):
-    """One train_tok.train_step (G + D + LPIPS, Adam steps, EMA) on random images. Returns a dict: img/s, peak GiB,
-    TFLOP per image (counted on the eager step), MFU against the measured bf16 matmul peak, and with compile_model
-    the compile time (first compiled step minus an eager one) and the first step's losses compiled vs. eager."""
+    """One train_tok.train_step (G + D + LPIPS, Adam steps, EMA) on random images. Returns a dict:
+    img/s, peak GiB, TFLOP per image (counted on the eager step), MFU against the datasheet peak, and
+    with compile_model the compile time (first compiled step minus an eager one) and the first step's
+    losses compiled vs. eager."""
     argv = ['--preset', preset, '--device', 'cuda', '--batch-size', str(batch), '--image-size', str(image_size),
             '--channels-last', '--vgg-weights', os.path.join(weights_dir, 'vgg16.pth'),
             '--lpips-weights', os.path.join(weights_dir, 'lin.pth')] + ([] if perceptual else
@@ -186,7 +185,7 @@ def bench_tokenizer_step(preset, image_size, batch, dist, weights_dir, compile_m
     name = f'tok_step_{image_size}_b{batch}'
     ms, mem = cuda_time(run, iters=10, warmup=3, name=name)
     result.update(img_per_s=batch / (ms / 1e3), peak_gib=mem, tflop_per_image=flops / batch / 1e12,
-                  mfu=flops / (ms / 1e3) / peak)
+                  mfu=flops / (ms / 1e3) / peak if peak else float('nan'))
     t = None
     torch.cuda.empty_cache()
     return result
@@ -194,7 +193,8 @@ def bench_tokenizer_step(preset, image_size, batch, dist, weights_dir, compile_m
 
 def bench_entropy(n, compile_mode=None):
     z = torch.randn(n, 18, device='cuda', requires_grad=True)
-    # eager, the entropy loss is ~40 small kernels and launch-bound (time flat in N); torch.compile fuses them
+    # eager, the entropy loss is a few dozen small kernels and launch-bound (time flat in N);
+    # torch.compile fuses them
     entropy_terms = torch.compile(quantizer.entropy_terms, mode=compile_mode) if compile_mode else \
         quantizer.entropy_terms
 
@@ -214,9 +214,9 @@ def bench_entropy(n, compile_mode=None):
 
 
 def bench_encode(batch, compile_model):
-    """Returns images/s, peak GiB, and the tokenizer with its encode / decode compiled when compile_model is set
-    (eager, ~3/4 of the encoder's GPU time went to GroupNorm, swish and layout-copy kernels at 256x256x128; compiled,
-    372 -> 761 img/s at batch 64 on an H200, 2026-11-29)."""
+    """Returns images/s, peak GiB, and the tokenizer, its encode / decode compiled when compile_model
+    is set. Eager, most of the encoder's GPU time goes to GroupNorm, swish and layout copies, which
+    torch.compile fuses around the convolutions."""
     model = tokenizer_module.Tokenizer.from_preset('imagenet256').cuda().eval().to(memory_format=torch.channels_last)
     if compile_model:
         # dynamic: one compiled graph for every batch size (64 here, 24 on the fly, 50 and 64 when decoding)
@@ -233,7 +233,6 @@ def bench_encode(batch, compile_model):
 
 def bench_gpt_step(batch, peak, compile_model, encode_with=None):
     model = gpt_module.GPT.from_preset('B', num_classes=1000).cuda()
-    params = sum(p.numel() for p in model.parameters())
     optimizer = model.configure_optimizers(0.05, 3e-4, (0.9, 0.95), 'cuda')
     step_model = torch.compile(model) if compile_model else model
     T = model.config.block_size
@@ -250,7 +249,8 @@ def bench_gpt_step(batch, peak, compile_model, encode_with=None):
     ms, mem = cuda_time(run, iters=10, warmup=5 if compile_model else 3,
                         name=f"gpt_B_{'onthefly' if encode_with is not None else 'step'}_b{batch}")
     tokens_per_s = batch * T / (ms / 1e3)
-    return batch / (ms / 1e3), tokens_per_s, 6 * params * tokens_per_s / peak, mem
+    mfu = model.estimate_mfu(tokens_per_s, peak) if peak else float('nan')  # as train_gpt.py logs it
+    return batch / (ms / 1e3), tokens_per_s, mfu, mem
 
 
 def bench_fid_features(tf32, weights, n=5000, batch_size=250):
@@ -383,21 +383,20 @@ def main():
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     if PROFILE and os.path.exists(PROFILE['path']):
         os.remove(PROFILE['path'])
-    peak = matmul_peak()
-    results['bf16_matmul_tflops'] = peak / 1e12
-    print(f"bf16 matmul peak (8192^3): {peak / 1e12:.0f} TFLOP/s", flush=True)
+    peak = utils.peak_flops('cuda')  # the MFU denominator; None on a GPU not in utils.PEAK_FLOPS
+    results['bf16_matmul_tflops'] = matmul_peak() / 1e12
+    results['datasheet_bf16_tflops'] = peak / 1e12 if peak else None
+    print(f"bf16 peak: datasheet {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s (MFU is against "
+          f"it), measured 8192^3 matmul {results['bf16_matmul_tflops']:.0f} TFLOP/s", flush=True)
     weights_dir = tempfile.mkdtemp()
     write_random_weights(weights_dir)
 
     def report(key, value, unit, **extra):
         results[key] = dict(value=value, unit=unit, **extra)
-        ratio = ''
-        if key in GOAL:  # 'ms' rows: lower is better
-            ratio = GOAL[key] / value if unit == 'ms' else value / GOAL[key]
-            ratio = f"  {ratio:.2f}x of goal {GOAL[key]:g}, official {OFFICIAL[key]:g}"
+        official = f"  official {OFFICIAL[key]:g}" if key in OFFICIAL else ''
         more = ' '.join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items())
         if dist.is_main:  # (under torchrun for the allreduce row: one table)
-            print(f"{key:24s} {value:10.3f} {unit:6s} {more}{ratio}", flush=True)
+            print(f"{key:24s} {value:10.3f} {unit:6s} {more}{official}", flush=True)
             with open(args.out, 'w') as f:  # after every row: a run cut short keeps what it measured
                 json.dump(results, f, indent=1)
 
@@ -405,7 +404,7 @@ def main():
         if not dist.ddp:
             raise SystemExit("the allreduce row needs several GPUs: torchrun --nproc_per_node=2 bench.py "
                              "--rows allreduce")
-        # the imagenet128 tokenizer's gradients (112.02M values): the 2-GPU run scaled 0.77 (README), is it the link?
+        # the imagenet128 tokenizer's gradients (112.02M values): is the link what limits DDP's scaling?
         for dtype in (torch.float32, torch.bfloat16):
             ms, bus = bench_allreduce(112_020_000, dtype)
             report(f"allreduce_tok_grads_{str(dtype).split('.')[-1]}", ms, 'ms', bus_gb_per_s=bus)
@@ -417,8 +416,8 @@ def main():
         for n in (2048, 8192):
             ms, mem, diff = bench_entropy(n)
             report(f'entropy_{n}_ms', ms, 'ms', peak_gib=mem, max_abs_diff_vs_table=diff)
-            if args.compile:  # measured 2026-11-28 (N = 2048): 2.31 ms eager -> 1.00 ms compiled. mode=
-                # 'reduce-overhead' (CUDA graphs) failed in backward on torch 2.11 (an output overwritten by a replay)
+            # mode 'default': 'reduce-overhead' (CUDA graphs) overwrites an output the backward needs
+            if args.compile:
                 ms, mem, diff = bench_entropy(n, compile_mode='default')
                 report(f'entropy_{n}_ms_compiled', ms, 'ms', peak_gib=mem, max_abs_diff_vs_table=diff)
     encoder = None
@@ -453,8 +452,8 @@ def main():
                 ms, mem = cuda_time(lambda: _decode(encoder, z), name='decode_b50')
             report('decode_b50', 50 / (ms / 1e3), 'img/s', peak_gib=mem)
     if any(r.startswith('tok') for r in rows):
-        # (preset, image size, batch, LPIPS): the paper's two runs at batch 8 and 32 per GPU, and the 128px model at
-        # 64px (Tiny-ImageNet's size), without LPIPS as the fixed-budget recipe of the README
+        # (preset, image size, batch, LPIPS): the paper's two runs at batch 8 and 32 per GPU, and the
+        # 128px model at 64px (Tiny-ImageNet's size) without LPIPS, as the time-limited recipe
         for preset, size, batch, perceptual in (('imagenet256', 256, 8, True), ('imagenet256', 256, 32, True),
                                                 ('imagenet128', 128, 8, True), ('imagenet128', 64, 128, False)):
             if not any(f"tok_step_{size}_b{batch}".startswith(r) for r in rows):

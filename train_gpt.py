@@ -63,7 +63,7 @@ from quantizer import split_indices
 from sample import generate_images
 from tokenizer import Tokenizer
 from utils import (DEVICES, OFFICIAL_PREFIX, CSVLog, all_reduce_mean, all_reduce_sum, autocast, barrier,
-                   check_config, check_kind, check_resume, cleanup, load_checkpoint, peak_memory_gib,
+                   check_config, check_kind, check_resume, cleanup, load_checkpoint, peak_flops, peak_memory_gib,
                    prepare_run_folder, print0, rng_state, save_checkpoint, save_image_grid,
                    set_rng_state, setup, weights_checksum)
 
@@ -104,15 +104,6 @@ def train_step(model, optimizer, micro_batches, lr, device_type, grad_clip=1.0):
     return loss_pre, loss.detach() - loss_pre
 
 
-# bf16 dense peak of one chip, for MFU (nanoGPT uses the A100's); other chips show no MFU
-PEAK_FLOPS = {'A100': 312e12, 'A800': 312e12, 'H100': 989e12, 'H800': 989e12, 'H200': 989e12}
-
-
-def peak_flops(device_type):
-    name = torch.cuda.get_device_name() if device_type == 'cuda' else ''
-    return next((flops for chip, flops in PEAK_FLOPS.items() if chip in name), None)
-
-
 # -----------------------------------------------------------------------------
 # the frozen tokenizer, the held-out loss and --init-from
 
@@ -123,9 +114,9 @@ def load_tokenizer(path, ema, image_size, device, compile=False):
     if image_size % tokenizer.downsample:
         raise ValueError(f"--image-size {image_size} is not a multiple of the tokenizer's "
                          f"downsampling factor {tokenizer.downsample}")
-    if compile:  # the encoder (on the fly, extract_codes.py): GroupNorm + swish fused,
-        # channels_last as in bench.py's encode row, 372 -> 761 img/s at batch 64 (H200);
-        # dynamic: any batch size
+    # the encoder (on the fly, extract_codes.py) with GroupNorm + swish fused and channels_last, as
+    # bench.py's encode row (python bench.py --rows encode --compile); dynamic: any batch size
+    if compile:
         tokenizer = tokenizer.to(memory_format=torch.channels_last)
         tokenizer.encode = torch.compile(tokenizer.encode, dynamic=True)
     return tokenizer
@@ -443,7 +434,7 @@ def main(argv=None):
     log = CSVLog(os.path.join(args.out, 'log.csv'), fields, dist.is_main,
                  resume_step=step if args.resume else None)
     tokens_per_step = args.batch_size * grid[0] * grid[1]
-    peak = peak_flops(device_type)
+    peak = peak_flops(device_type)  # None on other chips: no MFU in the log
     num_bad = num_seen = 0
     stop_step = min(args.max_steps or total_steps, total_steps)
     progress = tqdm(total=stop_step, initial=step, disable=not dist.is_main, dynamic_ncols=True)

@@ -120,6 +120,17 @@ def peak_memory_gib(device_type):
     return float('nan')
 
 
+# bf16 dense tensor-core peak of one chip from its datasheet (no sparsity), the denominator of every
+# MFU in this repository (train_gpt.py's log, bench.py's rows); nanoGPT uses the A100's 312e12
+PEAK_FLOPS = {'A100': 312e12, 'A800': 312e12, 'H100': 989e12, 'H800': 989e12, 'H200': 989e12}
+
+
+def peak_flops(device_type):
+    """The datasheet bf16 peak (FLOP/s) of this process's GPU, or None for a chip not in PEAK_FLOPS."""
+    name = torch.cuda.get_device_name() if device_type == 'cuda' else ''
+    return next((flops for chip, flops in PEAK_FLOPS.items() if chip in name), None)
+
+
 def weights_checksum(module):
     """First 16 hex digits of the sha256 of every parameter and buffer, bit for bit, in name order. DDP keeps the
     ranks' weights identical; the trainers print this on every rank at the end so that a run shows it did."""
