@@ -93,7 +93,8 @@ def matmul_peak():
 
 def write_random_lpips(folder):
     """A random VGG16 in torchvision's layout (features.N.*) and random LPIPS v0.1 heads (linK.model.1.weight), as
-    vgg16.pth and lin.pth in folder: the real loading path with meaningless values (bench.py and the tests)."""
+    vgg16.pth and lin.pth in folder: the real loading path with meaningless values (this file's rows and
+    the tests, through tests/conftest.py)."""
     from losses import TAP_CHANNELS, VGG_LAYOUT
     vgg, index, in_ch = {}, 0, 3
     for v in VGG_LAYOUT:  # conv at every non-'M' entry, each followed by a ReLU (2 indices), 'M' takes 1 index
@@ -119,18 +120,6 @@ def write_random_inception(path):
     torch.nn.init.normal_(inception.fc.weight, std=0.1)  # logits of a few units, so the Inception Score is not ~1
     torch.save(inception.state_dict(), path)
     return str(path)
-
-
-def write_random_weights(folder):
-    """Random LPIPS and FID Inception weight files. Speed does not depend on the values; no metric from them is
-    ever reported."""
-    write_random_lpips(folder)
-    write_random_inception(os.path.join(folder, 'inception.pth'))
-
-
-def _decode(model, z):
-    with utils.autocast('cuda'):
-        return model.decode(z)
 
 
 def count_flops(fn):
@@ -389,7 +378,9 @@ def main():
     print(f"bf16 peak: datasheet {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s (MFU is against "
           f"it), measured 8192^3 matmul {results['bf16_matmul_tflops']:.0f} TFLOP/s", flush=True)
     weights_dir = tempfile.mkdtemp()
-    write_random_weights(weights_dir)
+    # random LPIPS and Inception weights: speed does not depend on the values
+    write_random_lpips(weights_dir)
+    write_random_inception(os.path.join(weights_dir, 'inception.pth'))
 
     def report(key, value, unit, **extra):
         results[key] = dict(value=value, unit=unit, **extra)
@@ -448,8 +439,8 @@ def main():
             torch.cuda.empty_cache()
         if encoder is not None:
             z = (torch.randint(0, 2, (50, 18, 16, 16), device='cuda') * 2 - 1).float()
-            with torch.no_grad():
-                ms, mem = cuda_time(lambda: _decode(encoder, z), name='decode_b50')
+            with torch.no_grad(), utils.autocast('cuda'):
+                ms, mem = cuda_time(lambda: encoder.decode(z), name='decode_b50')
             report('decode_b50', 50 / (ms / 1e3), 'img/s', peak_gib=mem)
     if any(r.startswith('tok') for r in rows):
         # (preset, image size, batch, LPIPS): the paper's two runs at batch 8 and 32 per GPU, and the

@@ -19,9 +19,10 @@ Resizing to 299 (images come as (N, 3, H, W) floats in [0, 1], or uint8):
              with TF1 bilinear (align_corners=False and *no* half-pixel centres), then maps x -> (x - 128) / 128.
              The paper's gFID compares with ADM's reference batch (VIRTUAL_imagenet256_labeled.npz), whose mu/sigma
              were made this way, so samples must take the same path (torch-fidelity does the same).
-  'bilinear' for rfid() (and `--resize bilinear`). pytorch-fid: F.interpolate(bilinear, align_corners=False) on
-             [0, 1] floats, then 2x - 1. The official Open-MAGVIT2 evaluation feeds (x + 1) / 2 of originals and
-             clamped reconstructions (no uint8 rounding) to pytorch-fid; rfid() does the same.
+  'bilinear' for rFID (`--resize bilinear`, train_tok.evaluate). pytorch-fid: F.interpolate(bilinear,
+             align_corners=False) on [0, 1] floats, then 2x - 1. The official Open-MAGVIT2 evaluation
+             feeds (x + 1) / 2 of originals and clamped reconstructions (no uint8 rounding) to
+             pytorch-fid; train_tok.evaluate does the same.
   The two resizes sample different pixels: never mix statistics made with different ones (saved stats record theirs).
 
 Weights: `--inception-weights PATH`, else $NANOMAGVIT2_CACHE (default ~/.cache/nanomagvit2)/<file>, else pytorch-fid's
@@ -34,11 +35,9 @@ Run (one GPU or NPU is plenty; there is no torchrun mode):
     python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz        # prints FID, sFID, IS, precision, recall
     python fid.py samples_dir/ ref_stats.npz --device npu --batch-size 200
     python fid.py imagenet_val_dir/ --resize bilinear --save-stats val_stats.npz    # statistics only
-    from fid import load_inception, rfid; rfid(images, reconstructions, load_inception(device='cuda'))
 
-Throughput (`python bench.py --rows fid`, README): 2,270 images/s in fp32 on an H200, 4,800 with TF32, which moves
-the pool features by 6e-4 (relative; random weights). The CLI keeps fp32 anyway: 50k samples take ~25 s, plus the
-CPU sqrtm of FID and sFID.
+The features are computed in fp32 with TF32 off, as TF's: TF32 is faster but moves the features
+(`python bench.py --rows fid` measures both).
 """
 import argparse
 import hashlib
@@ -464,19 +463,6 @@ def extract_features(model, batches, resize='tf'):
         for name, value in model(batch.to(device), resize).items():
             outputs[name].append(value.float().cpu())
     return {name: torch.cat(values).numpy() for name, values in outputs.items()}
-
-
-def rfid(real, fake, model, batch_size=50):
-    """rFID of reconstructions as the official Open-MAGVIT2 evaluation (pytorch-fid, 'bilinear' resize).
-    real, fake: (N, 3, H, W) float tensors in [-1, 1] (clamped, then (x + 1) / 2 without uint8 rounding),
-    or uint8 (N, H, W, 3) arrays such as utils.to_uint8 returns. N >= 2; use 50k images for reportable numbers."""
-    stats = []
-    for images in (real, fake):
-        images = torch.as_tensor(images)
-        images = images.permute(0, 3, 1, 2) if images.dtype == torch.uint8 else (images.clamp(-1, 1) + 1) / 2
-        pool = extract_features(model, images.split(batch_size), resize='bilinear')['pool']
-        stats.append(compute_statistics(pool, next(model.parameters()).device))
-    return frechet_distance(*stats[0], *stats[1])
 
 
 def save_statistics(path, stats, resize):

@@ -19,42 +19,27 @@ Nothing here is run directly; `tokenizer.py` uses LFQ and `tests/test_quantizer.
 against a brute-force computation over all 2^K codes.
 """
 
-import math
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
-# indices <-> bits <-> codes, and the (pre, post) factorization
-
-
-def indices_to_bits(indices, num_bits):
-    """(...) int64 -> (..., K) int64 in {0, 1}; bit d is channel d (channel 0 = least significant)."""
-    powers = 2 ** torch.arange(num_bits, device=indices.device)  # (K,)
-    return (indices.unsqueeze(-1) // powers) % 2
-
-
-def bits_to_indices(bits):
-    """(..., K) {0,1} or bool -> (...) int64. Eq. (2)."""
-    powers = 2 ** torch.arange(bits.shape[-1], device=bits.device)  # (K,)
-    return (bits.long() * powers).sum(-1)
-
-
-def indices_to_codes(indices, num_bits):
-    """(...) int64 -> (..., K) float codes in {-1, +1}."""
-    return indices_to_bits(indices, num_bits).float() * 2 - 1
+# indices <-> codes, and the (pre, post) factorization
 
 
 def codes_to_indices(codes):
-    """(..., K) real -> (...) int64, using the sign rule of Eq. (1): positive is bit 1, zero or negative is 0."""
-    return bits_to_indices(codes > 0)
+    """(..., K) real -> (...) int64, Eq. (2) with the sign rule of Eq. (1): channel d is bit d
+    (channel 0 = least significant), positive is 1, zero or negative is 0."""
+    powers = 2 ** torch.arange(codes.shape[-1], device=codes.device)  # (K,)
+    return ((codes > 0).long() * powers).sum(-1)
 
 
-def indices_to_codemap(indices, num_bits):
-    """(B, H, W) int64 -> (B, K, H, W) float code map, the decoder's input."""
-    return indices_to_codes(indices, num_bits).permute(0, 3, 1, 2).contiguous()
+def indices_to_codes(indices, num_bits):
+    """(...) int64 -> (..., K) float codes in {-1, +1}, the inverse of codes_to_indices."""
+    powers = 2 ** torch.arange(num_bits, device=indices.device)  # (K,)
+    bits = (indices.unsqueeze(-1) // powers) % 2  # (..., K) in {0, 1}
+    return bits.float() * 2 - 1
 
 
 def split_indices(indices, pre_bits=6):
@@ -65,11 +50,6 @@ def split_indices(indices, pre_bits=6):
 def merge_indices(pre, post, pre_bits=6):
     """Inverse of split_indices."""
     return pre | (post << pre_bits)
-
-
-def codebook_usage(indices, num_bits):
-    """Fraction of the 2^K codes that occur at least once in `indices` (any shape)."""
-    return torch.unique(indices).numel() / 2 ** num_bits
 
 
 # -----------------------------------------------------------------------------
@@ -137,7 +117,8 @@ def entropy_terms(z, temperature=0.01, distributed=False):
 
     def half_probs(half_logits):  # (N, k) -> (N, 2^k), probability of each code of this half of the bits
         k = half_logits.shape[1]
-        bits = indices_to_bits(torch.arange(2 ** k, device=z.device), k).to(z.dtype)  # (2^k, k)
+        # (2^k, k) in {0, 1}: row c is the bits of code c of this half
+        bits = (indices_to_codes(torch.arange(2 ** k, device=z.device), k) > 0).to(z.dtype)
         log_p1, log_p0 = F.logsigmoid(half_logits), F.logsigmoid(-half_logits)  # log P(bit=1), log P(bit=0)
         # log f_c = sum_d [c_d = 1] log p_d + [c_d = 0] log(1 - p_d): two (N, k) @ (k, 2^k) products
         return torch.exp(log_p1 @ bits.T + log_p0 @ (1 - bits).T)  # (N, 2^k)
@@ -188,10 +169,3 @@ class LFQ(nn.Module):
     def extra_repr(self):
         return f"num_bits={self.num_bits} ({2 ** self.num_bits} codes), T={self.entropy_temperature}"
 
-
-if __name__ == '__main__':
-    # a quick look at the numbers in the docstring
-    K, N = 18, 8192
-    table_gb = N * 2 ** K * 4 / 1e9
-    print(f"K={K}, N={N}: materialised fp32 table {table_gb:.1f} GB; factorized A, B: "
-          f"{2 * N * 2 ** (K // 2) * 4 / 1e6:.0f} MB; max codebook entropy ln 2^K = {K * math.log(2):.2f} nats")

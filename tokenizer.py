@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quantizer import LFQ, indices_to_codemap
+from quantizer import LFQ, indices_to_codes
 
 # -----------------------------------------------------------------------------
 # building blocks
@@ -289,7 +289,8 @@ class Tokenizer(nn.Module):
 
     def decode_indices(self, indices):
         """indices (B, h, w) int64 -> images (B, 3, h*f, w*f): tokens to their +-1 code map, then decode."""
-        z_q = indices_to_codemap(indices, self.config.num_bits)  # (B, K, h, w) in {-1, +1}
+        z_q = indices_to_codes(indices, self.config.num_bits).permute(0, 3, 1, 2)  # (B, K, h, w)
+        z_q = z_q.contiguous()
         return self.decode(z_q.to(self.decoder.conv_in.weight.dtype))
 
     def forward(self, x):

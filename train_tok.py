@@ -48,7 +48,7 @@ import tokenizer
 import utils
 from data import EpochSampler, build_dataset, check_bad_fraction, collate_skip_bad
 from losses import LeCAM, PatchDiscriminator, d_loss, load_lpips, non_saturating_g_loss
-from quantizer import indices_to_bits
+from quantizer import indices_to_codes
 
 # -----------------------------------------------------------------------------
 # presets: overrides of the command-line defaults below (which are the 256px run)
@@ -212,7 +212,7 @@ def train_step(x, t, args, step):
     t.opt_g.step()
 
     # --- discriminator: hinge + LeCAM, real and fake in separate passes (losses.d_loss, the official order)
-    d_parts = dict.fromkeys(('d_lecam', 'logits_real', 'logits_fake'), zero)
+    d_parts = dict.fromkeys(('d_hinge', 'd_lecam', 'logits_real', 'logits_fake'), zero)
     loss_d = zero
     if use_gan:
         t.raw_disc.requires_grad_(True)
@@ -231,8 +231,8 @@ def train_step(x, t, args, step):
     torch._foreach_lerp_(list(t.ema.parameters()), list(t.raw_model.parameters()), 1 - decay)
     return {'recon': recon, 'lpips': perceptual, 'g_gan': g_gan, 'commit': quantizer_losses['commitment_loss'],
             'per_sample_entropy': quantizer_losses['per_sample_entropy'],
-            'codebook_entropy': quantizer_losses['codebook_entropy'], 'd_loss': loss_d, 'd_lecam': d_parts['d_lecam'],
-            'logits_real': d_parts['logits_real'], 'logits_fake': d_parts['logits_fake']}
+            'codebook_entropy': quantizer_losses['codebook_entropy'], 'd_loss': loss_d,
+            **d_parts}  # d_hinge, d_lecam (D's two terms), logits_real, logits_fake
 
 
 # -----------------------------------------------------------------------------
@@ -267,7 +267,8 @@ def evaluate(ema, val_set, args, dist, step, num_images=None):
             x_rec, indices, _ = ema(x)  # (B, 3, H, W), (B, h, w)
         x_rec = x_rec.float().clamp(-1, 1)
         seen[indices.flatten()] = 1
-        bits = indices_to_bits(indices.flatten(), num_bits).double()  # (B*h*w, K): bit k is channel k's sign
+        # (B*h*w, K) in {0, 1}: bit k is 1 where channel k is positive
+        bits = (indices_to_codes(indices.flatten(), num_bits) > 0).double()
         ones += torch.cat([bits.sum(0), bits.new_tensor([len(bits)])])
         real, fake = torch.from_numpy(utils.to_uint8(x)).double(), torch.from_numpy(utils.to_uint8(x_rec)).double()
         mse = (real - fake).pow(2).mean((1, 2, 3))  # (B,) on 0..255 values
@@ -388,7 +389,7 @@ def main(argv=None):
 
     num_bits = t.raw_model.config.num_bits
     fields = ['step', 'epoch', 'minutes', 'lr', 'recon', 'lpips', 'g_gan', 'per_sample_entropy', 'codebook_entropy',
-              'commit', 'd_loss', 'd_lecam', 'logits_real', 'logits_fake', 'img_per_s', 'peak_mem_gib', 'bad_images',
+              'commit', 'd_loss', 'd_hinge', 'd_lecam', 'logits_real', 'logits_fake', 'img_per_s', 'peak_mem_gib', 'bad_images',
               'psnr', 'codebook_usage', 'rfid', 'dead_bits'] + [f'bit{k}' for k in range(num_bits)]
     csv_log = utils.CSVLog(os.path.join(args.out, 'log.csv'), fields, dist.is_main,
                            resume_step=step if args.resume else None)
@@ -455,7 +456,7 @@ def main(argv=None):
                        'img_per_s': images_seen * dist.world_size / (time.time() - t0),
                        'peak_mem_gib': utils.peak_memory_gib(dist.device_type)}  # this rank's, since the start
                 log_row(row)
-                pbar.set_postfix({k: f"{row[k]:.3g}" for k in ('recon', 'lpips', 'g_gan', 'd_loss',
+                pbar.set_postfix({k: f"{row[k]:.3g}" for k in ('recon', 'lpips', 'g_gan', 'd_loss', 'd_hinge',
                                  'per_sample_entropy', 'codebook_entropy', 'commit', 'img_per_s')})
                 if budget_s:  # re-plan the end of the run from the step rate of this log interval
                     left_s = budget_s - reserve_s - (time.time() - start_time)

@@ -14,7 +14,7 @@ from PIL import Image
 import data
 import fid
 import utils
-from bench import write_random_inception
+from conftest import rfid, write_random_inception
 
 
 @pytest.fixture(scope='module')
@@ -250,7 +250,7 @@ def test_rfid_uses_the_pytorch_fid_convention(model, monkeypatch):
     originals = torch.rand(3, 3, 32, 32) * 2 - 1
     seen = []
     monkeypatch.setattr(fid, 'frechet_distance', lambda mu1, sigma1, mu2, sigma2: seen.append((mu1, mu2)) or 0.0)
-    fid.rfid(originals, originals.clamp(-0.5, 0.5), model, batch_size=2)
+    rfid(originals, originals.clamp(-0.5, 0.5), model, batch_size=2)
     with torch.no_grad():
         expected = model((originals + 1) / 2, 'bilinear')['pool'].double().mean(0).numpy()
     assert np.allclose(seen[0][0], expected, atol=1e-5) and not np.allclose(seen[0][1], expected, atol=1e-3)

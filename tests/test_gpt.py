@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt import GPT, PRESETS, convert_official_gpt, pair_attention, rope_2d, sample_from_logits, top_k_top_p_filter
+from conftest import fake_official_checkpoint
 from quantizer import split_indices
 
 SMALL = dict(block_size=16, num_classes=5, dim=32, n_head=2, n_inter=2, n_intra=2, dropout=0.0)
@@ -273,29 +274,6 @@ def test_configure_optimizers_splits_decay_and_mfu():
 
 
 # ---- official checkpoints ---------------------------------------------------------------------------------------
-
-def fake_official_checkpoint(num_classes=7, seed=0):
-    """A Lightning-style checkpoint with the official key names and shapes (the 'tiny' sizes), random values."""
-    c = PRESETS['tiny']
-    D, hidden = c['dim'], 512  # the official FFN width for dim 128: find_multiple(int(2 * 4 * 128 / 3), 256)
-    g = torch.Generator().manual_seed(seed)
-    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64) * 0.3
-    sd = {'transformer.pre_emb.weight': randn(64, D), 'transformer.post_emb.weight': randn(4096, D),
-          'transformer.class_emb.embedding_table.weight': randn(num_classes + 1, D),
-          'transformer.norm.weight': 1 + randn(D), 'transformer.head.0.weight': randn(64, D),
-          'transformer.head.1.weight': randn(4096, D),
-          'first_stage_model.encoder.conv_in.weight': randn(128, 3, 3, 3)}  # the tokenizer rides along
-    for stack, n in (('spatial_blocks', c['n_inter']), ('factorized_blocks', c['n_intra'])):
-        for i in range(n):
-            p = f'transformer.{stack}.{i}.'
-            sd.update({p + 'attention_norm.weight': 1 + randn(D), p + 'ffn_norm.weight': 1 + randn(D),
-                       p + 'attention.wqkv.weight': randn(3 * D, D) / D ** 0.5,
-                       p + 'attention.wo.weight': randn(D, D) / D ** 0.5,
-                       p + 'feed_forward.w1.weight': randn(hidden, D) / D ** 0.5,
-                       p + 'feed_forward.w3.weight': randn(hidden, D) / D ** 0.5,
-                       p + 'feed_forward.w2.weight': randn(D, hidden) / hidden ** 0.5})
-    return {'state_dict': sd, 'global_step': 0}
-
 
 def official_forward(sd, pre, post, labels, n_head, grid):
     """The official model (eval mode) re-written slowly on the official names: explicit softmax attention, RoPE with

@@ -6,8 +6,13 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from quantizer import (LFQ, bits_to_indices, codebook_usage, codes_to_indices, entropy_terms, indices_to_bits,
-                       indices_to_codemap, indices_to_codes, merge_indices, split_indices)
+from conftest import codebook_usage
+from quantizer import LFQ, codes_to_indices, entropy_terms, indices_to_codes, merge_indices, split_indices
+
+
+def codemap(indices, num_bits):
+    """(B, H, W) indices -> (B, K, H, W) +-1 code map, as Tokenizer.decode_indices makes it."""
+    return indices_to_codes(indices, num_bits).permute(0, 3, 1, 2)
 
 
 def brute_force_entropies(z, temperature):
@@ -66,19 +71,19 @@ def test_entropy_limits():
 
 def test_bit_order_and_round_trips():
     K = 18
-    bits = torch.zeros(K, dtype=torch.long)
-    bits[0] = 1; bits[3] = 1; bits[17] = 1  # channel 0 is the least significant bit
-    assert bits_to_indices(bits).item() == 1 + 8 + 2 ** 17
+    codes = -torch.ones(K)
+    codes[0] = 1; codes[3] = 1; codes[17] = 1  # channel 0 is the least significant bit
+    assert codes_to_indices(codes).item() == 1 + 8 + 2 ** 17
+    assert torch.equal(indices_to_codes(codes_to_indices(codes), K), codes)
     idx = torch.randint(0, 2 ** K, (3, 5, 7))
-    assert torch.equal(bits_to_indices(indices_to_bits(idx, K)), idx)
     assert torch.equal(codes_to_indices(indices_to_codes(idx, K)), idx)
     pre, post = split_indices(idx)
     assert pre.max() < 64 and post.max() < 4096
     assert torch.equal(merge_indices(pre, post), idx)
     # pre holds channels 0-5, post channels 6-17
-    assert torch.equal(indices_to_bits(pre, 6), indices_to_bits(idx, K)[..., :6])
-    assert torch.equal(indices_to_bits(post, 12), indices_to_bits(idx, K)[..., 6:])
-    cmap = indices_to_codemap(idx, K)  # (B, K, H, W)
+    assert torch.equal(indices_to_codes(pre, 6), indices_to_codes(idx, K)[..., :6])
+    assert torch.equal(indices_to_codes(post, 12), indices_to_codes(idx, K)[..., 6:])
+    cmap = codemap(idx, K)  # (B, K, H, W)
     assert cmap.shape == (3, K, 5, 7) and torch.equal(codes_to_indices(cmap.permute(0, 2, 3, 1)), idx)
     assert codebook_usage(torch.tensor([0, 1, 1, 3]), 2) == 0.75
 
@@ -90,7 +95,7 @@ def test_lfq_forward_ste_and_commitment():
     assert set(torch.unique(z_q.detach()).tolist()) <= {-1.0, 1.0}
     bit_weights = 2 ** torch.arange(6)[:, None, None]  # (K, 1, 1): channel k is worth 2^k (Eq. 2)
     assert torch.equal(idx, ((z.detach() > 0).long() * bit_weights).sum(1))
-    assert torch.equal(z_q, indices_to_codemap(idx, 6))
+    assert torch.equal(z_q, codemap(idx, 6))
     # zero maps to -1
     z0, _, _ = lfq(torch.zeros(1, 6, 1, 1))
     assert (z0 == -1).all()

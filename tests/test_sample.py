@@ -5,7 +5,6 @@ weights the generator was trained on (recorded fingerprint and EMA choice; raw f
 files), arguments checked before any work, an existing .npz made with other settings refused."""
 import os
 import re
-import socket
 from dataclasses import asdict
 
 import numpy as np
@@ -14,10 +13,10 @@ import torch
 import torch.multiprocessing as mp
 
 import data
+from conftest import fake_official_checkpoint, free_port, save_tokenizer
 import sample
 from gpt import GPT
 from tokenizer import Tokenizer
-from test_train_gpt import save_tokenizer  # an untrained tiny tokenizer in our checkpoint format
 from utils import load_checkpoint, save_checkpoint, weights_checksum
 
 
@@ -93,9 +92,7 @@ def _two_rank_worker(rank, args, port):
 
 def test_two_ranks_write_what_one_rank_writes(files, tmp_path):
     sample.main(argv(files, tmp_path / 'one.npz'))
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_two_rank_worker, args=(argv(files, tmp_path / 'two.npz'), port), nprocs=2)
     one, two = np.load(tmp_path / 'one.npz'), np.load(tmp_path / 'two.npz')
     assert np.array_equal(one['arr_0'], two['arr_0']) and np.array_equal(one['arr_1'], two['arr_1'])
@@ -131,7 +128,6 @@ def test_class_consistency_scores_requested_classes(files):
 
 
 def test_official_ar_checkpoint_is_accepted(files, tmp_path):
-    from test_gpt import fake_official_checkpoint
     from sample import load_models
     ckpt = fake_official_checkpoint(num_classes=5)
     ckpt['state_dict'] = {k: v.float() for k, v in ckpt['state_dict'].items()}
@@ -173,7 +169,6 @@ def test_decodes_with_the_tokenizer_weights_it_was_trained_on(files, tmp_path):
         weights_checksum(Tokenizer.from_checkpoint(other))
     # a released AR checkpoint decodes with the raw tokenizer weights, as the official pipeline
     # (not model_ema.*)
-    from test_gpt import fake_official_checkpoint
     official_tok = dict(raw.state_dict())
     official_tok.update({'model_ema.' + k.replace('.', ''): v
                          for k, v in ema.state_dict().items()})

@@ -5,11 +5,9 @@ refuses other inputs (tokenizer, data, its weights), a rerun onto a run needs --
 checkpoint records the tokenizer. The held-out loss equals a direct computation (one process and
 two); extract_codes.py refuses a folder made from other weights or data and skips unreadable
 images; --init-from copies weights."""
-import csv
 import io
 import os
 import shutil
-import socket
 from dataclasses import asdict
 
 import numpy as np
@@ -20,19 +18,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+from conftest import free_port, read_log, save_tokenizer
 import extract_codes
 import train_gpt
 from gpt import GPT
 from tokenizer import Tokenizer
 from utils import load_checkpoint, save_checkpoint, weights_checksum
-
-
-def save_tokenizer(path, seed=0, **overrides):
-    """An untrained tiny tokenizer in our checkpoint format (what train_tok.py writes, minus the training state)."""
-    torch.manual_seed(seed)
-    tokenizer = Tokenizer.from_preset('tiny', **overrides)
-    save_checkpoint(path, {'kind': 'tokenizer', 'config': asdict(tokenizer.config), 'model': tokenizer.state_dict()})
-    return str(path)
 
 
 @pytest.fixture(scope='module')
@@ -63,11 +54,6 @@ def extract(files, codes, *extra, data_spec=None):
                                '--data', data_spec or files['data'], '--image-size', '16',
                                '--batch-size', '16', '--num-workers', '0', '--codes', str(codes),
                                *extra])
-
-
-def read_log(out):
-    with open(os.path.join(out, 'log.csv')) as f:
-        return list(csv.DictReader(f))
 
 
 def held_out_rows(out):
@@ -233,9 +219,7 @@ def _ddp_worker(rank, args, port, out):
 
 
 def test_ddp_gloo_two_processes_keep_identical_weights(files, tmp_path):
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
+    port = free_port()
     args = argv(files, tmp_path / 'ddp', '--epochs', '1', '--val-data', files['val'])
     mp.spawn(_ddp_worker, args=(args, port, str(tmp_path)), nprocs=2)
     rank0, rank1 = (torch.load(tmp_path / f'rank{r}.pt') for r in (0, 1))

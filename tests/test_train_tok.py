@@ -5,10 +5,8 @@ image is skipped and counted, and the
 evaluation's PSNR / codebook usage / streamed rFID agree with slow direct computations. The LPIPS and Inception
 weight files are random: the numbers here test the code, they are not results."""
 import copy
-import csv
 import os
 import time
-import socket
 
 import numpy as np
 import pytest
@@ -17,21 +15,15 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 import fid
-from bench import write_random_inception, write_random_lpips
+from conftest import codebook_usage, free_port, read_log, write_random_inception, write_random_lpips
 import tokenizer
 import train_tok
 import utils
 from data import build_dataset
-from quantizer import codebook_usage
 from tokenizer import Tokenizer
 
 # small and fast: 32px is the smallest size the PatchGAN takes (three stride-2 convs, then two 4x4 convs)
 FAST = ['--preset', 'tiny', '--device', 'cpu', '--batch-size', '4', '--eval-images', '8', '--log-every', '1']
-
-
-def read_log(out):
-    with open(os.path.join(out, 'log.csv')) as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope='module')
@@ -122,7 +114,7 @@ def test_global_batch_must_split_over_the_processes(monkeypatch):
 
 
 def write_random_lpips_weights(folder):
-    """Random LPIPS weight files in both standard layouts (bench.write_random_lpips) -> the flags that load them."""
+    """Random LPIPS weight files in both standard layouts (conftest.write_random_lpips) -> the flags that load them."""
     vgg, lin = write_random_lpips(str(folder))
     return ['--perceptual-weight', '1', '--vgg-weights', vgg, '--lpips-weights', lin]
 
@@ -141,9 +133,7 @@ def _ddp_worker(rank, world_size, port, out, lpips_flags):
 
 def test_ddp_two_processes_keep_generator_identical(tmp_path):
     """gloo, 2 processes, with the LPIPS term on (random weights; rank 0 loads them first, the other waits)."""
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = str(tmp_path / 'ddp')
     torch.manual_seed(0)
     mp.spawn(_ddp_worker, args=(2, port, out, write_random_lpips_weights(tmp_path)), nprocs=2, join=True)
@@ -226,7 +216,7 @@ def test_evaluate_matches_direct_computation(tmp_path, monkeypatch):
     assert metrics['dead_bits'] == sum(share in (0, 1) for share in shares)
     assert metrics['rfid'] == 1.5 and len(received) == 4
     inception = fid.load_inception(str(weights))
-    for images, mu, sigma in ((x, *received[:2]), (x_rec, *received[2:])):  # as fid.rfid: (x + 1) / 2, bilinear
+    for images, mu, sigma in ((x, *received[:2]), (x_rec, *received[2:])):  # as conftest.rfid: (x + 1) / 2, bilinear
         pool = fid.extract_features(inception, [(images + 1) / 2], resize='bilinear')['pool']
         expected_mu, expected_sigma = fid.compute_statistics(pool)
         assert np.abs(expected_mu).max() > 0.01  # features far above the tolerances: a wrong statistic fails
