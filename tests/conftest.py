@@ -71,7 +71,8 @@ def fake_official_checkpoint(num_classes=7, seed=0):
     for stack, n in (('spatial_blocks', c['n_inter']), ('factorized_blocks', c['n_intra'])):
         for i in range(n):
             p = f'transformer.{stack}.{i}.'
-            sd.update({p + 'attention_norm.weight': 1 + randn(D), p + 'ffn_norm.weight': 1 + randn(D),
+            sd.update({p + 'attention_norm.weight': 1 + randn(D),
+                       p + 'ffn_norm.weight': 1 + randn(D),
                        p + 'attention.wqkv.weight': randn(3 * D, D) / D ** 0.5,
                        p + 'attention.wo.weight': randn(D, D) / D ** 0.5,
                        p + 'feed_forward.w1.weight': randn(hidden, D) / D ** 0.5,

@@ -1,4 +1,5 @@
-"""LFQ: the fast exact entropy against a brute-force softmax over all 2^K codes, bit order, factorization, STE, DDP."""
+"""LFQ: the fast exact entropy against a brute-force softmax over all 2^K codes, bit order,
+factorization, STE, DDP."""
 import os
 
 import pytest
@@ -16,9 +17,11 @@ def codemap(indices, num_bits):
 
 
 def brute_force_entropies(z, temperature):
-    """The official definition, written out: softmax of 2<z,c>/T over every code c in {-1,1}^K (float64)."""
+    """The official definition, written out: softmax of 2<z,c>/T over every code c in {-1,1}^K
+    (float64)."""
     K = z.shape[1]
-    codes = indices_to_codes(torch.arange(2 ** K), K).double()  # (2^K, K), row c is the code of index c
+    # (2^K, K), row c is the code of index c
+    codes = indices_to_codes(torch.arange(2 ** K), K).double()
     probs = F.softmax(2 * z.double() @ codes.T / temperature, dim=1)  # (N, 2^K)
     per_sample = -(probs * torch.log(probs.clamp_min(1e-300))).sum(1).mean()
     avg = probs.mean(0)
@@ -104,19 +107,23 @@ def test_lfq_forward_ste_and_commitment():
     assert torch.allclose(z.grad, torch.ones_like(z))
     expected = ((z.detach() - torch.sign(z.detach())) ** 2).mean()
     assert torch.allclose(losses['commitment_loss'], expected)
-    # the sign of Eq. (3): lower per-sample entropy (confident bits), higher codebook entropy (all codes used)
+    # the sign of Eq. (3): lower per-sample entropy (confident bits), higher codebook entropy (all
+    # codes used)
     assert torch.allclose(losses['entropy_loss'], losses['per_sample_entropy'] - losses['codebook_entropy'])
     lfq.eval()
     _, _, losses = lfq(z)
     assert losses['entropy_loss'].item() == 0
 
 
-# ------------------------------------------------------------------ DDP: global batch entropy, gloo, 2 processes
+# ------------------------------------------------------------------ DDP:
+# global batch entropy, gloo, 2 processes
 
 def _ddp_worker(rank, world_size, store_path, x_all, result_path):
     import torch.distributed as dist
-    # a file store, not TCP: no port to race for, and no store server that dies with rank 0 while rank 1 still exits
-    dist.init_process_group('gloo', init_method=f'file://{store_path}', rank=rank, world_size=world_size)
+    # a file store, not TCP: no port to race for, and no store server that dies with rank 0 while
+    # rank 1 still exits
+    dist.init_process_group('gloo', init_method=f'file://{store_path}', rank=rank,
+                            world_size=world_size)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     proj = torch.nn.Conv2d(3, 8, 1)
@@ -125,7 +132,8 @@ def _ddp_worker(rank, world_size, store_path, x_all, result_path):
     x = x_all.chunk(world_size)[rank]
     _, _, losses = lfq(model(x))
     losses['entropy_loss'].backward()
-    # the per-sample term is a local mean; averaged over ranks (as DDP averages gradients) it is the global mean
+    # the per-sample term is a local mean; averaged over ranks (as DDP averages gradients) it is the
+    # global mean
     loss = losses['entropy_loss'].detach().clone()
     dist.all_reduce(loss)
     if rank == 0:
@@ -134,7 +142,8 @@ def _ddp_worker(rank, world_size, store_path, x_all, result_path):
     del model  # DDP's reducer must go before its process group
     dist.barrier()  # no rank leaves while the other still talks to it (gloo aborts otherwise)
     dist.destroy_process_group()
-    os._exit(0)  # skip interpreter teardown: with torch 2.13 + gloo it sometimes aborts (SIGABRT) after the work
+    # skip interpreter teardown: with torch 2.13 + gloo it sometimes aborts (SIGABRT) after the work
+    os._exit(0)
 
 
 def test_ddp_entropy_equals_single_process(tmp_path):

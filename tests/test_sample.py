@@ -1,8 +1,9 @@
-"""sample.py: a fixed seed reproduces the images, the ADM-format .npz is valid, an interrupted evaluation run resumes
-without duplicating or losing images (and gives the same file), 2 ranks give what 1 rank gives, clear errors for a
-missing checkpoint and a tokenizer / GPT mismatch, and the class-consistency score; the tokenizer
-weights the generator was trained on (recorded fingerprint and EMA choice; raw for released
-files), arguments checked before any work, an existing .npz made with other settings refused."""
+"""sample.py: a fixed seed reproduces the images, the ADM-format .npz is valid, an interrupted
+evaluation run resumes without duplicating or losing images (and gives the same file), 2 ranks give
+what 1 rank gives, clear errors for a missing checkpoint and a tokenizer / GPT mismatch, and the
+class-consistency score; the tokenizer weights the generator was trained on (recorded fingerprint
+and EMA choice; raw for released files), arguments checked before any work, an existing .npz made
+with other settings refused."""
 import os
 import re
 from dataclasses import asdict
@@ -22,14 +23,17 @@ from utils import load_checkpoint, save_checkpoint, weights_checksum
 
 @pytest.fixture(scope='module')
 def files(tmp_path_factory):
-    """An untrained tiny tokenizer and a random tiny GPT (4x4 tokens -> 16px images, 5 classes) in our formats."""
+    """An untrained tiny tokenizer and a random tiny GPT (4x4 tokens -> 16px images, 5 classes) in
+    our formats."""
     root = tmp_path_factory.mktemp('sample')
     tokenizer = save_tokenizer(root / 'tok.pt')
     torch.manual_seed(0)
     gpt = GPT.from_preset('tiny', num_classes=5, block_size=16)
-    for head in (gpt.head_pre, gpt.head_post):  # random heads, so that the samples depend on the class and seed
+    # random heads, so that the samples depend on the class and seed
+    for head in (gpt.head_pre, gpt.head_post):
         torch.nn.init.normal_(head.weight, std=0.5)
-    save_checkpoint(root / 'gpt.pt', {'kind': 'gpt', 'config': asdict(gpt.config), 'model': gpt.state_dict(),
+    save_checkpoint(root / 'gpt.pt',
+                    {'kind': 'gpt', 'config': asdict(gpt.config), 'model': gpt.state_dict(),
                                       'step': 0, 'tokenizer': {'path': tokenizer}})
     return {'gpt': str(root / 'gpt.pt'), 'tokenizer': tokenizer, 'root': root}
 
@@ -87,7 +91,8 @@ def _two_rank_worker(rank, args, port):
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     sample.main(args)
-    os._exit(0)  # skip interpreter teardown: with torch 2.13 + gloo it sometimes aborts (SIGABRT) after the work
+    # skip interpreter teardown: with torch 2.13 + gloo it sometimes aborts (SIGABRT) after the work
+    os._exit(0)
 
 
 def test_two_ranks_write_what_one_rank_writes(files, tmp_path):
@@ -117,7 +122,8 @@ def test_clear_errors(files, tmp_path):
 
 
 def test_class_consistency_scores_requested_classes(files):
-    shapes = data.SyntheticShapes(n=40, size=32, num_classes=10, seed=7)  # unseen real images as "samples"
+    # unseen real images as "samples"
+    shapes = data.SyntheticShapes(n=40, size=32, num_classes=10, seed=7)
     images = np.stack([np.asarray(shapes.load(i)) for i in range(40)])
     tokenizer = Tokenizer.from_checkpoint(files['tokenizer']).eval()
     scores = sample.check_class_consistency(images, shapes.labels, tokenizer, epochs=3)
