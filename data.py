@@ -1,5 +1,6 @@
 """
-Datasets and token extraction.
+Datasets: image folders, .npz archives and built-in synthetic shapes, their augmentation, the
+rank-sharded resumable sampler, token extraction (extract_codes) and the dataset of its tokens.
 
 Every dataset returns (image (3, H, W) float in [-1, 1], label int64) and takes a spec string:
     'synthetic'                     built-in class-conditional shapes, no files (the quick start and the tests)
@@ -7,16 +8,17 @@ Every dataset returns (image (3, H, W) float in [-1, 1], label int64) and takes 
     a.npz[,b.npz,...]               image archives as in shared/data/README.md: `images` uint8 (N,H,W,3), or packed
                                     JPEG bytes (`jpeg` + `offsets`), with `labels`
 
-Augmentation is a pure function of (seed, epoch, index): the sampler yields (epoch, index) pairs, so a resumed run,
-any number of DataLoader workers and the token extraction below all see exactly the same crops.
-Train: resize the shorter side to `size` (bicubic), random crop (and an optional horizontal flip); eval: center crop.
-Stage 2 does not flip by default: the official AR data pipeline resizes and random-crops only.
+Augmentation is a pure function of (seed, epoch, index): the sampler yields (epoch, index) pairs, so
+a resumed run, any number of DataLoader workers and the token extraction below all see exactly the
+same crops. Train: resize the shorter side to `size` (bicubic), random crop (and an optional
+horizontal flip); eval: center crop. Stage 2 does not flip by default: the official AR data pipeline
+resizes and random-crops only.
 
-A corrupt or unreadable image is reported with its path and dropped from its batch (the collate function counts it);
-the trainers stop with an error once more than 1% of the images seen were bad.
+A corrupt or unreadable image is reported with its path and dropped from its batch (the collate
+function counts it); the trainers stop with an error once more than 1% of the images seen were bad.
 
-`extract_codes` encodes a dataset once into a memory-mapped array of 18-bit token indices (several augmented views
-per image, or one centre crop of held-out images) for train_gpt.py; run it as
+`extract_codes` encodes a dataset once into a memory-mapped array of 18-bit token indices (several
+augmented views per image, or one centre crop of held-out images) for train_gpt.py; run it as
 `python extract_codes.py ...` (see there), under torchrun too.
 """
 
@@ -62,7 +64,8 @@ def open_image(file):
 
 
 def crop_image(img, size, train, rng, hflip):
-    """PIL image -> (3, size, size) float tensor in [-1, 1]. rng is a numpy Generator (None for eval)."""
+    """PIL image -> (3, size, size) float tensor in [-1, 1]. rng is a numpy Generator (None for
+    eval)."""
     img = to_rgb(img)  # RGB already after open_image; for 16-bit or transparent images passed in
     w, h = img.size
     scale = size / min(w, h)
@@ -81,7 +84,8 @@ def crop_image(img, size, train, rng, hflip):
 
 
 class _Base(torch.utils.data.Dataset):
-    """Shared __getitem__: item is an index or an (epoch, index) pair; returns None for an unreadable image."""
+    """Shared __getitem__: item is an index or an (epoch, index) pair; returns None for an
+    unreadable image."""
 
     def __init__(self, size, train, seed, hflip):
         self.size, self.train, self.seed, self.hflip = size, train, seed, hflip
@@ -90,13 +94,16 @@ class _Base(torch.utils.data.Dataset):
         epoch, i = item if isinstance(item, tuple) else (0, item)
         rng = np.random.default_rng((self.seed, epoch, i)) if self.train else None
         try:
-            return crop_image(self.load(i), self.size, self.train, rng, self.hflip), int(self.labels[i])
+            return crop_image(self.load(i), self.size, self.train, rng,
+                              self.hflip), int(self.labels[i])
         except Exception as e:  # corrupt file, truncated JPEG, permission error, ...
-            print(f"warning: skipping unreadable image {self.describe(i)}: {e}", file=sys.stderr, flush=True)
+            print(f"warning: skipping unreadable image {self.describe(i)}: {e}",
+                  file=sys.stderr, flush=True)
             return None
 
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')  # matched case-insensitively (ImageNet's .JPEG)
+# matched case-insensitively (ImageNet's .JPEG)
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 
 
 class ImageFolder(_Base):
@@ -106,7 +113,8 @@ class ImageFolder(_Base):
         classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
         self.paths, self.labels = [], []
         for label, name in enumerate(classes):
-            files = sorted(f for f in os.listdir(os.path.join(root, name)) if f.lower().endswith(IMAGE_EXTENSIONS))
+            files = sorted(f for f in os.listdir(os.path.join(root, name))
+                           if f.lower().endswith(IMAGE_EXTENSIONS))
             self.paths += [os.path.join(root, name, f) for f in files]
             self.labels += [label] * len(files)
         if not self.paths:
@@ -124,7 +132,8 @@ class ImageFolder(_Base):
 
 
 class NpzImages(_Base):
-    """One or more .npz archives (comma-separated): raw `images` or packed JPEG bytes, see shared/data/README.md."""
+    """One or more .npz archives (comma-separated): raw `images` or packed JPEG bytes, see
+    shared/data/README.md."""
 
     def __init__(self, paths, size, train=True, seed=0, hflip=False):
         super().__init__(size, train, seed, hflip)
@@ -142,7 +151,8 @@ class NpzImages(_Base):
                 raise ValueError(f"{path}: expected key 'images' or 'jpeg'+'offsets', found {d.files}")
             labels.append(d['labels'].astype(np.int64))
         self.labels = np.concatenate(labels)
-        self.starts = np.cumsum([0] + [len(lab) for lab in labels])  # first global index of each part
+        # first global index of each part
+        self.starts = np.cumsum([0] + [len(lab) for lab in labels])
         self.num_classes = int(self.labels.max()) + 1
 
     def __len__(self):
@@ -165,8 +175,9 @@ class NpzImages(_Base):
 
 
 class SyntheticShapes(_Base):
-    """Built-in class-conditional data: class c is a shape (c % 5: disc, square, triangle, ring, cross) in a colour
-    (c // 5) on a random background, at a random position and size. Image i is a pure function of (seed, i)."""
+    """Built-in class-conditional data: class c is a shape (c % 5: disc, square, triangle, ring,
+    cross) in a colour (c // 5) on a random background, at a random position and size. Image i is a
+    pure function of (seed, i)."""
 
     PALETTE = np.array([[230, 40, 40], [40, 90, 230], [40, 200, 70], [240, 200, 30], [200, 60, 220],
                         [30, 210, 220], [250, 130, 20], [250, 250, 250]], np.float32)
@@ -198,7 +209,8 @@ class SyntheticShapes(_Base):
             mask = (dy ** 2 + dx ** 2 < 1) & (dy ** 2 + dx ** 2 > 0.36)
         else:
             mask = ((abs(dy) < 0.25) | (abs(dx) < 0.25)) & (abs(dy) < 1) & (abs(dx) < 1)
-        background = rng.uniform(0, 90, size=3).astype(np.float32) + 20 * rng.standard_normal((s, s, 1))
+        background = rng.uniform(0, 90,
+                                 size=3).astype(np.float32) + 20 * rng.standard_normal((s, s, 1))
         colour = self.PALETTE[c // 5] * rng.uniform(0.8, 1.0)
         img = np.where(mask[..., None], colour, background) + 6 * rng.standard_normal((s, s, 3))
         return Image.fromarray(img.clip(0, 255).astype(np.uint8))
@@ -210,7 +222,8 @@ class SyntheticShapes(_Base):
 def build_dataset(spec, size, train=True, seed=0, hflip=False):
     if spec == 'synthetic':
         # train and held-out splits are different images (different seeds), same classes
-        return SyntheticShapes(n=4000 if train else 200, size=size, seed=seed if train else seed + 1,
+        return SyntheticShapes(n=4000 if train else 200, size=size,
+                               seed=seed if train else seed + 1,
                                train=train, hflip=hflip)
     if spec.endswith('.npz'):
         return NpzImages(spec, size, train, seed, hflip)
@@ -226,9 +239,10 @@ def build_dataset(spec, size, train=True, seed=0, hflip=False):
 class EpochSampler(torch.utils.data.Sampler):
     """Shuffled, rank-sharded order that can start mid-epoch: yields (epoch, index) pairs.
 
-    Like DistributedSampler (reshuffled each epoch from seed + epoch, every rank a disjoint 1/world share, the tail
-    dropped so ranks have equal counts), plus `start`: the number of this rank's samples of the epoch already done,
-    which is how a resumed run continues with exactly the batches it would have seen.
+    Like DistributedSampler (reshuffled each epoch from seed + epoch, every rank a disjoint 1/world
+    share, the tail dropped so ranks have equal counts), plus `start`: the number of this rank's
+    samples of the epoch already done, which is how a resumed run continues with exactly the batches
+    it would have seen.
     """
 
     def __init__(self, n, rank=0, world_size=1, seed=0):
@@ -242,15 +256,18 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.n // self.world_size - self.start
 
     def __iter__(self):
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        # drop the tail so every rank gets as many, then rank r takes every world-th: step k of all ranks together
-        # is the slice order[k * global_batch:(k + 1) * global_batch] whatever the world size
+        order = torch.randperm(self.n,
+                               generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        # drop the tail so every rank gets as many, then rank r takes every world-th: step k of all
+        # ranks together is the slice order[k * global_batch:(k + 1) * global_batch] whatever the
+        # world size
         order = order[:self.n // self.world_size * self.world_size][self.rank::self.world_size]
         return iter([(self.epoch, i) for i in order[self.start:]])
 
 
 def collate_skip_bad(batch):
-    """Default collate, minus the images that failed to load. Returns (images, labels, number dropped)."""
+    """Default collate, minus the images that failed to load. Returns (images, labels, number
+    dropped)."""
     good = [b for b in batch if b is not None]
     if not good:
         return torch.empty(0), torch.empty(0, dtype=torch.long), len(batch)
@@ -266,7 +283,8 @@ def check_bad_fraction(num_bad, num_seen):
 
 
 # -----------------------------------------------------------------------------
-# token extraction for the generator: dataset -> memory-mapped (views, N, h, w) int32 array of 18-bit indices
+# token extraction for the generator: dataset -> memory-mapped (views, N, h, w)
+# int32 array of 18-bit indices
 
 
 def data_source(spec):

@@ -1,32 +1,40 @@
 """
-FID, sFID, Inception Score and precision/recall in plain PyTorch, giving the numbers of the reference tools.
+FID, sFID, Inception Score and precision/recall in plain PyTorch, giving the
+numbers of the reference tools.
 
-The paper reports rFID for the tokenizer (Table 2, measured with pytorch-fid) and gFID, IS, precision and recall for
-the generator (Tables 3-4, OpenAI's TensorFlow evaluator from ADM, guided-diffusion/evaluations). Both tools run the
-TF "inception-2015-12-05" InceptionV3; here it is the pytorch-fid port, whose weight file
-pt_inception-2015-12-05-6726825d.pth loads unchanged (strict state dict). No TensorFlow needed.
+The paper reports rFID for the tokenizer (Table 2, measured with pytorch-fid) and gFID, IS,
+precision and recall for the generator (Tables 3-4, OpenAI's TensorFlow evaluator from ADM,
+guided-diffusion/evaluations). Both tools run the TF "inception-2015-12-05" InceptionV3; here it is
+the pytorch-fid port, whose weight file pt_inception-2015-12-05-6726825d.pth loads unchanged (strict
+state dict). No TensorFlow needed.
 
     FID  = |mu_1 - mu_2|^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)) on the 2048-d pool features     (Heusel et al. 2017)
-    sFID = the same on TF node mixed_6/conv (Mixed_6d.branch1x1 after ReLU): first 7 channels x 17 x 17,
+    sFID = the same on TF node mixed_6/conv (Mixed_6d.branch1x1 after ReLU):
+    first 7 channels x 17 x 17,
            flattened (H, W, C) as ADM -> 2023-d                                                (Nash et al. 2021)
     IS   = exp(E_x KL(p(y|x) || p(y))), mean over parts of 5,000 samples (ADM's rule),
            softmax of the 1008 logits without bias                          (Salimans et al. 2016)
-    precision/recall: share of samples inside the union of the references' k=3-NN balls, and vice versa
+    precision/recall: share of samples inside the union of the references'
+    k=3-NN balls, and vice versa
                                                                                         (Kynkaanniemi et al. 2019)
 
 Resizing to 299 (images come as (N, 3, H, W) floats in [0, 1], or uint8):
   'tf'       default, for gFID, sFID, IS, precision, recall. ADM feeds 0..255 floats to the TF graph, which resizes
-             with TF1 bilinear (align_corners=False and *no* half-pixel centres), then maps x -> (x - 128) / 128.
-             The paper's gFID compares with ADM's reference batch (VIRTUAL_imagenet256_labeled.npz), whose mu/sigma
-             were made this way, so samples must take the same path (torch-fidelity does the same).
-  'bilinear' for rfid() (and `--resize bilinear`). pytorch-fid: F.interpolate(bilinear, align_corners=False) on
-             [0, 1] floats, then 2x - 1. The official Open-MAGVIT2 evaluation feeds (x + 1) / 2 of originals and
-             clamped reconstructions (no uint8 rounding) to pytorch-fid; rfid() does the same.
-  The two resizes sample different pixels: never mix statistics made with different ones (saved stats record theirs).
+             with TF1 bilinear (align_corners=False and *no* half-pixel centres), then maps x -> (x
+             - 128) / 128. The paper's gFID compares with ADM's reference batch
+             (VIRTUAL_imagenet256_labeled.npz), whose mu/sigma were made this way, so samples must
+             take the same path (torch-fidelity does the same).
+  'bilinear' for rFID (`--resize bilinear`, train_tok.evaluate). pytorch-fid:
+  F.interpolate(bilinear,
+             align_corners=False) on [0, 1] floats, then 2x - 1. The official Open-MAGVIT2
+             evaluation feeds (x + 1) / 2 of originals and clamped reconstructions (no uint8
+             rounding) to pytorch-fid; train_tok.evaluate does the same.
+  The two resizes sample different pixels: never mix statistics made with different ones (saved
+  stats record theirs).
 
-Weights: `--inception-weights PATH`, else $NANOMAGVIT2_CACHE (default ~/.cache/nanomagvit2)/<file>, else pytorch-fid's
-torch.hub cache ($TORCH_HOME/hub/checkpoints/<file>), else downloaded into the first.
-Whichever file it is, its sha256 must be the published one: other weights (random, retrained)
+Weights: `--inception-weights PATH`, else $NANOMAGVIT2_CACHE (default ~/.cache/nanomagvit2)/<file>,
+else pytorch-fid's torch.hub cache ($TORCH_HOME/hub/checkpoints/<file>), else downloaded into the
+first. Whichever file it is, its sha256 must be the published one: other weights (random, retrained)
 give numbers comparable to nothing. `--allow-unverified-weights` (for train_tok.py's rFID:
 NANOMAGVIT2_ALLOW_UNVERIFIED_WEIGHTS=1) uses them anyway and marks every number printed.
 
@@ -34,11 +42,9 @@ Run (one GPU or NPU is plenty; there is no torchrun mode):
     python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz        # prints FID, sFID, IS, precision, recall
     python fid.py samples_dir/ ref_stats.npz --device npu --batch-size 200
     python fid.py imagenet_val_dir/ --resize bilinear --save-stats val_stats.npz    # statistics only
-    from fid import load_inception, rfid; rfid(images, reconstructions, load_inception(device='cuda'))
 
-Throughput (`python bench.py --rows fid`, README): 2,270 images/s in fp32 on an H200, 4,800 with TF32, which moves
-the pool features by 6e-4 (relative; random weights). The CLI keeps fp32 anyway: 50k samples take ~25 s, plus the
-CPU sqrtm of FID and sFID.
+The features are computed in fp32 with TF32 off, as TF's: TF32 is faster but moves the features
+(`python bench.py --rows fid` measures both).
 """
 import argparse
 import hashlib
@@ -60,18 +66,21 @@ import utils
 
 WEIGHTS_NAME = 'pt_inception-2015-12-05-6726825d.pth'
 WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + WEIGHTS_NAME
-# full sha256 of the file; the name's suffix 6726825d is its first 8 hex digits (torch.hub's check_hash convention)
+# full sha256 of the file; the name's suffix 6726825d is its first 8 hex digits (torch.hub's
+# check_hash convention)
 WEIGHTS_SHA256 = '6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2'
 # =1: load Inception weights of another sha256 where no flag reaches load_inception (train_tok.py)
 ALLOW_UNVERIFIED_ENV = 'NANOMAGVIT2_ALLOW_UNVERIFIED_WEIGHTS'
 UNVERIFIED = 'UNVERIFIED Inception weights: not a reportable number'
 
 # -----------------------------------------------------------------------------
-# building blocks: the FID Inception's units and Mixed blocks (module names = the state-dict keys of the weight file)
+# building blocks: the FID Inception's units and Mixed blocks (module names =
+# the state-dict keys of the weight file)
 
 
 class ConvBN(nn.Module):
-    """TF's 'conv' unit: conv without bias, batch norm (TF's eps 1e-3), ReLU. Keys <name>.conv.*, <name>.bn.*"""
+    """TF's 'conv' unit: conv without bias, batch norm (TF's eps 1e-3), ReLU.
+    Keys <name>.conv.*, <name>.bn.*"""
 
     def __init__(self, c_in, c_out, kernel_size, stride=1, padding=0):
         super().__init__()
@@ -83,7 +92,8 @@ class ConvBN(nn.Module):
 
 
 def tf_avg_pool(x):
-    # TF's 3x3 'SAME' average pool divides by the number of real pixels, not 9 (pytorch-fid's FID patch)
+    # TF's 3x3 'SAME' average pool divides by the number of real pixels, not 9 (pytorch-fid's FID
+    # patch)
     return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
 
 
@@ -124,7 +134,8 @@ class InceptionB(nn.Module):
 
 
 class InceptionC(nn.Module):
-    """17x17 block (Mixed_6b-e) with factorised 7x7s: 1x1 | 1x1-1x7-7x1 | 1x1-7x1-1x7-7x1-1x7 | avgpool-1x1."""
+    """17x17 block (Mixed_6b-e) with factorised 7x7s: 1x1 | 1x1-1x7-7x1 |
+    1x1-7x1-1x7-7x1-1x7 | avgpool-1x1."""
 
     def __init__(self, c_in, channels_7x7):
         super().__init__()
@@ -169,7 +180,8 @@ class InceptionD(nn.Module):
 
 class InceptionE(nn.Module):
     """8x8 block (Mixed_7b, Mixed_7c): 1x1 | 1x1-(1x3, 3x1) | 1x1-3x3-(1x3, 3x1) | pool-1x1.
-    The TF graph's last block (Mixed_7c) max-pools where the paper average-pools; FID keeps that quirk."""
+    The TF graph's last block (Mixed_7c) max-pools where the paper
+    average-pools; FID keeps that quirk."""
 
     def __init__(self, c_in, max_pool):
         super().__init__()
@@ -193,10 +205,13 @@ class InceptionE(nn.Module):
 
 
 def tf1_resize(x, size):
-    """(N, C, H, W) float -> (N, C, size, size) as TF1's resize_bilinear(align_corners=False): source coordinate
-    = dst * (in / out) in float32 (no half-pixel offset); interpolate along x on the two rows, then along y."""
+    """(N, C, H, W) float -> (N, C, size, size) as TF1's resize_bilinear(align_corners=False):
+    source coordinate
+    = dst * (in / out) in float32 (no half-pixel offset); interpolate along x on the two rows, then
+    along y."""
     def grid(in_size):
-        scale = torch.tensor(in_size, dtype=torch.float32) / size  # float32, as TF's CalculateResizeScale
+        # float32, as TF's CalculateResizeScale
+        scale = torch.tensor(in_size, dtype=torch.float32) / size
         src = torch.arange(size, dtype=torch.float32) * scale
         lo = src.floor().long()
         hi = (lo + 1).clamp(max=in_size - 1)
@@ -214,8 +229,8 @@ def tf1_resize(x, size):
 
 
 class InceptionV3(nn.Module):
-    """The FID InceptionV3 (TF 2015-12-05 graph). Build it with load_inception(): the bare constructor has random
-    weights, which must never produce a reported metric."""
+    """The FID InceptionV3 (TF 2015-12-05 graph). Build it with load_inception(): the bare
+    constructor has random weights, which must never produce a reported metric."""
 
     def __init__(self):
         super().__init__()
@@ -242,43 +257,51 @@ class InceptionV3(nn.Module):
         if resize == 'tf':  # ADM: resize 0..255 floats the TF1 way, then (x - 128) / 128
             x = images.float() if images.dtype == torch.uint8 else images.float() * 255
             return (tf1_resize(x, size) - 128) / 128
-        if resize == 'bilinear':  # pytorch-fid: resize [0, 1] floats with half-pixel centres, then 2x - 1
+        # pytorch-fid: resize [0, 1] floats with half-pixel centres, then 2x - 1
+        if resize == 'bilinear':
             x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
             return 2 * F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False) - 1
         raise ValueError(f"resize must be 'tf' or 'bilinear', got {resize!r}")
 
     def forward(self, images, resize='tf', size=299):
-        """images (N, 3, H, W) in [0, 1] (or uint8) -> dict of pool (N, 2048), logits (N, 1008), spatial (N, 2023).
-        size: network input side; only the tests use less than 299 (any size >= 75 runs, spatial shrinks)."""
+        """images (N, 3, H, W) in [0, 1] (or uint8) -> dict of pool (N, 2048), logits (N, 1008),
+        spatial (N, 2023). size: network input side; only the tests use less than 299 (any size >=
+        75 runs, spatial shrinks)."""
         x = self.preprocess(images, resize, size)  # (N, 3, 299, 299)
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (N, 64, 147, 147)
         x = F.max_pool2d(x, 3, stride=2)  # (N, 64, 73, 73)
         x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, stride=2)  # (N, 192, 35, 35)
         x = self.Mixed_6a(self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x))))  # (N, 768, 17, 17)
         x = self.Mixed_6c(self.Mixed_6b(x))
-        # sFID's TF node mixed_6/conv is Mixed_6d's 1x1 branch; recomputing it here costs < 0.5% of the forward
+        # sFID's TF node mixed_6/conv is Mixed_6d's 1x1 branch; recomputing it here costs < 0.5% of
+        # the forward
         spatial = self.Mixed_6d.branch1x1(x)[:, :7]  # (N, 7, 17, 17)
         x = self.Mixed_6e(self.Mixed_6d(x))
         x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))  # (N, 2048, 8, 8)
         pool = x.mean((2, 3))  # (N, 2048): TF's pool_3
-        # IS uses TF's softmax/logits/MatMul: the fc weight without its bias (ADM, improved-gan, torch-fidelity)
+        # IS uses TF's softmax/logits/MatMul: the fc weight without its bias (ADM, improved-gan,
+        # torch-fidelity)
         logits = pool @ self.fc.weight.T  # (N, 1008)
-        return {'pool': pool, 'logits': logits, 'spatial': spatial.permute(0, 2, 3, 1).flatten(1)}  # ADM's HWC order
+        # ADM's HWC order
+        return {'pool': pool, 'logits': logits, 'spatial': spatial.permute(0, 2, 3, 1).flatten(1)}
 
 
 def _cache_paths():
-    """Where the Inception weights are looked for: our cache, then pytorch-fid's (torch hub) cache."""
+    """Where the Inception weights are looked for: our cache, then pytorch-fid's (torch hub)
+    cache."""
     return (os.path.join(utils.CACHE_DIR, WEIGHTS_NAME),
             os.path.join(torch.hub.get_dir(), 'checkpoints', WEIGHTS_NAME))
 
 
 def local_weights():
-    """The first cached Inception weight file that exists, or None. Never downloads (training-time rFID uses it)."""
+    """The first cached Inception weight file that exists, or None. Never downloads (training-time
+    rFID uses it)."""
     return next((p for p in _cache_paths() if os.path.isfile(p)), None)
 
 
 def find_weights(path=None):
-    """Path of the Inception weight file: `path`, else a cached copy, else a fresh download (sha256 checked)."""
+    """Path of the Inception weight file: `path`, else a cached copy, else a fresh download (sha256
+    checked)."""
     if path is not None:
         if not os.path.isfile(path):
             raise FileNotFoundError(f'--inception-weights {path}: no such file ({WEIGHTS_NAME} is at {WEIGHTS_URL})')
@@ -289,7 +312,8 @@ def find_weights(path=None):
     ours, pytorch_fid = _cache_paths()
     try:
         utils.download(WEIGHTS_URL, ours, WEIGHTS_SHA256)
-    except (OSError, RuntimeError) as error:  # no network (URLError is an OSError) or a wrong checksum
+    # no network (URLError is an OSError) or a wrong checksum
+    except (OSError, RuntimeError) as error:
         raise RuntimeError(
             f'no Inception weights: {WEIGHTS_NAME} is not in {utils.CACHE_DIR} (or {os.path.dirname(pytorch_fid)}) and '
             f'the download failed ({error}). Download it from {WEIGHTS_URL} (sha256 {WEIGHTS_SHA256}) into '
@@ -330,18 +354,21 @@ def load_inception(weights=None, device='cpu', allow_unverified=None):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64, through scipy's sqrtm as pytorch-fid and ADM."""
+    """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64, through scipy's sqrtm as
+    pytorch-fid and ADM."""
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f'fid: statistics of different sizes (mu {mu1.shape} vs {mu2.shape}, '
                          f'sigma {sigma1.shape} vs {sigma2.shape}): make both with one network')
     covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():  # near-singular product: the standard fix adds eps to both diagonals
+    # near-singular product: the standard fix adds eps to both diagonals
+    if not np.isfinite(covmean).all():
         print(f'fid: singular covariance product; adding {eps} to the diagonals')
         offset = np.eye(len(sigma1)) * eps
         covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):  # rounding can leave a tiny imaginary part; a large one means broken statistics
+    # rounding can leave a tiny imaginary part; a large one means broken statistics
+    if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f'fid: imaginary component {np.abs(covmean.imag).max()} in sqrtm(S1 S2)')
         covmean = covmean.real
@@ -373,19 +400,20 @@ def inception_score(logits, split_size=5000):
 
 
 def precision_recall(real, fake, k=3, device='cpu', batch_size=4096):
-    """Improved precision/recall (k-NN manifolds) as ADM's ManifoldEstimator: a point is inside a set's manifold
-    if it lies within the k-th-neighbour radius of one of its points. precision = fake inside real's manifold,
-    recall = real inside fake's. The rule is ADM's; the distances are fp32 on `device`.
-    A deliberate difference: ADM's shipped evaluator computes the distances in float16 (fp32 only
-    where that overflows), which rounds them and reads about 0.1-0.2 points higher than the exact
-    distances used here."""
+    """Improved precision/recall (k-NN manifolds) as ADM's ManifoldEstimator: a point is inside a
+    set's manifold if it lies within the k-th-neighbour radius of one of its points. precision =
+    fake inside real's manifold, recall = real inside fake's. The rule is ADM's; the distances are
+    fp32 on `device`. A deliberate difference: ADM's shipped evaluator computes the distances in
+    float16 (fp32 only where that overflows), which rounds them and reads about 0.1-0.2 points
+    higher than the exact distances used here."""
     real = torch.as_tensor(real).to(device, torch.float32)
     fake = torch.as_tensor(fake).to(device, torch.float32)
 
     def sq_distances(a, b):  # (A, D), (B, D) -> (A, B) squared Euclidean, as ADM
         return (a.square().sum(1)[:, None] - 2 * a @ b.T + b.square().sum(1)[None]).clamp_min(0)
 
-    def radii(feats):  # (N,) squared distance to the k-th neighbour; the point itself is the 1st smallest
+    # (N,) squared distance to the k-th neighbour; the point itself is the 1st smallest
+    def radii(feats):
         return torch.cat([sq_distances(chunk, feats).kthvalue(k + 1, dim=1).values
                           for chunk in feats.split(batch_size)])
 
@@ -401,9 +429,9 @@ def precision_recall(real, fake, k=3, device='cpu', batch_size=4096):
 
 
 def read_images(path, batch_size):
-    """(count, iterator of uint8 (B, H, W, 3) batches) from a folder of images or the arr_0 of an .npz (ADM's
-    sample and reference-batch format), streamed so 50k images never sit in memory at once.
-    count 0: no images. A folder is checked here, before any feature is computed: every file's
+    """(count, iterator of uint8 (B, H, W, 3) batches) from a folder of images or the arr_0 of an
+    .npz (ADM's sample and reference-batch format), streamed so 50k images never sit in memory at
+    once. count 0: no images. A folder is checked here, before any feature is computed: every file's
     header must open, all of one size. data.open_image reads them (16-bit, transparency)."""
     if os.path.isdir(path):
         files = sorted(os.path.join(root, name) for root, _, names in os.walk(path)
@@ -448,7 +476,8 @@ def read_images(path, batch_size):
         with archive, array:
             for start in range(0, shape[0], batch_size):
                 n = min(batch_size, shape[0] - start)
-                yield np.frombuffer(bytearray(array.read(n * shape[1] * shape[2] * 3)), np.uint8).reshape(n, *shape[1:])
+                yield np.frombuffer(bytearray(array.read(n * shape[1] * shape[2] * 3)),
+                                    np.uint8).reshape(n, *shape[1:])
     return shape[0], npz_batches()
 
 
@@ -460,28 +489,18 @@ def extract_features(model, batches, resize='tf'):
     outputs = {'pool': [], 'logits': [], 'spatial': []}
     for batch in batches:
         if isinstance(batch, np.ndarray):
-            batch = torch.from_numpy(batch).permute(0, 3, 1, 2)  # uint8 stays uint8: exact 0..255 for 'tf'
+            # uint8 stays uint8: exact 0..255 for 'tf'
+            batch = torch.from_numpy(batch).permute(0, 3, 1, 2)
         for name, value in model(batch.to(device), resize).items():
             outputs[name].append(value.float().cpu())
     return {name: torch.cat(values).numpy() for name, values in outputs.items()}
 
 
-def rfid(real, fake, model, batch_size=50):
-    """rFID of reconstructions as the official Open-MAGVIT2 evaluation (pytorch-fid, 'bilinear' resize).
-    real, fake: (N, 3, H, W) float tensors in [-1, 1] (clamped, then (x + 1) / 2 without uint8 rounding),
-    or uint8 (N, H, W, 3) arrays such as utils.to_uint8 returns. N >= 2; use 50k images for reportable numbers."""
-    stats = []
-    for images in (real, fake):
-        images = torch.as_tensor(images)
-        images = images.permute(0, 3, 1, 2) if images.dtype == torch.uint8 else (images.clamp(-1, 1) + 1) / 2
-        pool = extract_features(model, images.split(batch_size), resize='bilinear')['pool']
-        stats.append(compute_statistics(pool, next(model.parameters()).device))
-    return frechet_distance(*stats[0], *stats[1])
-
-
 def save_statistics(path, stats, resize):
-    """Write mu, sigma, mu_s, sigma_s (float64) as ADM's reference files, plus the resize they were made with."""
-    np.savez(path, resize=resize, **{key: stats[key] for key in ('mu', 'sigma', 'mu_s', 'sigma_s') if key in stats})
+    """Write mu, sigma, mu_s, sigma_s (float64) as ADM's reference files, plus the resize they were
+    made with."""
+    np.savez(path, resize=resize,
+             **{key: stats[key] for key in ('mu', 'sigma', 'mu_s', 'sigma_s') if key in stats})
 
 
 # the statistics' shapes: pool features (2048) for FID, mixed_6/conv (7 x 17 x 17 = 2023) for sFID
@@ -500,7 +519,8 @@ def open_input(path, batch_size, resize):
         if not zipfile.is_zipfile(path):  # np.savez writes a zip archive
             raise ValueError(f'{path}: neither a folder of images nor an .npz (np.savez) archive')
         with np.load(path) as npz:  # read only the statistics: arr_0 is streamed by read_images
-            stored = {key: npz[key] for key in ('mu', 'sigma', 'mu_s', 'sigma_s', 'resize') if key in npz.files}
+            stored = {key: npz[key] for key in ('mu', 'sigma', 'mu_s', 'sigma_s',
+                                                'resize') if key in npz.files}
     if 'resize' in stored and str(stored['resize']) != resize:
         made_with = stored['resize']
         raise ValueError(f"{path} holds statistics made with --resize {made_with}, not {resize}: "
@@ -527,7 +547,8 @@ def load_input(path, opened, model, batch_size, resize, device):
     batches = tqdm(batches, total=math.ceil(count / batch_size), desc=path)
     result = extract_features(model, batches, resize) if count else {}
     if 'mu' in stored:
-        result.update({key: stored[key] for key in ('mu', 'sigma', 'mu_s', 'sigma_s') if key in stored})
+        result.update({key: stored[key] for key in ('mu', 'sigma', 'mu_s', 'sigma_s')
+                       if key in stored})
     else:  # open_input made sure there are images
         result['mu'], result['sigma'] = compute_statistics(result['pool'], device)
         result['mu_s'], result['sigma_s'] = compute_statistics(result['spatial'], device)
@@ -536,14 +557,19 @@ def load_input(path, opened, model, batch_size, resize, device):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description='FID, sFID, IS, precision and recall with the FID InceptionV3.')
-    parser.add_argument('samples', help='folder of images, .npz with arr_0 (uint8 NHWC), or statistics .npz')
-    parser.add_argument('ref', nargs='?', help='the same kinds, e.g. ADM\'s VIRTUAL_imagenet256_labeled.npz')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda, npu or cpu')
+    parser.add_argument('samples',
+                        help='folder of images, .npz with arr_0 (uint8 NHWC), or statistics .npz')
+    parser.add_argument('ref', nargs='?',
+                        help='the same kinds, e.g. ADM\'s VIRTUAL_imagenet256_labeled.npz')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help='cuda, npu or cpu')
     parser.add_argument('--batch-size', type=int, default=100)
-    parser.add_argument('--inception-weights', default=None, help=f'path of {WEIGHTS_NAME} (else cache/download)')
+    parser.add_argument('--inception-weights', default=None,
+                        help=f'path of {WEIGHTS_NAME} (else cache/download)')
     parser.add_argument('--resize', choices=('tf', 'bilinear'), default='tf',
                         help="tf: ADM's evaluator (gFID, the paper's Tables 3-4); bilinear: pytorch-fid (rFID)")
-    parser.add_argument('--save-stats', default=None, help='write the statistics of SAMPLES to this .npz (ADM keys)')
+    parser.add_argument('--save-stats', default=None,
+                        help='write the statistics of SAMPLES to this .npz (ADM keys)')
     parser.add_argument('--allow-unverified-weights', action='store_true',
                         help='use weights of another sha256 (every number printed is marked)')
     args = parser.parse_args(argv)
@@ -556,7 +582,8 @@ def main(argv=None):
     paths = [path for path in (args.samples, args.ref) if path]
     opened = [open_input(path, args.batch_size, args.resize) for path in paths]
     device = utils.setup(args.device).device  # cuda, npu (imports torch_npu) or cpu
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 features, as TF's
+    # fp32 features, as TF's
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     model = load_inception(args.inception_weights, device, args.allow_unverified_weights)
     mark = '' if model.weights_verified else f'  ({UNVERIFIED})'  # next to every number printed
     samples = load_input(args.samples, opened[0], model, args.batch_size, args.resize, device)
@@ -566,7 +593,8 @@ def main(argv=None):
     if args.ref is None:
         return
     ref = load_input(args.ref, opened[1], model, args.batch_size, args.resize, device)
-    nan = float('nan')  # printed for what an input lacks: sFID needs mu_s, IS sample images, P/R images on both sides
+    # printed for what an input lacks: sFID needs mu_s, IS sample images, P/R images on both sides
+    nan = float('nan')
     fid_value = frechet_distance(samples['mu'], samples['sigma'], ref['mu'], ref['sigma'])
     print(f"FID: {fid_value:.4f}{mark}")
     sfid = frechet_distance(samples['mu_s'], samples['sigma_s'], ref['mu_s'], ref['sigma_s']) \

@@ -1,15 +1,19 @@
 """
-The stage-2 generator of Open-MAGVIT2 (paper Sec. 2.3, Eq. 4-7, Table 1): a Llama-style transformer over
-asymmetrically factorized tokens with "next sub-token prediction".
+The stage-2 generator of Open-MAGVIT2 (paper Sec. 2.3, Eq. 4-7, Table 1): a Llama-style transformer
+over asymmetrically factorized tokens with "next sub-token prediction".
 
-An 18-bit LFQ index is split into a 6-bit `pre` and a 12-bit `post` sub-token (quantizer.split_indices:
-pre = idx & 63, post = idx >> 6). This file only ever sees (pre, post), both int64 (B, T).
+An 18-bit LFQ index is split into a 6-bit `pre` and a 12-bit `post` sub-token
+(quantizer.split_indices: pre = idx & 63, post = idx >> 6). This file only ever
+sees (pre, post), both int64 (B, T).
   - the token at position t is embedded as e_t = pre_emb[pre_t] + post_emb[post_t];
-  - N "inter" blocks run causally over [class, e_0, ..., e_{T-2}] and give one context vector h_t per position;
-  - L "intra" blocks run on the length-2 sequence [h_t, pre_emb[pre_t]]: intra position 0 predicts pre_t, position 1
+  - N "inter" blocks run causally over [class, e_0, ..., e_{T-2}] and give one context vector h_t
+  per position;
+  - L "intra" blocks run on the length-2 sequence [h_t, pre_emb[pre_t]]: intra
+  position 0 predicts pre_t, position 1
     predicts post_t given the true pre_t (teacher forcing), i.e. p(pre_t | <t) p(post_t | pre_t, <t)
     ("next sub-token prediction");
-  - loss = CE(pre) + CE(post), each a mean over tokens (Eq. 7; a sum of the two, as the official code).
+  - loss = CE(pre) + CE(post), each a mean over tokens (Eq. 7; a sum of the
+  two, as the official code).
 Generation decodes one position at a time with static KV caches and classifier-free guidance per
 sub-token: `generate` is the plain loop, `generate_fast` the same tokens from one step replayed
 as a CUDA graph.
@@ -31,7 +35,8 @@ from torch.nn import functional as F
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in at least fp32 (bf16 squares lose too much), eps 1e-5 as Llama."""
+    """x / rms(x) * weight, computed in at least fp32 (bf16 squares lose too
+    much), eps 1e-5 as Llama."""
 
     def __init__(self, dim, eps=1e-5):
         super().__init__()
@@ -39,41 +44,52 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 for bf16/fp16, float64 stays float64 (tests)
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        # fp32 for bf16/fp16, float64 stays float64 (tests)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1,
+                                                keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
 def rope_2d(grid_size, head_dim, base=10000.0):
-    """2D rotary table as LlamaGen / Open-MAGVIT2: (1 + grid_size**2, head_dim // 2, 2) holding (cos, sin).
+    """2D rotary table as LlamaGen / Open-MAGVIT2: (1 + grid_size**2, head_dim
+    // 2, 2) holding (cos, sin).
 
-    Row 1 + r * grid_size + c is the token at grid row r, column c (raster order). Channels are rotated in interleaved
-    pairs (2i, 2i+1); the first head_dim // 4 pairs rotate with the row index, the last head_dim // 4 with the column
-    index, each with frequencies base^(-2j / (head_dim / 2)). Row 0 is the class position and holds (cos, sin) = (0, 0):
-    the official code prepends such a row, which multiplies q and k of the class token by zero. So the class token gets
-    no position, every query scores it with the constant logit 0 (a learned "attention sink" with value v_class), and at
-    its own position it can only attend to itself. The released weights were trained with this, so we keep it. The
-    intra blocks reuse rows 0 and 1: intra position 0 (h_t) gets q = k = 0 too, and position 1 the identity rotation.
+    Row 1 + r * grid_size + c is the token at grid row r, column c (raster order). Channels are
+    rotated in interleaved pairs (2i, 2i+1); the first head_dim // 4 pairs rotate with the row
+    index, the last head_dim // 4 with the column index, each with frequencies base^(-2j / (head_dim
+    / 2)). Row 0 is the class position and holds (cos, sin) = (0, 0): the official code prepends
+    such a row, which multiplies q and k of the class token by zero. So the class token gets no
+    position, every query scores it with the constant logit 0 (a learned "attention sink" with value
+    v_class), and at its own position it can only attend to itself. The released weights were
+    trained with this, so we keep it. The intra blocks reuse rows 0 and 1: intra position 0 (h_t)
+    gets q = k = 0 too, and position 1 the identity rotation.
     """
     quarter = head_dim // 4
-    freqs = 1.0 / base ** (torch.arange(quarter, dtype=torch.float64) * 2 / (head_dim // 2))  # (hd/4,), fp64 angles
-    rows = torch.arange(grid_size).repeat_interleave(grid_size)  # (G*G,) row of each raster position
+    # (hd/4,), fp64 angles
+    freqs = 1.0 / base ** (torch.arange(quarter, dtype=torch.float64) * 2 / (head_dim // 2))
+    # (G*G,) row of each raster position
+    rows = torch.arange(grid_size).repeat_interleave(grid_size)
     cols = torch.arange(grid_size).repeat(grid_size)  # (G*G,)
     angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=1)  # (G*G, hd/2)
-    table = torch.stack([angles.cos(), angles.sin()], dim=-1).float()  # (G*G, hd/2, 2), exact to fp32 rounding
+    # (G*G, hd/2, 2), exact to fp32 rounding
+    table = torch.stack([angles.cos(), angles.sin()], dim=-1).float()
     return torch.cat([torch.zeros(1, head_dim // 2, 2), table])  # class row first
 
 
 def apply_rope(x, rope):
-    """Rotate interleaved channel pairs of x (B, S, nh, hs) by rope (S, hs/2, 2); computed in at least fp32."""
-    xf = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2))  # (B, S, nh, hs/2, 2)
+    """Rotate interleaved channel pairs of x (B, S, nh, hs) by rope (S, hs/2, 2); computed in at
+    least fp32."""
+    # (B, S, nh, hs/2, 2)
+    xf = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2))
     cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]  # (1, S, 1, hs/2)
     even, odd = xf[..., 0], xf[..., 1]
-    return torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2).type_as(x)
+    return torch.stack([even * cos - odd * sin, odd * cos + even * sin],
+                       dim=-1).flatten(-2).type_as(x)
 
 
 def pair_attention(q, k, v, bias=None):
-    """softmax(q k^T / sqrt(hs) + bias) v over two keys, written out: q (B, nh, S, hs), k, v (B, nh, 2, hs), bias
-    (S, 2) additive, None = causal (h_t does not see pre_t). -> (B, nh, S, hs).
+    """softmax(q k^T / sqrt(hs) + bias) v over two keys, written out: q (B, nh, S, hs), k, v (B, nh,
+    2, hs), bias (S, 2) additive, None = causal (h_t does not see pre_t). -> (B, nh, S, hs).
     Fused attention kernels (flash, cuDNN) compute tiles of 64+ queries x 64+ keys, so on 2 x 2
     scores almost all their work is padding (python bench.py --rows attention times the two)."""
     if bias is None:
@@ -83,20 +99,24 @@ def pair_attention(q, k, v, bias=None):
 
 
 class Attention(nn.Module):
-    """Multi-head causal self-attention, fused qkv, no biases; optional static KV cache for decoding."""
+    """Multi-head causal self-attention, fused qkv, no biases; optional static
+    KV cache for decoding."""
 
     def __init__(self, config):
         super().__init__()
         self.n_head = config.n_head
-        self.qkv = nn.Linear(config.dim, 3 * config.dim, bias=False)  # rows [q; k; v], heads contiguous inside each
+        # rows [q; k; v], heads contiguous inside each
+        self.qkv = nn.Linear(config.dim, 3 * config.dim, bias=False)
         self.proj = nn.Linear(config.dim, config.dim, bias=False)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, rope, cache=None, pos=None, bias=None):
-        """x (B, S, C), rope (S, hs/2, 2) -> (B, S, C). Training: causal over the S positions. Decoding: cache =
-        (k, v) buffers (B, nh, L, hs), pos (1,) the slot written, bias (1, L) the additive mask (GPT.decode_bias)."""
+        """x (B, S, C), rope (S, hs/2, 2) -> (B, S, C). Training: causal over the S positions.
+        Decoding: cache = (k, v) buffers (B, nh, L, hs), pos (1,) the slot written, bias (1, L) the
+        additive mask (GPT.decode_bias)."""
         B, S, C = x.shape
-        q, k, v = self.qkv(x).view(B, S, 3, self.n_head, C // self.n_head).unbind(2)  # each (B, S, nh, hs)
+        # each (B, S, nh, hs)
+        q, k, v = self.qkv(x).view(B, S, 3, self.n_head, C // self.n_head).unbind(2)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, S, hs)
         if cache is not None:
@@ -106,7 +126,8 @@ class Attention(nn.Module):
             k_cache, v_cache = cache
             k_cache.index_copy_(2, pos, k.to(k_cache.dtype))
             v_cache.index_copy_(2, pos, v.to(v_cache.dtype))
-            k, v = k_cache.to(q.dtype), v_cache.to(q.dtype)  # (B, nh, L, hs), no copy when the dtypes agree
+            # (B, nh, L, hs), no copy when the dtypes agree
+            k, v = k_cache.to(q.dtype), v_cache.to(q.dtype)
         if k.shape[2] == 2:  # the intra blocks' sequences of two, [h_t, pre_t]: see pair_attention
             y = pair_attention(q, k, v, bias)
         elif bias is None:  # training / full forward: flash attention where the backend has it
@@ -118,12 +139,14 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)), hidden = round_up(8 * dim / 3, 256) as Llama / the official code."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), hidden = round_up(8 * dim / 3, 256)
+    as Llama / the official code."""
 
     def __init__(self, config):
         super().__init__()
         hidden = 256 * math.ceil(int(8 * config.dim / 3) / 256)
-        self.gate_up = nn.Linear(config.dim, 2 * hidden, bias=False)  # [w1; w3] of the official code in one matmul
+        # [w1; w3] of the official code in one matmul
+        self.gate_up = nn.Linear(config.dim, 2 * hidden, bias=False)
         self.down = nn.Linear(hidden, config.dim, bias=False)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -150,17 +173,22 @@ class Block(nn.Module):
 @dataclass
 class GPTConfig:
     vocab_bits: int = 18  # LFQ code bits K; the vocabulary is 2^18
-    pre_bits: int = 6  # bits of the `pre` sub-token (64 values); post has vocab_bits - pre_bits = 12 (4096 values)
-    block_size: int = 256  # tokens per image (16 x 16 grid for 256px and a 16x downsampling tokenizer)
-    num_classes: int = 1000  # class embedding has num_classes + 1 rows; the last one is the null class for CFG
+    # bits of the `pre` sub-token (64 values); post has vocab_bits - pre_bits = 12 (4096 values)
+    pre_bits: int = 6
+    # tokens per image (16 x 16 grid for 256px and a 16x downsampling tokenizer)
+    block_size: int = 256
+    # class embedding has num_classes + 1 rows; the last one is the null class for CFG
+    num_classes: int = 1000
     n_inter: int = 24  # N: blocks over the token sequence
     n_intra: int = 2  # L: blocks over the 2 sub-tokens of one position
     dim: int = 1024
     n_head: int = 16
-    dropout: float = 0.1  # on the input embeddings, after the attention projection and after the FFN
+    # on the input embeddings, after the attention projection and after the FFN
+    dropout: float = 0.1
     class_dropout: float = 0.1  # probability that a training label is replaced by the null class
     rope_base: float = 10000.0
-    cfg_scale: tuple = (1.9, 2.0)  # default sampling settings (pre, post) of the released model of this size
+    # default sampling settings (pre, post) of the released model of this size
+    cfg_scale: tuple = (1.9, 2.0)
     temperature: tuple = (1.0, 1.0)
 
     @property
@@ -168,27 +196,34 @@ class GPTConfig:
         return math.isqrt(self.block_size)
 
 
-# Table 1 of the paper; sampling defaults from the official sampling scripts (top-k off, top-p 1.0 for all).
+# Table 1 of the paper; sampling defaults from the official sampling scripts (top-k off, top-p 1.0
+# for all).
 PRESETS = {
     'tiny': dict(n_inter=4, n_intra=2, dim=128, n_head=4),  # CPU quick start and tests
-    'B': dict(n_inter=24, n_intra=2, dim=1024, n_head=16, cfg_scale=(1.9, 2.0), temperature=(1.0, 1.0)),  # 343.6M
-    'L': dict(n_inter=36, n_intra=3, dim=1280, n_head=20, cfg_scale=(1.9, 1.9), temperature=(1.1, 1.0)),  # 804.4M
-    'XL': dict(n_inter=48, n_intra=4, dim=1536, n_head=24, cfg_scale=(1.75, 1.85), temperature=(1.1, 1.0)),  # 1.49B
+    # 343.6M
+    'B': dict(n_inter=24, n_intra=2, dim=1024, n_head=16, cfg_scale=(1.9, 2.0), temperature=(1.0, 1.0)),
+    # 804.4M
+    'L': dict(n_inter=36, n_intra=3, dim=1280, n_head=20, cfg_scale=(1.9, 1.9), temperature=(1.1, 1.0)),
+    # 1.49B
+    'XL': dict(n_inter=48, n_intra=4, dim=1536, n_head=24, cfg_scale=(1.75, 1.85), temperature=(1.1, 1.0)),
 }
 
 
 def top_k_top_p_filter(logits, top_k=0, top_p=1.0):
-    """logits (B, V) -> same with -inf outside the support: first the top_k largest (0 = off; ties at the k-th value
-    are kept), then the smallest set of most probable tokens whose probability reaches top_p (1.0 = off)."""
+    """logits (B, V) -> same with -inf outside the support: first the top_k largest (0 = off; ties
+    at the k-th value are kept), then the smallest set of most probable tokens whose probability
+    reaches top_p (1.0 = off)."""
     if top_k > 0:
-        kth_largest = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        # (B, 1)
+        kth_largest = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth_largest, float('-inf'))
     if top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs  # probability of all strictly more likely tokens
         drop_sorted = mass_before >= top_p  # the most likely token always stays (mass_before = 0)
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float('-inf'))  # mask unsorted
+        # mask unsorted
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float('-inf'))
     return logits
 
 
@@ -202,7 +237,8 @@ def sample_from_logits(logits, temperature, top_k, top_p, uniform):
         return logits.argmax(dim=-1)
     probs = top_k_top_p_filter(logits.float() / temperature, top_k, top_p).softmax(dim=-1)
     cdf = probs.cumsum(dim=-1)  # (B, V)
-    # (B,): the number of tokens whose cdf stays <= u is the index of the first one past u (x cdf[-1]: rounding)
+    # (B,): the number of tokens whose cdf stays <= u is the index of the first one past u (x
+    # cdf[-1]: rounding)
     return (cdf <= uniform[:, None] * cdf[:, -1:]).sum(dim=-1).clamp_max(logits.shape[-1] - 1)
 
 
@@ -222,21 +258,25 @@ class GPT(nn.Module):
         assert (config.dim // config.n_head) % 4 == 0, "2D RoPE needs a head dim divisible by 4"
         self.config = config
         self.pre_emb = nn.Embedding(2 ** config.pre_bits, config.dim)  # (64, D)
-        self.post_emb = nn.Embedding(2 ** (config.vocab_bits - config.pre_bits), config.dim)  # (4096, D)
+        # (4096, D)
+        self.post_emb = nn.Embedding(2 ** (config.vocab_bits - config.pre_bits), config.dim)
         self.class_emb = nn.Embedding(config.num_classes + 1, config.dim)  # last row: null class
         self.dropout = nn.Dropout(config.dropout)
         self.inter_blocks = nn.ModuleList(Block(config) for _ in range(config.n_inter))
         self.intra_blocks = nn.ModuleList(Block(config) for _ in range(config.n_intra))
         self.norm = RMSNorm(config.dim)  # shared by both heads
         self.head_pre = nn.Linear(config.dim, 2 ** config.pre_bits, bias=False)
-        self.head_post = nn.Linear(config.dim, 2 ** (config.vocab_bits - config.pre_bits), bias=False)
+        self.head_post = nn.Linear(config.dim,
+                                   2 ** (config.vocab_bits - config.pre_bits), bias=False)
         # recomputed, never saved: (1 + T, hs/2, 2)
-        self.register_buffer('rope', rope_2d(config.grid_size, config.dim // config.n_head, config.rope_base),
+        self.register_buffer('rope',
+                             rope_2d(config.grid_size, config.dim // config.n_head, config.rope_base),
                              persistent=False)
         for module in self.modules():  # N(0, 0.02) everywhere, as the official code
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        nn.init.zeros_(self.head_pre.weight)  # zero-initialised heads: the first loss is exactly log 64 + log 4096
+        # zero-initialised heads: the first loss is exactly log 64 + log 4096
+        nn.init.zeros_(self.head_pre.weight)
         nn.init.zeros_(self.head_post.weight)
         self.inter_cache, self.intra_cache = [], []  # static KV buffers, made by setup_caches
 
@@ -246,18 +286,21 @@ class GPT(nn.Module):
 
     @classmethod
     def from_official(cls, official_state_dict, **overrides):
-        """A GPT holding a released Open-MAGVIT2 AR checkpoint (the loaded .ckpt dict or its state_dict).
-        Sizes come from the tensor shapes, the head count from the preset of that width and depth."""
+        """A GPT holding a released Open-MAGVIT2 AR checkpoint (the loaded .ckpt dict or its
+        state_dict). Sizes come from the tensor shapes, the head count from the preset of that width
+        and depth."""
         state_dict = convert_official_gpt(official_state_dict)
         dim = state_dict['norm.weight'].shape[0]
         depth = (sum(k.endswith('attn_norm.weight') and k.startswith('inter') for k in state_dict),
                  sum(k.endswith('attn_norm.weight') and k.startswith('intra') for k in state_dict))
-        names = [n for n, p in PRESETS.items() if (p['dim'], p['n_inter'], p['n_intra']) == (dim, *depth)]
+        names = [n for n,
+                 p in PRESETS.items() if (p['dim'], p['n_inter'], p['n_intra']) == (dim, *depth)]
         if not names:
             raise ValueError(f"no preset with dim={dim}, n_inter={depth[0]}, n_intra={depth[1]}: build "
                              f"GPT(GPTConfig(...)) yourself and load_state_dict(convert_official_gpt(...))")
         pre_bits = state_dict['pre_emb.weight'].shape[0].bit_length() - 1
-        sizes = dict(pre_bits=pre_bits, vocab_bits=pre_bits + state_dict['post_emb.weight'].shape[0].bit_length() - 1,
+        sizes = dict(pre_bits=pre_bits,
+                     vocab_bits=pre_bits + state_dict['post_emb.weight'].shape[0].bit_length() - 1,
                      num_classes=state_dict['class_emb.weight'].shape[0] - 1)
         model = cls.from_preset(names[0], **{**sizes, **overrides})
         model.load_state_dict(state_dict)  # strict: any leftover or missing key is an error
@@ -265,18 +308,21 @@ class GPT(nn.Module):
 
     def forward(self, pre, post, labels):
         """pre, post (B, T) int64 with T <= block_size, labels (B,) int64 -> logits_pre (B, T, 64),
-        logits_post (B, T, 4096), loss = CE(pre) + CE(post). Labels are dropped to the null class in training mode."""
+        logits_post (B, T, 4096), loss = CE(pre) + CE(post). Labels are dropped to the null class in
+        training mode."""
         B, T = pre.shape
         if self.training and self.config.class_dropout > 0:  # for classifier-free guidance
             drop = torch.rand(B, device=labels.device) < self.config.class_dropout
             labels = torch.where(drop, self.config.num_classes, labels)
         pre_emb = self.pre_emb(pre)  # (B, T, C)
         tokens = pre_emb + self.post_emb(post)  # e_t: sum of the sub-token embeddings
-        x = torch.cat([self.class_emb(labels)[:, None], tokens[:, :-1]], dim=1)  # (B, T, C): [class, e_0..e_{T-2}]
+        # (B, T, C): [class, e_0..e_{T-2}]
+        x = torch.cat([self.class_emb(labels)[:, None], tokens[:, :-1]], dim=1)
         x = self.dropout(x)
         for block in self.inter_blocks:  # h_t sees the class and the tokens < t
             x = block(x, self.rope[:T])
-        # next sub-token prediction: every position becomes its own length-2 sequence [h_t, pre_emb[pre_t]]
+        # next sub-token prediction: every position becomes its own length-2 sequence [h_t,
+        # pre_emb[pre_t]]
         h = torch.stack([x, pre_emb], dim=2).view(B * T, 2, -1)  # (B*T, 2, C)
         for block in self.intra_blocks:
             h = block(h, self.rope[:2])
@@ -288,20 +334,24 @@ class GPT(nn.Module):
         return logits_pre, logits_post, loss
 
     def setup_caches(self, batch_size, dtype, device):
-        """Preallocate the KV buffers: (batch, nh, block_size, hs) per inter block, (batch, nh, 2, hs) per intra
-        block. Kept across calls of the same shape, so a captured CUDA graph stays valid."""
+        """Preallocate the KV buffers: (batch, nh, block_size, hs) per inter block, (batch, nh, 2,
+        hs) per intra block. Kept across calls of the same shape, so a captured CUDA graph stays
+        valid."""
         hs = self.config.dim // self.config.n_head
         inter_shape = (batch_size, self.config.n_head, self.config.block_size, hs)
         old = self.inter_cache[0][0] if self.inter_cache else None
-        if old is not None and (old.shape, old.dtype, old.device) == (inter_shape, dtype, torch.device(device)):
+        if old is not None and (old.shape, old.dtype,
+                                old.device) == (inter_shape, dtype, torch.device(device)):
             return
         buffers = lambda shape: (torch.zeros(shape, dtype=dtype, device=device),
                                  torch.zeros(shape, dtype=dtype, device=device))
         self.inter_cache = [buffers(inter_shape) for _ in self.inter_blocks]
-        self.intra_cache = [buffers((batch_size, self.config.n_head, 2, hs)) for _ in self.intra_blocks]
+        self.intra_cache = [buffers((batch_size, self.config.n_head, 2,
+                                     hs)) for _ in self.intra_blocks]
 
     def free_caches(self):
-        """Drop the KV buffers (GBs for B/L/XL at evaluation batch sizes), e.g. between sample grids in training."""
+        """Drop the KV buffers (GBs for B/L/XL at evaluation batch sizes), e.g. between sample grids
+        in training."""
         self.inter_cache, self.intra_cache = [], []
 
     def decode_pre(self, x, pos):
@@ -451,9 +501,10 @@ class GPT(nn.Module):
         return pre, post
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW as nanoGPT: weight decay on matrices and embeddings (dim >= 2), none on norm gains. The official
-        code builds the same two groups but then its lr/wd schedule (lr_wd_annealing) writes the current weight
-        decay into every group each step, so in effect it decays all parameters."""
+        """AdamW as nanoGPT: weight decay on matrices and embeddings (dim >= 2), none on norm gains.
+        The official code builds the same two groups but then its lr/wd schedule (lr_wd_annealing)
+        writes the current weight decay into every group each step, so in effect it decays all
+        parameters."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
                   {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
@@ -461,9 +512,10 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == 'cuda')
 
     def estimate_mfu(self, tokens_per_sec, peak_flops):
-        """Model flops utilisation as nanoGPT (PaLM appendix B): 6 flops per weight per token for forward + backward
-        (embedding lookups excluded) plus the attention scores, 12 * dim * sequence length per layer and token
-        (inter blocks attend over T = block_size, intra blocks over 2). Returns a fraction of peak_flops."""
+        """Model flops utilisation as nanoGPT (PaLM appendix B): 6 flops per weight per token for
+        forward + backward (embedding lookups excluded) plus the attention scores, 12 * dim *
+        sequence length per layer and token (inter blocks attend over T = block_size, intra blocks
+        over 2). Returns a fraction of peak_flops."""
         c = self.config
         n_matmul = sum(p.numel() for p in self.parameters()) - sum(
             e.weight.numel() for e in (self.pre_emb, self.post_emb, self.class_emb))
@@ -472,7 +524,8 @@ class GPT(nn.Module):
 
 
 def convert_official_gpt(state_dict):
-    """Map an official Open-MAGVIT2 AR checkpoint (Lightning .ckpt dict or its 'state_dict') onto GPT's keys.
+    """Map an official Open-MAGVIT2 AR checkpoint (Lightning .ckpt dict or its
+    'state_dict') onto GPT's keys.
 
     official key (the Lightning module prefixes 'transformer.')          ours
       pre_emb.weight (64, D), post_emb.weight (4096, D)                  same names
@@ -485,28 +538,35 @@ def convert_official_gpt(state_dict):
                                                                          inter_blocks.i.ffn.down = w2
       factorized_blocks.j.*                                              intra_blocks.j.* (same as above)
       norm.weight; head.0.weight (64, D); head.1.weight (4096, D)        norm.weight; head_pre.weight; head_post.weight
-    Dropped: first_stage_model.* (the tokenizer stored inside the AR checkpoint), *.kv_cache.* (sampling buffers),
-    *freqs_cis (RoPE table, recomputed). Any other key, or a missing one, raises a KeyError that lists them.
+    Dropped: first_stage_model.* (the tokenizer stored inside the AR checkpoint), *.kv_cache.*
+    (sampling buffers), *freqs_cis (RoPE table, recomputed). Any other key, or a missing one, raises
+    a KeyError that lists them.
     """
     state_dict = state_dict.get('state_dict', state_dict)
     official = {k.removeprefix('transformer.'): v for k, v in state_dict.items()
                 if not k.startswith('first_stage_model.') and '.kv_cache.' not in k and not k.endswith('freqs_cis')}
-    block_keys = ['attention_norm.weight', 'attention.wqkv.weight', 'attention.wo.weight', 'ffn_norm.weight',
+    block_keys = ['attention_norm.weight', 'attention.wqkv.weight', 'attention.wo.weight',
+                  'ffn_norm.weight',
                   'feed_forward.w1.weight', 'feed_forward.w2.weight', 'feed_forward.w3.weight']
     depth = {}  # blocks per stack: 1 + the largest index present, so a gap shows up as missing keys
     for stack in ('spatial_blocks', 'factorized_blocks'):
         indices = [int(k.split('.')[1]) for k in official if k.startswith(stack + '.') and k.split('.')[1].isdigit()]
         depth[stack] = max(indices, default=-1) + 1
-    expected = {'pre_emb.weight', 'post_emb.weight', 'class_emb.embedding_table.weight', 'norm.weight',
+    expected = {'pre_emb.weight', 'post_emb.weight', 'class_emb.embedding_table.weight',
+                'norm.weight',
                 'head.0.weight', 'head.1.weight'}
-    expected |= {f'{stack}.{i}.{k}' for stack, n in depth.items() for i in range(n) for k in block_keys}
+    expected |= {f'{stack}.{i}.{k}' for stack,
+                 n in depth.items() for i in range(n) for k in block_keys}
     missing, unexpected = sorted(expected - official.keys()), sorted(official.keys() - expected)
     if missing or unexpected or depth['spatial_blocks'] == 0:
         raise KeyError(f"not an Open-MAGVIT2 AR checkpoint we can load: missing keys {missing}, "
                        f"unexpected keys {unexpected}")
-    ours = {'pre_emb.weight': official['pre_emb.weight'], 'post_emb.weight': official['post_emb.weight'],
-            'class_emb.weight': official['class_emb.embedding_table.weight'], 'norm.weight': official['norm.weight'],
-            'head_pre.weight': official['head.0.weight'], 'head_post.weight': official['head.1.weight']}
+    ours = {'pre_emb.weight': official['pre_emb.weight'],
+            'post_emb.weight': official['post_emb.weight'],
+            'class_emb.weight': official['class_emb.embedding_table.weight'],
+            'norm.weight': official['norm.weight'],
+            'head_pre.weight': official['head.0.weight'],
+            'head_post.weight': official['head.1.weight']}
     for stack, name in (('spatial_blocks', 'inter_blocks'), ('factorized_blocks', 'intra_blocks')):
         for i in range(depth[stack]):
             src, dst = f'{stack}.{i}.', f'{name}.{i}.'

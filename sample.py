@@ -1,23 +1,27 @@
 """
 Sample class-conditional images from a generator trained by train_gpt.py:
-class label -> GPT.generate (KV cache, classifier-free guidance per sub-token) -> (pre, post) sub-tokens ->
-18-bit indices (quantizer.merge_indices) -> +-1 code map -> tokenizer decoder -> clamp -> uint8 (utils.to_uint8).
+class label -> GPT.generate (KV cache, classifier-free guidance per sub-token) -> (pre, post)
+sub-tokens -> 18-bit indices (quantizer.merge_indices) -> +-1 code map -> tokenizer decoder -> clamp
+-> uint8 (utils.to_uint8).
 
 Quick look, a PNG grid with one row per class:
     python sample.py --gpt out/gpt_B/ckpt.pt --classes 207,360,387 --out grid.png
-Evaluation set in the ADM format (read by fid.py and the ADM evaluator), 50 images for each of the 1000 classes:
-    python sample.py --gpt out/gpt_B/ckpt.pt --num-per-class 50 --out samples.npz                      # one GPU
-    torchrun --standalone --nproc_per_node 8 sample.py --gpt out/gpt_B/ckpt.pt --num-per-class 50 --out samples.npz
-    torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr HOST --master_port 29500 sample.py ...
+Evaluation set in the ADM format (read by fid.py and the ADM evaluator), 50
+images for each of the 1000 classes:
+    python sample.py --gpt out/gpt_B/ckpt.pt --num-per-class 50 --out samples.npz   # one GPU
+    torchrun --standalone --nproc_per_node 8 sample.py --gpt out/gpt_B/ckpt.pt \
+        --num-per-class 50 --out samples.npz                                      # one node
+    torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr HOST --master_port 29500 \
+        sample.py ...                                                             # two nodes
         (and --node_rank 1 on the second node; OUT's folder must be on a shared file system)
     add --device npu on Ascend NPUs.
-The images are cut into shards of --batch-size; shard s is always generated with the seed --seed * 1000003 + s,
-whichever rank runs it, so the result does not depend on the number of GPUs. Each finished shard is saved to
-OUT.shards/ at once, so a killed run resumes when rerun with the same command. Then rank 0 writes
-OUT: `arr_0` uint8 (N, H, W, 3), shuffled with a fixed seed as the official combine_npz.py, and
-`arr_1` the class labels in the same order (as ADM's image_sample.py), records the settings in
-OUT.settings.json and removes the shards. A rerun onto an existing OUT with other settings is an
-error; --overwrite samples it again.
+The images are cut into shards of --batch-size; shard s is always generated with the seed --seed *
+1000003 + s, whichever rank runs it, so the result does not depend on the number of GPUs. Each
+finished shard is saved to OUT.shards/ at once, so a killed run resumes when rerun with the same
+command. Then rank 0 writes OUT: `arr_0` uint8 (N, H, W, 3), shuffled with a fixed seed as the
+official combine_npz.py, and `arr_1` the class labels in the same order (as ADM's image_sample.py),
+records the settings in OUT.settings.json and removes the shards. A rerun onto an existing OUT with
+other settings is an error; --overwrite samples it again.
 
 Tokenizer: the one the generator was trained on (the path and weights fingerprint that train_gpt.py
 records; a --tokenizer with other weights is an error unless --allow-tokenizer-mismatch), decoding
@@ -25,10 +29,10 @@ with the weights it was trained on: EMA or raw as recorded, raw for a released A
 the official pipeline, which decodes with the tokenizer stored in the AR file, without model_ema).
 --ema / --no-ema override that choice.
 
-Sampling settings: cfg scale and temperature per sub-token ("pre,post"), top-k and top-p; the defaults are the
-paper's for the model size (gpt.py PRESETS), with top-k and top-p off as in the official scripts.
---check-classes synthetic (quick start): a small CNN trained on the real synthetic images says how often the samples
-show their requested class.
+Sampling settings: cfg scale and temperature per sub-token ("pre,post"), top-k and top-p; the
+defaults are the paper's for the model size (gpt.py PRESETS), with top-k and top-p off as in the
+official scripts. --check-classes synthetic (quick start): a small CNN trained on the real synthetic
+images says how often the samples show their requested class.
 """
 
 import argparse
@@ -54,27 +58,31 @@ from utils import (DEVICES, OFFICIAL_PREFIX, autocast, barrier, check_kind, clea
 
 @torch.no_grad()
 def generate_images(gpt, tokenizer, labels, generator, **sampling):
-    """labels (B,) -> images (B, 3, H, W) in [-1, 1]; sampling: cfg_scale, temperature, top_k, top_p of generate."""
+    """labels (B,) -> images (B, 3, H, W) in [-1, 1]; sampling: cfg_scale, temperature, top_k, top_p
+    of generate."""
     # generate's tokens; on GPUs one position replays as a CUDA graph (bench.py --rows sampling)
     pre, post = gpt.generate_fast(labels, generator=generator, **sampling)  # (B, T) each
     grid = gpt.config.grid_size
-    indices = merge_indices(pre, post, gpt.config.pre_bits).view(-1, grid, grid)  # (B, h, w) 18-bit indices
+    # (B, h, w) 18-bit indices
+    indices = merge_indices(pre, post, gpt.config.pre_bits).view(-1, grid, grid)
     return tokenizer.decode_indices(indices).float().clamp(-1, 1)
 
 
 def load_models(gpt_path, tokenizer_path=None, ema=None, allow_tokenizer_mismatch=False):
-    """Our GPT checkpoint and the tokenizer it was trained on (default: the path stored in the GPT checkpoint), or a
-    released Open-MAGVIT2 AR checkpoint (`open-magvit2:AR_256_B.ckpt`, or detected by its Lightning 'state_dict')
-    with the released tokenizer passed as --tokenizer open-magvit2:PATH.
-    ema=None decodes with the tokenizer weights the generator was trained on (ours: the recorded
-    choice; released: raw); True / False overrides it. Our checkpoints record the fingerprint of
-    those weights: another tokenizer is an error, unless allow_tokenizer_mismatch."""
+    """Our GPT checkpoint and the tokenizer it was trained on (default: the path stored in the GPT
+    checkpoint), or a released Open-MAGVIT2 AR checkpoint (`open-magvit2:AR_256_B.ckpt`, or detected
+    by its Lightning 'state_dict') with the released tokenizer passed as --tokenizer
+    open-magvit2:PATH. ema=None decodes with the tokenizer weights the generator was trained on
+    (ours: the recorded choice; released: raw); True / False overrides it. Our checkpoints record
+    the fingerprint of those weights: another tokenizer is an error, unless
+    allow_tokenizer_mismatch."""
     official = gpt_path.startswith(OFFICIAL_PREFIX)
     ckpt = load_checkpoint(gpt_path)
     gpt_path = gpt_path.removeprefix(OFFICIAL_PREFIX)
     trained = {}  # the tokenizer the generator was trained on, as train_gpt.py records it
     if official or (isinstance(ckpt, dict) and 'state_dict' in ckpt):
-        gpt = GPT.from_official(ckpt)  # key mapping in gpt.convert_official_gpt; unknown / missing keys are errors
+        # key mapping in gpt.convert_official_gpt; unknown / missing keys are errors
+        gpt = GPT.from_official(ckpt)
         if not tokenizer_path:
             raise ValueError(f"{gpt_path} is an official checkpoint: pass the released tokenizer as "
                              "--tokenizer open-magvit2:PATH")
@@ -113,22 +121,27 @@ def load_models(gpt_path, tokenizer_path=None, ema=None, allow_tokenizer_mismatc
 
 
 def check_class_consistency(images, labels, tokenizer, epochs=3, seed=0):
-    """The quick start's score. Trains a small CNN on the real synthetic train split (4000 images, seconds on a CPU)
-    and returns how often it classifies `images` (uint8 (N, H, W, 3) samples) as their requested `labels` (N,).
-    For reference also its accuracy on held-out real images, and on their reconstructions by `tokenizer`: the best
-    that samples decoded by this tokenizer can be expected to reach. The CNN looks at half resolution and trains on
-    randomly blurred images, so that it judges the shape and colour, not the sharpness a small tokenizer loses."""
+    """The quick start's score. Trains a small CNN on the real synthetic train split (4000 images,
+    seconds on a CPU) and returns how often it classifies `images` (uint8 (N, H, W, 3) samples) as
+    their requested `labels` (N,). For reference also its accuracy on held-out real images, and on
+    their reconstructions by `tokenizer`: the best that samples decoded by this tokenizer can be
+    expected to reach. The CNN looks at half resolution and trains on randomly blurred images, so
+    that it judges the shape and colour, not the sharpness a small tokenizer loses."""
     torch.manual_seed(seed)
 
     def images_and_labels(dataset):  # (N, 3, H, W) in [-1, 1], (N,)
         items = [dataset[i] for i in range(len(dataset))]
-        return torch.stack([image for image, _ in items]), torch.tensor([label for _, label in items])
+        return torch.stack([image for image,
+                            _ in items]), torch.tensor([label for _, label in items])
 
     size = images.shape[1]
     train = data.build_dataset('synthetic', size, train=True)
-    (x, y), (x_held, y_held) = images_and_labels(train), images_and_labels(data.build_dataset('synthetic', size, False))
-    conv = lambda c_in, c_out: [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
-    net = nn.Sequential(nn.AvgPool2d(2), *conv(3, 32), nn.MaxPool2d(2), *conv(32, 64), nn.MaxPool2d(2), *conv(64, 64),
+    (x, y), (x_held,
+             y_held) = images_and_labels(train), images_and_labels(data.build_dataset('synthetic', size, False))
+    conv = lambda c_in, c_out: [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                                nn.BatchNorm2d(c_out), nn.ReLU()]
+    net = nn.Sequential(nn.AvgPool2d(2), *conv(3, 32), nn.MaxPool2d(2), *conv(32, 64),
+                        nn.MaxPool2d(2), *conv(64, 64),
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, train.num_classes))
     optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
     for _ in range(epochs):
@@ -141,11 +154,13 @@ def check_class_consistency(images, labels, tokenizer, epochs=3, seed=0):
             loss.backward()
             optimizer.step()
     net.eval()
-    from_uint8 = lambda u: torch.from_numpy(u).permute(0, 3, 1, 2).float() / 127.5 - 1  # the saved pixels
+    # the saved pixels
+    from_uint8 = lambda u: torch.from_numpy(u).permute(0, 3, 1, 2).float() / 127.5 - 1
     accuracy = lambda x, y: (net(x).argmax(1) == y).float().mean().item()
     with torch.no_grad():
         reconstructed = to_uint8(tokenizer(x_held.to(next(tokenizer.parameters()).device))[0])
-        return {'samples': accuracy(from_uint8(images), torch.as_tensor(labels)), 'real': accuracy(x_held, y_held),
+        return {'samples': accuracy(from_uint8(images), torch.as_tensor(labels)),
+                'real': accuracy(x_held, y_held),
                 'reconstructed': accuracy(from_uint8(reconstructed), y_held)}
 
 
@@ -157,9 +172,11 @@ def get_args(argv=None):
     """The command line, checked before any work: errors name the flag. Returns (args, sampling),
     where sampling holds the per-sub-token (pre, post) settings for GPT.generate (None: the
     preset's)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--gpt', required=True, help="checkpoint written by train_gpt.py")
-    parser.add_argument('--tokenizer', help="tokenizer checkpoint (default: the one the GPT was trained with)")
+    parser.add_argument('--tokenizer',
+                        help="tokenizer checkpoint (default: the one the GPT was trained with)")
     parser.add_argument('--ema', action=argparse.BooleanOptionalAction,
                         help="decode with the tokenizer's EMA (--ema) or raw (--no-ema) weights "
                         "(default: those the GPT was trained on; raw for a released AR "
@@ -167,19 +184,23 @@ def get_args(argv=None):
     parser.add_argument('--allow-tokenizer-mismatch', action='store_true',
                         help="decode with a --tokenizer whose weights are not the ones the "
                         "GPT was trained with")
-    parser.add_argument('--classes', help="comma-separated class ids (default: all classes of the model)")
+    parser.add_argument('--classes',
+                        help="comma-separated class ids (default: all classes of the model)")
     parser.add_argument('--num-per-class', type=int, default=4)
-    parser.add_argument('--out', default='samples.png', help=".png: one grid; .npz: ADM evaluation format")
+    parser.add_argument('--out', default='samples.png',
+                        help=".png: one grid; .npz: ADM evaluation format")
     parser.add_argument('--overwrite', action='store_true',
                         help="sample again onto an existing .npz --out")
-    parser.add_argument('--batch-size', type=int, default=32, help="images per forward pass and per shard")
+    parser.add_argument('--batch-size', type=int, default=32,
+                        help="images per forward pass and per shard")
     parser.add_argument('--cfg-scale', help="'s' or 'pre,post' (default: the preset's)")
     parser.add_argument('--temperature',
                         help="'t' or 'pre,post', >= 0; 0 = greedy (default: the preset's)")
     parser.add_argument('--top-k', default='0', help="'k' or 'pre,post'; 0 = off")
     parser.add_argument('--top-p', default='1.0', help="'p' or 'pre,post' in (0, 1]; 1.0 = off")
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--check-classes', choices=['synthetic'], help="score the samples with a classifier")
+    parser.add_argument('--check-classes', choices=['synthetic'],
+                        help="score the samples with a classifier")
     parser.add_argument('--device', default='cuda', choices=DEVICES)
     args = parser.parse_args(argv)
 
@@ -246,13 +267,15 @@ def main(argv=None):
     classes = args.classes or list(range(config.num_classes))
     if not all(0 <= c < config.num_classes for c in classes):
         raise ValueError(f"--classes must lie in 0..{config.num_classes - 1} for this model")
-    labels = torch.tensor(classes).repeat_interleave(args.num_per_class)  # class-major: a grid row per class
+    # class-major: a grid row per class
+    labels = torch.tensor(classes).repeat_interleave(args.num_per_class)
     shards = labels.split(args.batch_size)
     print0(f"{len(labels)} images of {len(classes)} classes, cfg {sampling['cfg_scale'] or config.cfg_scale}, "
            f"temperature {sampling['temperature'] or config.temperature}, top-k {sampling['top_k']}, "
            f"top-p {sampling['top_p']}")
 
-    if npz and dist.is_main:  # refuse to mix shards made with other settings into one evaluation set
+    # refuse to mix shards made with other settings into one evaluation set
+    if npz and dist.is_main:
         if args.overwrite:
             for path in (args.out, settings_path):
                 if os.path.exists(path):
@@ -272,10 +295,13 @@ def main(argv=None):
     todo = [s for s in mine if not (npz and os.path.exists(os.path.join(shard_dir, f'shard{s:06d}.npz')))]
     images = {}
     start = time.time()
-    for s in tqdm(todo, desc='sampling', disable=not dist.is_main, initial=len(mine) - len(todo), total=len(mine)):
-        generator = torch.Generator(dist.device).manual_seed(args.seed * 1_000_003 + s)  # per-shard stream
+    for s in tqdm(todo, desc='sampling', disable=not dist.is_main, initial=len(mine) - len(todo),
+                  total=len(mine)):
+        # per-shard stream
+        generator = torch.Generator(dist.device).manual_seed(args.seed * 1_000_003 + s)
         with autocast(dist.device_type):
-            shard = to_uint8(generate_images(gpt, tokenizer, shards[s].to(dist.device), generator, **sampling))
+            shard = to_uint8(generate_images(gpt, tokenizer, shards[s].to(dist.device), generator,
+                                             **sampling))
         if npz:  # written at once and atomically: a killed run keeps every finished shard
             path = os.path.join(shard_dir, f'shard{s:06d}.npz')
             with open(path + '.tmp', 'wb') as f:

@@ -1,18 +1,20 @@
 """
-The MAGVIT-v2 / Open-MAGVIT2 image tokenizer: a convolutional encoder, the lookup-free quantizer (quantizer.py,
-paper Eq. 1-3) and a decoder with Adaptive GroupNorm. An image (B, 3, H, W) in [-1, 1] becomes an (H/f, W/f) grid
-of 18-bit tokens (f = 16 for the 256px model, 8 for the 128px one) and back.
+The MAGVIT-v2 / Open-MAGVIT2 image tokenizer: a convolutional encoder, the lookup-free quantizer
+(quantizer.py, paper Eq. 1-3) and a decoder with Adaptive GroupNorm. An image (B, 3, H, W) in
+[-1, 1] becomes an (H/f, W/f) grid of 18-bit tokens (f = 16 for the 256px model, 8 for the 128px
+one) and back.
 
-The network is the official v2 one (Open-MAGVIT2 `improved_model.py`, `lfqgan.py`), module for module and with
-the same parameter names, so the released checkpoints load with an almost-identity mapping
-(`convert_official_tokenizer`). No attention anywhere; 115.13M parameters at 256px, 112.02M at 128px.
+The network is the official v2 one (Open-MAGVIT2 `improved_model.py`, `lfqgan.py`), module for
+module and with the same parameter names, so the released checkpoints load with an almost-identity
+mapping (`convert_official_tokenizer`). No attention anywhere; 115.13M parameters at 256px,
+112.02M at 128px.
 
-Quick look at a reconstruction (writes input | reconstruction side by side):
-    python tokenizer.py --reconstruct photo.jpg --ckpt out/tok.pt --out rec.png                # our checkpoint
-    python tokenizer.py --reconstruct photo.jpg --ckpt open-magvit2:imagenet_256_L.ckpt        # released weights
-    python tokenizer.py --reconstruct photo.jpg --ckpt out/tok.pt --device npu   # Ascend NPU
-Without --ckpt, --preset NAME builds an untrained tokenizer (its output is noise: a smoke test only).
-Training is in train_tok.py.
+Quick look at a reconstruction on one GPU (writes input | reconstruction side by side):
+    python tokenizer.py --reconstruct photo.jpg --ckpt out/tok.pt --out rec.png   # our checkpoint
+    python tokenizer.py --reconstruct photo.jpg --ckpt open-magvit2:imagenet_256_L.ckpt  # released
+    python tokenizer.py --reconstruct photo.jpg --ckpt out/tok.pt --device npu    # Ascend NPU
+Without --ckpt, --preset NAME builds an untrained tokenizer (its output is noise: a smoke test
+only). Training is in train_tok.py.
 """
 
 import argparse
@@ -22,15 +24,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quantizer import LFQ, indices_to_codemap
+from quantizer import LFQ, indices_to_codes
 
 # -----------------------------------------------------------------------------
 # building blocks
 
 
 class ResBlock(nn.Module):
-    """GroupNorm -> swish -> conv3x3 -> GroupNorm -> swish -> conv3x3, plus the input (1x1 conv if channels change).
-    Convs have no bias: each is followed by a GroupNorm (or by the residual sum and then one), as in the official code."""
+    """GroupNorm -> swish -> conv3x3 -> GroupNorm -> swish -> conv3x3, plus the input (1x1 conv if
+    channels change). Convs have no bias: each is followed by a GroupNorm (or by the residual sum
+    and then one), as in the official code."""
 
     def __init__(self, in_ch, out_ch):
         super().__init__()
@@ -38,7 +41,8 @@ class ResBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)
         self.norm2 = nn.GroupNorm(32, out_ch, eps=1e-6)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False)
-        self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1, bias=False) if in_ch != out_ch else nn.Identity()
+        self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1,
+                                      bias=False) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x):
         h = self.conv1(F.silu(self.norm1(x)))  # silu is swish: x * sigmoid(x)
@@ -47,12 +51,14 @@ class ResBlock(nn.Module):
 
 
 class AdaptiveGroupNorm(nn.Module):
-    """GroupNorm whose scale and shift come from the quantized latent z_q (MAGVIT-v2's decoder conditioning):
+    """GroupNorm whose scale and shift come from the quantized latent z_q
+    (MAGVIT-v2's decoder conditioning):
         out = gamma(std_hw(z_q)) * GroupNorm(x) + beta(mean_hw(z_q))     (no "1 +" on the scale)
-    std_hw / mean_hw are per-channel statistics over the token grid. Like the official code we use the *unbiased*
-    variance (torch.var's default; the official comment says "not unbias" but the call is unbiased) plus eps under
-    the square root, so released weights reproduce their outputs. Statistics are taken in fp32: z_q is +-1 and its
-    variance is a difference of near-equal sums, which bf16 would round badly. Needs at least 2 tokens per image."""
+    std_hw / mean_hw are per-channel statistics over the token grid. Like the official code we use
+    the *unbiased* variance (torch.var's default; the official comment says "not unbias" but the
+    call is unbiased) plus eps under the square root, so released weights reproduce their outputs.
+    Statistics are taken in fp32: z_q is +-1 and its variance is a difference of near-equal sums,
+    which bf16 would round badly. Needs at least 2 tokens per image."""
 
     def __init__(self, z_channels, channels, eps=1e-6):
         super().__init__()
@@ -71,10 +77,11 @@ class AdaptiveGroupNorm(nn.Module):
 
 
 def depth_to_space(x):
-    """(B, 4C, H, W) -> (B, C, 2H, 2W) in the official (TensorFlow "DCR") channel order: input channel
-    (i*2 + j)*C + c lands at output pixel (2h + i, 2w + j), channel c. nn.PixelShuffle uses c*4 + i*2 + j instead,
-    which would scramble the released upsampler weights, hence this function. reshape (not view) so that
-    channels_last inputs work; the result is a fresh contiguous tensor."""
+    """(B, 4C, H, W) -> (B, C, 2H, 2W) in the official (TensorFlow "DCR") channel order: input
+    channel (i*2 + j)*C + c lands at output pixel (2h + i, 2w + j), channel c. nn.PixelShuffle uses
+    c*4 + i*2 + j instead, which would scramble the released upsampler weights, hence this function.
+    reshape (not view) so that channels_last inputs work; the result is a fresh contiguous
+    tensor."""
     B, C4, H, W = x.shape
     x = x.reshape(B, 2, 2, C4 // 4, H, W)  # (B, i, j, C, H, W)
     x = x.permute(0, 3, 4, 1, 5, 2)  # (B, C, H, i, W, j)
@@ -82,7 +89,8 @@ def depth_to_space(x):
 
 
 class Upsampler(nn.Module):
-    """conv3x3 C -> 4C, then depth-to-space: 2x resolution, C channels (the decoder's learned upsampling)."""
+    """conv3x3 C -> 4C, then depth-to-space: 2x resolution, C channels (the
+    decoder's learned upsampling)."""
 
     def __init__(self, channels):
         super().__init__()
@@ -94,9 +102,10 @@ class Upsampler(nn.Module):
 
 class Encoder(nn.Module):
     """image (B, 3, H, W) -> latent z (B, K, H/f, W/f), f = 2^(len(ch_mult) - 1).
-    Levels of num_res_blocks ResBlocks at ch*ch_mult[i] channels, a strided 3x3 conv between levels, then
-    num_res_blocks middle ResBlocks and GroupNorm -> swish -> 1x1 conv to K channels.
-    Names (down[i].block[j], down[i].downsample, mid_block, ...) are those of the official checkpoints."""
+    Levels of num_res_blocks ResBlocks at ch*ch_mult[i] channels, a strided 3x3 conv between levels,
+    then num_res_blocks middle ResBlocks and GroupNorm -> swish -> 1x1 conv to K channels.
+    Names (down[i].block[j], down[i].downsample, mid_block, ...) are those of
+    the official checkpoints."""
 
     def __init__(self, ch, ch_mult, num_res_blocks, z_channels):
         super().__init__()
@@ -128,10 +137,11 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """quantized latent (B, K, h, w) -> image (B, 3, h*f, w*f). conv3x3 K -> ch*ch_mult[-1], num_res_blocks middle
-    ResBlocks, then per level from the deepest: AdaptiveGroupNorm conditioned on z_q, num_res_blocks ResBlocks,
-    and (except at the last level) an Upsampler; GroupNorm -> swish -> conv3x3 to RGB.
-    up[i] / adaptive[i] are indexed like the encoder's down[i] (up[0] runs last), as in the official code."""
+    """quantized latent (B, K, h, w) -> image (B, 3, h*f, w*f). conv3x3 K -> ch*ch_mult[-1],
+    num_res_blocks middle ResBlocks, then per level from the deepest: AdaptiveGroupNorm conditioned
+    on z_q, num_res_blocks ResBlocks, and (except at the last level) an Upsampler; GroupNorm ->
+    swish -> conv3x3 to RGB. up[i] / adaptive[i] are indexed like the encoder's down[i] (up[0] runs
+    last), as in the official code."""
 
     def __init__(self, ch, ch_mult, num_res_blocks, z_channels):
         super().__init__()
@@ -179,9 +189,12 @@ class TokenizerConfig:
 
 
 PRESETS = {
-    'imagenet256': TokenizerConfig(ch_mult=(1, 1, 2, 2, 4), image_size=256),  # 256px -> 16x16 tokens, 115.13M
-    'imagenet128': TokenizerConfig(ch_mult=(1, 2, 2, 4), image_size=128),  # 128px -> 16x16 tokens, 112.02M
-    'tiny': TokenizerConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, image_size=32),  # 32px -> 8x8, CPU minutes
+    # 256px -> 16x16 tokens, 115.13M
+    'imagenet256': TokenizerConfig(ch_mult=(1, 1, 2, 2, 4), image_size=256),
+    # 128px -> 16x16 tokens, 112.02M
+    'imagenet128': TokenizerConfig(ch_mult=(1, 2, 2, 4), image_size=128),
+    # 32px -> 8x8, CPU minutes
+    'tiny': TokenizerConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, image_size=32),
 }
 
 # -----------------------------------------------------------------------------
@@ -195,10 +208,13 @@ def convert_official_tokenizer(state_dict, ema=True):
         decoder.*  -> decoder.*     identity, including Upsampler.conv1: our depth_to_space uses the official
                                     channel order, so no weight is permuted
         model_ema.<name with the dots removed> -> <name>   with ema=True (LitEma stores one buffer per parameter,
-                                    named without dots, e.g. model_ema.encoderconv_inweight -> encoder.conv_in.weight)
-        quantize.*, loss.* (discriminator, LPIPS), model_ema.loss*, model_ema.decay, model_ema.num_updates -> dropped
+                                    named without dots, e.g. model_ema.encoderconv_inweight ->
+                                    encoder.conv_in.weight)
+        quantize.*, loss.* (discriminator, LPIPS), model_ema.loss*, model_ema.decay,
+        model_ema.num_updates -> dropped
                                     (LFQ has no learned state; the rest is only for training)
-    Keys outside these groups, or EMA entries that are missing or left over, raise a KeyError that lists them.
+    Keys outside these groups, or EMA entries that are missing or left over, raise a KeyError that
+    lists them.
     """
     known = ('encoder.', 'decoder.', 'quantize.', 'loss.', 'model_ema.')
     unknown = [k for k in state_dict if not k.startswith(known)]
@@ -207,7 +223,8 @@ def convert_official_tokenizer(state_dict, ema=True):
     raw = {k: v for k, v in state_dict.items() if k.startswith(('encoder.', 'decoder.'))}
     if not ema:
         return raw
-    ema_name = {k: 'model_ema.' + k.replace('.', '') for k in raw}  # encoder/decoder have parameters only
+    # encoder/decoder have parameters only
+    ema_name = {k: 'model_ema.' + k.replace('.', '') for k in raw}
     missing = [e for e in ema_name.values() if e not in state_dict]
     if missing:
         raise KeyError(f"checkpoint has no EMA weights for {len(missing)} tensors, e.g. {missing[:10]}; "
@@ -225,7 +242,8 @@ def convert_official_tokenizer(state_dict, ema=True):
 
 
 class Tokenizer(nn.Module):
-    """Encoder + LFQ + decoder. Images are (B, 3, H, W) in [-1, 1], H and W multiples of `downsample`."""
+    """Encoder + LFQ + decoder. Images are (B, 3, H, W) in [-1, 1], H and W
+    multiples of `downsample`."""
 
     def __init__(self, config):
         super().__init__()
@@ -247,16 +265,18 @@ class Tokenizer(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path_or_state, ema=True):
-        """Build from our checkpoint ({'kind': 'tokenizer', 'config', 'model', optional 'ema'}) or from an official
-        Open-MAGVIT2 one (a Lightning dict with 'state_dict'), given as a path or as the loaded dict. Which of the
-        two it is comes from its keys. ema=True takes the EMA weights when the checkpoint has them.
-        A released file that holds pickled Lightning objects must be named 'open-magvit2:PATH':
-        utils.load_checkpoint unpickles only such paths in full."""
+        """Build from our checkpoint ({'kind': 'tokenizer', 'config', 'model', optional 'ema'}) or
+        from an official Open-MAGVIT2 one (a Lightning dict with 'state_dict'), given as a path or
+        as the loaded dict. Which of the two it is comes from its keys. ema=True takes the EMA
+        weights when the checkpoint has them. A released file that holds pickled Lightning objects
+        must be named 'open-magvit2:PATH': utils.load_checkpoint unpickles only such paths in
+        full."""
         from utils import load_checkpoint
         ckpt = path_or_state
         if isinstance(ckpt, str):
             ckpt = load_checkpoint(ckpt)
-        if not isinstance(ckpt, dict) or ('state_dict' not in ckpt and ckpt.get('kind') != 'tokenizer'):
+        if not isinstance(ckpt,
+                          dict) or ('state_dict' not in ckpt and ckpt.get('kind') != 'tokenizer'):
             kind = ckpt.get('kind') if isinstance(ckpt, dict) else type(ckpt).__name__
             raise ValueError(f"not a tokenizer checkpoint (kind {kind!r}): expected ours (kind 'tokenizer') "
                              f"or an official Open-MAGVIT2 Lightning checkpoint (with 'state_dict')")
@@ -267,17 +287,20 @@ class Tokenizer(nn.Module):
             state = convert_official_tokenizer(ckpt['state_dict'], ema=ema)
             # the architecture is read off the tensor shapes; both released models make 16x16 tokens
             ch = state['encoder.conv_in.weight'].shape[0]
-            # keys look like encoder.down.{level}.block.{i}... and encoder.mid_block.{j}...: count the levels / blocks
+            # keys look like encoder.down.{level}.block.{i}... and encoder.mid_block.{j}...: count
+            # the levels / blocks
             levels = 1 + max(int(k.split('.')[2]) for k in state if k.startswith('encoder.down.'))
             ch_mult = tuple(state[f'encoder.down.{i}.block.0.conv1.weight'].shape[0] // ch for i in range(levels))
             blocks = len({k.split('.')[2] for k in state if k.startswith('encoder.mid_block.')})
-            model = cls(TokenizerConfig(ch, ch_mult, blocks, state['encoder.conv_out.weight'].shape[0],
+            model = cls(TokenizerConfig(ch, ch_mult, blocks,
+                                        state['encoder.conv_out.weight'].shape[0],
                                         image_size=16 * 2 ** (levels - 1)))
         model.load_state_dict(state, strict=True)  # lists any missing / unexpected keys
         return model
 
     def encode(self, x):
-        """x (B, 3, H, W) -> z_q (B, K, H/f, W/f) in {-1, +1}, indices (B, H/f, W/f) int64, losses (see LFQ)."""
+        """x (B, 3, H, W) -> z_q (B, K, H/f, W/f) in {-1, +1}, indices (B, H/f, W/f) int64, losses
+        (see LFQ)."""
         f = self.downsample
         if x.shape[-2] % f or x.shape[-1] % f:
             raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of the downsampling factor {f}")
@@ -288,8 +311,10 @@ class Tokenizer(nn.Module):
         return self.decoder(z_q)
 
     def decode_indices(self, indices):
-        """indices (B, h, w) int64 -> images (B, 3, h*f, w*f): tokens to their +-1 code map, then decode."""
-        z_q = indices_to_codemap(indices, self.config.num_bits)  # (B, K, h, w) in {-1, +1}
+        """indices (B, h, w) int64 -> images (B, 3, h*f, w*f): tokens to their +-1 code map, then
+        decode."""
+        z_q = indices_to_codes(indices, self.config.num_bits).permute(0, 3, 1, 2)  # (B, K, h, w)
+        z_q = z_q.contiguous()
         return self.decode(z_q.to(self.decoder.conv_in.weight.dtype))
 
     def forward(self, x):
@@ -298,13 +323,15 @@ class Tokenizer(nn.Module):
 
 
 def compile_blocks(model, **compile_options):
-    """torch.compile each repeated block of a Tokenizer in place (ResBlock, AdaptiveGroupNorm, Upsampler, the LFQ
-    loss). Blocks of the same shape share one compiled graph, so a preset compiles in a handful of graphs instead of
-    one graph of the whole network (minutes). Within a block, Inductor fuses GroupNorm, swish and the casts around the
-    cuDNN convolutions. compile_options go to torch.compile (the tests capture the same graphs with
-    backend='aot_eager'; bench.py compares the compiled step's losses with the eager ones)."""
-    # one ResBlock.forward serves every block, and each (shape, dtype) of its input is one more compiled variant:
-    # about 15 in a 256px tokenizer, over Dynamo's default limit of 8 (past which it falls back to eager)
+    """torch.compile each repeated block of a Tokenizer in place (ResBlock, AdaptiveGroupNorm,
+    Upsampler, the LFQ loss). Blocks of the same shape share one compiled graph, so a preset
+    compiles in a handful of graphs instead of one graph of the whole network (minutes). Within a
+    block, Inductor fuses GroupNorm, swish and the casts around the cuDNN convolutions.
+    compile_options go to torch.compile (the tests capture the same graphs with backend='aot_eager';
+    bench.py compares the compiled step's losses with the eager ones)."""
+    # one ResBlock.forward serves every block, and each (shape, dtype) of its input is one more
+    # compiled variant: about 15 in a 256px tokenizer, over Dynamo's default limit of 8 (past which
+    # it falls back to eager)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for module in model.modules():
         if isinstance(module, (ResBlock, AdaptiveGroupNorm, Upsampler, LFQ)):
@@ -318,11 +345,16 @@ def compile_blocks(model, **compile_options):
 
 if __name__ == '__main__':
     parser = argparse.ArgumentParser(description="reconstruct one image through a tokenizer")
-    parser.add_argument('--reconstruct', required=True, metavar='IMAGE', help="any image Pillow can read")
-    parser.add_argument('--ckpt', help="our checkpoint, or an official one (open-magvit2:PATH or detected by keys)")
-    parser.add_argument('--preset', default='imagenet256', help="untrained model of this preset when no --ckpt")
-    parser.add_argument('--no-ema', dest='ema', action='store_false', help="raw weights instead of the EMA ones")
-    parser.add_argument('--size', type=int, help="center crop and resize to this (default: the model's image_size)")
+    parser.add_argument('--reconstruct', required=True, metavar='IMAGE',
+                        help="any image Pillow can read")
+    parser.add_argument('--ckpt',
+                        help="our checkpoint, or an official one (open-magvit2:PATH or detected by keys)")
+    parser.add_argument('--preset', default='imagenet256',
+                        help="untrained model of this preset when no --ckpt")
+    parser.add_argument('--no-ema', dest='ema', action='store_false',
+                        help="raw weights instead of the EMA ones")
+    parser.add_argument('--size', type=int,
+                        help="center crop and resize to this (default: the model's image_size)")
     parser.add_argument('--out', default='rec.png')
     from utils import DEVICES, save_image_grid, setup
     parser.add_argument('--device', default='cuda', choices=DEVICES)
@@ -337,16 +369,19 @@ if __name__ == '__main__':
         model = Tokenizer.from_preset(args.preset)
     model = model.to(dist.device).eval()
     try:
-        image = open_image(args.reconstruct)  # 16-bit and transparent files converted as in training
+        # 16-bit and transparent files converted as in training
+        image = open_image(args.reconstruct)
     except (OSError, ValueError) as e:  # missing file, not an image, truncated data
         raise SystemExit(f"cannot read image {args.reconstruct}: {e}")
     size = args.size or model.config.image_size
     if size % model.downsample:
         raise SystemExit(f"--size {size} is not a multiple of the downsampling factor {model.downsample}")
     # the evaluation transform: resize the short side, centre crop
-    x = crop_image(image, size, train=False, rng=None, hflip=False)[None].to(dist.device)  # (1, 3, size, size)
+    # (1, 3, size, size)
+    x = crop_image(image, size, train=False, rng=None, hflip=False)[None].to(dist.device)
     with torch.no_grad():
         x_rec, indices, _ = model(x)
     print(f"{tuple(indices.shape[1:])} tokens, {indices.unique().numel()} distinct codes; "
-          f"PSNR {10 * torch.log10(4 / F.mse_loss(x_rec.clamp(-1, 1), x)).item():.2f} dB")  # MAX^2 = 2^2 on [-1, 1]
+          # MAX^2 = 2^2 on [-1, 1]
+          f"PSNR {10 * torch.log10(4 / F.mse_loss(x_rec.clamp(-1, 1), x)).item():.2f} dB")
     print(f"wrote {save_image_grid(torch.cat([x, x_rec]), args.out, nrow=2)} (input | reconstruction)")

@@ -1,13 +1,16 @@
 """
-Stage 2 of Open-MAGVIT2: train the class-conditional auto-regressive generator (gpt.py) on the 18-bit tokens of a
-frozen tokenizer (tokenizer.py, trained by train_tok.py). Loss: CE(pre) + CE(post), paper Eq. (7).
+Stage 2 of Open-MAGVIT2: train the class-conditional auto-regressive generator (gpt.py) on the
+18-bit tokens of a frozen tokenizer (tokenizer.py, trained by train_tok.py). Loss: CE(pre) +
+CE(post), paper Eq. (7).
 
-Optimisation as the official configs (configs/Open-MAGVIT2/gpu/imagenet_conditional_llama_{B,L,XL}.yaml):
-AdamW(0.9, 0.95), weight decay 0.05, gradient clipping 1.0, class dropout 0.1 (in gpt.py), global batch 768 with a
-peak lr of 3e-4 (B, L) / 2.4e-4 (XL) that we scale linearly with the global batch, 300 / 300 / 350 epochs, and the
-schedule of `get_lr`. The official code trains in fp16 mixed precision; we use bf16 autocast on GPU / NPU (no loss
-scaling) and fp32 on CPU. Tokenizer weights: EMA by default; the official AR configs load the *raw* weights
-(first_stage_config `use_ema: False`, which makes init_from_ckpt skip the model_ema.* entries): pass --no-ema for that.
+Optimisation as the official configs
+(configs/Open-MAGVIT2/gpu/imagenet_conditional_llama_{B,L,XL}.yaml): AdamW(0.9, 0.95), weight decay
+0.05, gradient clipping 1.0, class dropout 0.1 (in gpt.py), global batch 768 with a peak lr of 3e-4
+(B, L) / 2.4e-4 (XL) that we scale linearly with the global batch, 300 / 300 / 350 epochs, and the
+schedule of `get_lr`. The official code trains in fp16 mixed precision; we use bf16 autocast on GPU
+/ NPU (no loss scaling) and fp32 on CPU. Tokenizer weights: EMA by default; the official AR configs
+load the *raw* weights (first_stage_config `use_ema: False`, which makes init_from_ckpt skip the
+model_ema.* entries): pass --no-ema for that.
 
 Two ways to feed it tokens, both with resize + random crop, a pure function of (seed, epoch,
 image), and no horizontal flip, as the official AR data pipeline (--hflip adds random flips):
@@ -23,16 +26,21 @@ Held-out loss: --val-data /data/imagenet/val (centre crops, encoded once at the 
 sub-tokens, in nats and in bits per token, at step 0 and at every evaluation (eval mode: no
 dropout, the true labels).
 
-Single GPU:  python train_gpt.py --preset B --tokenizer out/tok/ckpt.pt --data /data/imagenet/train --out out/gpt_B
-One node:    torchrun --standalone --nproc_per_node 8 train_gpt.py --preset B --tokenizer ... --data ... --out ...
-Two nodes:   torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr HOST --master_port 29500 \
-                 train_gpt.py --preset XL ...            (and --node_rank 1 on the second node; shared file system)
+Single GPU:  python train_gpt.py --preset B --tokenizer out/tok/ckpt.pt \
+                 --data /data/imagenet/train --out out/gpt_B
+One node:    torchrun --standalone --nproc_per_node 8 train_gpt.py --preset B --tokenizer ... \
+                 --data ... --out ...
+Two nodes:   torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr HOST \
+                 --master_port 29500 train_gpt.py --preset XL ...
+             (and --node_rank 1 on the second node; shared file system)
 Ascend NPU:  torchrun --standalone --nproc_per_node 8 train_gpt.py --device npu --preset B ...
-CPU demo:    python train_gpt.py --preset tiny --device cpu --tokenizer out/demo_tok/ckpt.pt --out out/demo_gpt
-Resume:      the same command plus --resume (model, optimizer, step, data order and RNG: the run continues exactly),
-             also on another number of GPUs (same global --batch-size; add --grad-accum if it no longer fits).
-             Without --resume the same command refuses to touch the run; --overwrite deletes it
-             and starts again.
+CPU demo:    python train_gpt.py --preset tiny --device cpu --tokenizer out/demo_tok/ckpt.pt \
+                 --out out/demo_gpt
+Resume:      the same command plus --resume (model, optimizer, step, data order and RNG: the run
+             continues exactly),
+             also on another number of GPUs (same global --batch-size; add --grad-accum if it no
+             longer fits). Without --resume the same command refuses to touch the run; --overwrite
+             deletes it and starts again.
              --max-steps N stops at step N of the full schedule, with a checkpoint to --resume from.
 Fine-tune:   --init-from CKPT starts a new run (step 0, fresh AdamW state, the full lr schedule)
              from the weights of our GPT checkpoint or a released one (open-magvit2:AR_256_B.ckpt);
@@ -62,8 +70,10 @@ from gpt import PRESETS as GPT_PRESETS
 from quantizer import split_indices
 from sample import generate_images
 from tokenizer import Tokenizer
-from utils import (DEVICES, OFFICIAL_PREFIX, CSVLog, all_reduce_mean, all_reduce_sum, autocast, barrier,
-                   check_config, check_kind, check_resume, cleanup, load_checkpoint, peak_memory_gib,
+from utils import (DEVICES, OFFICIAL_PREFIX, CSVLog, all_reduce_mean, all_reduce_sum,
+                   autocast, barrier,
+                   check_config, check_kind, check_resume, cleanup, load_checkpoint, peak_flops,
+                   peak_memory_gib,
                    prepare_run_folder, print0, rng_state, save_checkpoint, save_image_grid,
                    set_rng_state, setup, weights_checksum)
 
@@ -71,26 +81,31 @@ from utils import (DEVICES, OFFICIAL_PREFIX, CSVLog, all_reduce_mean, all_reduce
 # the learning-rate schedule and one optimisation step
 
 
-def get_lr(step, total_steps, warmup_steps, peak_lr, start_ratio=0.005, end_ratio=0.1, plateau=0.05):
-    """The official schedule (lr_wd_annealing, from VAR): linear warmup from start_ratio * peak over warmup_steps,
-    then the peak for the first `plateau` fraction of the remaining steps, then linear decay to end_ratio * peak at
-    the last step (total_steps - 1)."""
+def get_lr(step, total_steps, warmup_steps, peak_lr, start_ratio=0.005, end_ratio=0.1,
+           plateau=0.05):
+    """The official schedule (lr_wd_annealing, from VAR): linear warmup from start_ratio * peak over
+    warmup_steps, then the peak for the first `plateau` fraction of the remaining steps, then linear
+    decay to end_ratio * peak at the last step (total_steps - 1)."""
     if step < warmup_steps:
         return peak_lr * (start_ratio + (1 - start_ratio) * step / warmup_steps)
-    progress = (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps)  # 0 -> 1 after the warmup
+    # 0 -> 1 after the warmup
+    progress = (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps)
     if progress < plateau:
         return peak_lr
-    return peak_lr * (end_ratio + (1 - end_ratio) * (1 - progress) / (1 - plateau))  # continuous at the plateau's end
+    # continuous at the plateau's end
+    return peak_lr * (end_ratio + (1 - end_ratio) * (1 - progress) / (1 - plateau))
 
 
 def train_step(model, optimizer, micro_batches, lr, device_type, grad_clip=1.0):
-    """One optimisation step (bench.py times this): micro_batches is a list of (tokens (B, T) int64 18-bit indices,
-    labels (B,)) on the device, one per gradient-accumulation step. Returns the last micro-batch's (CE_pre, CE_post)."""
+    """One optimisation step (bench.py times this): micro_batches is a list of (tokens (B, T) int64
+    18-bit indices, labels (B,)) on the device, one per gradient-accumulation step. Returns the last
+    micro-batch's (CE_pre, CE_post)."""
     for group in optimizer.param_groups:
         group['lr'] = lr
     for i, (tokens, labels) in enumerate(micro_batches):
         pre, post = split_indices(tokens)  # (B, T) 6-bit and 12-bit sub-tokens
-        # DDP all-reduces the gradients in backward: only the last micro-batch needs to, the others accumulate
+        # DDP all-reduces the gradients in backward: only the last micro-batch needs to, the others
+        # accumulate
         last = i == len(micro_batches) - 1
         with model.no_sync() if isinstance(model, DDP) and not last else nullcontext():
             with autocast(device_type):
@@ -104,15 +119,6 @@ def train_step(model, optimizer, micro_batches, lr, device_type, grad_clip=1.0):
     return loss_pre, loss.detach() - loss_pre
 
 
-# bf16 dense peak of one chip, for MFU (nanoGPT uses the A100's); other chips show no MFU
-PEAK_FLOPS = {'A100': 312e12, 'A800': 312e12, 'H100': 989e12, 'H800': 989e12, 'H200': 989e12}
-
-
-def peak_flops(device_type):
-    name = torch.cuda.get_device_name() if device_type == 'cuda' else ''
-    return next((flops for chip, flops in PEAK_FLOPS.items() if chip in name), None)
-
-
 # -----------------------------------------------------------------------------
 # the frozen tokenizer, the held-out loss and --init-from
 
@@ -123,9 +129,9 @@ def load_tokenizer(path, ema, image_size, device, compile=False):
     if image_size % tokenizer.downsample:
         raise ValueError(f"--image-size {image_size} is not a multiple of the tokenizer's "
                          f"downsampling factor {tokenizer.downsample}")
-    if compile:  # the encoder (on the fly, extract_codes.py): GroupNorm + swish fused,
-        # channels_last as in bench.py's encode row, 372 -> 761 img/s at batch 64 (H200);
-        # dynamic: any batch size
+    # the encoder (on the fly, extract_codes.py) with GroupNorm + swish fused and channels_last, as
+    # bench.py's encode row (python bench.py --rows encode --compile); dynamic: any batch size
+    if compile:
         tokenizer = tokenizer.to(memory_format=torch.channels_last)
         tokenizer.encode = torch.compile(tokenizer.encode, dynamic=True)
     return tokenizer
@@ -222,8 +228,9 @@ PRESETS = {
     'B': dict(model='B'),
     'L': dict(model='L'),
     'XL': dict(model='XL', lr=2.4e-4, warmup_epochs=7, epochs=350),
-    # CPU quick start (~4-5 min on 2 cores): 4000 synthetic 32px images of 10 classes, an 8x8 token grid; small
-    # batches and a high lr (4.2e-3 after scaling to batch 32) learn the most in the time
+    # CPU quick start (~4-5 min on 2 cores): 4000 synthetic 32px images of 10 classes, an 8x8 token
+    # grid; small batches and a high lr (4.2e-3 after scaling to batch 32) learn the most in the
+    # time
     'tiny': dict(model='tiny', data='synthetic', image_size=32, batch_size=32, lr=0.1, epochs=7,
                  warmup_epochs=0.3, eval_every=125, log_every=10, num_workers=0,
                  sample_classes='0,1,2,3,4,5,6,7,8,9'),
@@ -239,13 +246,16 @@ RESUME_MAY_CHANGE = {'resume', 'overwrite', 'device', 'out', 'num_workers', 'com
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--preset', choices=list(PRESETS), help="a named run: its --model and "
                         "training settings (see PRESETS; the defaults are the paper's B run)")
     parser.add_argument('--model', default='B', choices=list(GPT_PRESETS),
                         help="architecture (gpt.PRESETS)")
-    parser.add_argument('--tokenizer', help="tokenizer checkpoint (ours, or an official one as open-magvit2:PATH)")
-    parser.add_argument('--no-ema', dest='ema', action='store_false', help="raw tokenizer weights, not EMA")
+    parser.add_argument('--tokenizer',
+                        help="tokenizer checkpoint (ours, or an official one as open-magvit2:PATH)")
+    parser.add_argument('--no-ema', dest='ema', action='store_false',
+                        help="raw tokenizer weights, not EMA")
     parser.add_argument('--data', help="'synthetic', an ImageNet-style folder, or .npz archive(s)")
     parser.add_argument('--codes', help="folder of tokens from extract_codes.py: train from it")
     parser.add_argument('--hflip', action='store_true',
@@ -253,18 +263,24 @@ def get_args(argv=None):
     parser.add_argument('--val-data', help="held-out images for the held-out loss (encoded once)")
     parser.add_argument('--val-codes', help="or their codes: extract_codes.py --val")
     parser.add_argument('--image-size', type=int, default=256)
-    parser.add_argument('--batch-size', type=int, default=768, help="global batch: all ranks and micro-batches")
-    parser.add_argument('--grad-accum', type=int, default=1, help="micro-batches per step (per rank)")
-    parser.add_argument('--lr', type=float, default=3e-4, help="peak lr for a global batch of 768 (scaled linearly)")
+    parser.add_argument('--batch-size', type=int, default=768,
+                        help="global batch: all ranks and micro-batches")
+    parser.add_argument('--grad-accum', type=int, default=1,
+                        help="micro-batches per step (per rank)")
+    parser.add_argument('--lr', type=float, default=3e-4,
+                        help="peak lr for a global batch of 768 (scaled linearly)")
     parser.add_argument('--weight-decay', type=float, default=0.05)
     parser.add_argument('--grad-clip', type=float, default=1.0)
     parser.add_argument('--epochs', type=int, default=300)
     parser.add_argument('--warmup-epochs', type=float, default=6)
-    parser.add_argument('--max-steps', type=int, default=0, help="stop (and checkpoint) at this step, keeping the "
+    parser.add_argument('--max-steps', type=int, default=0,
+                        help="stop (and checkpoint) at this step, keeping the "
                         "schedule of --epochs; continue later with --resume (0: run all epochs)")
-    parser.add_argument('--eval-every', type=int, default=5000, help="steps between sample grids and checkpoints")
+    parser.add_argument('--eval-every', type=int, default=5000,
+                        help="steps between sample grids and checkpoints")
     parser.add_argument('--log-every', type=int, default=50)
-    parser.add_argument('--sample-classes', default='207,360,387,974,88,979,417,279', help="rows of the grids")
+    parser.add_argument('--sample-classes', default='207,360,387,974,88,979,417,279',
+                        help="rows of the grids")
     parser.add_argument('--num-workers', type=int, default=8, help="DataLoader workers per rank")
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--out', default='out/gpt')
@@ -274,7 +290,8 @@ def get_args(argv=None):
     parser.add_argument('--overwrite', action='store_true',
                         help="delete the run in --out and start again")
     parser.add_argument('--device', default='cuda', choices=DEVICES)
-    parser.add_argument('--compile', action='store_true', help="torch.compile the model for training, and the "
+    parser.add_argument('--compile', action='store_true',
+                        help="torch.compile the model for training, and the "
                         "tokenizer's encoder (see bench.py)")
     args = parser.parse_args(argv)
     if args.preset:  # preset values replace the defaults; flags on the command line still win
@@ -307,7 +324,8 @@ def main(argv=None):
     if args.codes:
         dataset = data.CodesDataset(args.codes)
         grid, num_bits, image_size = dataset.meta['grid'], dataset.meta['num_bits'], dataset.meta['image_size']
-        if tokenizer and (tokenizer.config.num_bits, image_size // tokenizer.downsample) != (num_bits, grid[0]):
+        if tokenizer and (tokenizer.config.num_bits,
+                          image_size // tokenizer.downsample) != (num_bits, grid[0]):
             raise ValueError(f"--codes {args.codes} holds {num_bits}-bit tokens on a {grid[0]}x{grid[1]} grid, but "
                              f"--tokenizer {args.tokenizer} makes {tokenizer.config.num_bits}-bit tokens on a "
                              f"{image_size // tokenizer.downsample}x{image_size // tokenizer.downsample} grid")
@@ -323,15 +341,19 @@ def main(argv=None):
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by world size {dist.world_size} x "
                          f"--grad-accum {args.grad_accum}")
     sampler = data.EpochSampler(len(dataset), dist.rank, dist.world_size, seed=args.seed)
-    # the loader draws its worker seed from its own generator, not the global RNG that resume restores
-    loader = torch.utils.data.DataLoader(dataset, micro_batch, sampler=sampler, num_workers=args.num_workers,
-                                         drop_last=True, pin_memory=device_type == 'cuda', generator=torch.Generator(),
+    # the loader draws its worker seed from its own generator, not the global RNG that resume
+    # restores
+    loader = torch.utils.data.DataLoader(dataset, micro_batch, sampler=sampler,
+                                         num_workers=args.num_workers,
+                                         drop_last=True, pin_memory=device_type == 'cuda',
+                                         generator=torch.Generator(),
                                          collate_fn=None if args.codes else data.collate_skip_bad)
     steps_per_epoch = len(dataset) // dist.world_size // (micro_batch * args.grad_accum)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(dataset)} images are fewer than one global batch of {args.batch_size}")
     total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
-    peak_lr = args.lr * args.batch_size / 768  # linear scaling rule from the paper's global batch of 768
+    # linear scaling rule from the paper's global batch of 768
+    peak_lr = args.lr * args.batch_size / 768
     print0(f"peak lr {peak_lr:.3g} (= {args.lr:g} x batch {args.batch_size} / 768); {steps_per_epoch} steps/epoch, "
            f"{total_steps} steps, {warmup_steps} warmup; {len(dataset)} images, {dataset.num_classes} classes")
 
@@ -355,7 +377,8 @@ def main(argv=None):
         num_val = int(all_reduce_sum(torch.tensor(len(val[1]), device=device)))
         print0(f"held-out loss on {num_val} images")
 
-    # the model: same init on every rank (DDP also broadcasts rank 0's), then per-rank dropout randomness
+    # the model: same init on every rank (DDP also broadcasts rank 0's), then per-rank dropout
+    # randomness
     torch.manual_seed(args.seed)
     model = GPT.from_preset(args.model, num_classes=dataset.num_classes, vocab_bits=num_bits,
                             block_size=grid[0] * grid[1]).to(device)
@@ -389,7 +412,8 @@ def main(argv=None):
         model = torch.compile(model)
     if dist.ddp:
         # broadcast_buffers off: the only buffer is the constant RoPE table
-        model = DDP(model, device_ids=None if device_type == 'cpu' else [dist.local_rank], broadcast_buffers=False)
+        model = DDP(model, device_ids=None if device_type == 'cpu' else [dist.local_rank],
+                    broadcast_buffers=False)
     # which tokenizer the tokens came from, for sample.py: an absolute path (the run may be
     # sampled from another folder) and the fingerprint of the weights used, which sample.py checks
     tokenizer_path = args.tokenizer
@@ -413,7 +437,8 @@ def main(argv=None):
             fields[-4:], (ce_pre, ce_post, bits_pre, bits_post))}})
 
     def evaluate_and_save():
-        """Sample a grid of the fixed classes (own RNG, so training randomness is untouched) and checkpoint."""
+        """Sample a grid of the fixed classes (own RNG, so training randomness is untouched) and
+        checkpoint."""
         if val is not None:
             log_held_out()
         rngs = [rng_state()]
@@ -423,27 +448,31 @@ def main(argv=None):
         if dist.is_main:
             if tokenizer is not None:
                 classes = [int(c) % dataset.num_classes for c in args.sample_classes.split(',')]
-                labels = torch.tensor(classes, device=device).repeat_interleave(4)  # 4 samples per class, a row each
+                # 4 samples per class, a row each
+                labels = torch.tensor(classes, device=device).repeat_interleave(4)
                 generator = torch.Generator(device).manual_seed(args.seed)
                 with autocast(device_type):
                     images = generate_images(raw_model, tokenizer, labels, generator)
                 raw_model.free_caches()  # the KV buffers hold GBs for B/L/XL
                 save_image_grid(images, os.path.join(args.out, f'samples_step{step}.png'), nrow=4)
             # an epoch boundary is stored as the start of the next epoch
-            position = (epoch + 1, 0) if batch_in_epoch == steps_per_epoch else (epoch, batch_in_epoch)
+            position = (epoch + 1,
+                        0) if batch_in_epoch == steps_per_epoch else (epoch, batch_in_epoch)
             save_checkpoint(ckpt_path, {
                 'kind': 'gpt', 'config': asdict(raw_model.config), 'model': raw_model.state_dict(),
                 'optimizer': optimizer.state_dict(), 'step': step, 'epoch': position[0],
-                'batch_in_epoch': position[1], 'rng': rngs, 'train_args': vars(args), 'tokenizer': tokenizer_info})
+                'batch_in_epoch': position[1], 'rng': rngs, 'train_args': vars(args),
+                'tokenizer': tokenizer_info})
         barrier()
 
     # the training loop
     fields = ['step', 'epoch', 'lr', 'loss_pre', 'loss_post', 'tokens_per_s', 'mfu',
-              'peak_mem_gib', 'elapsed_s', 'val_ce_pre', 'val_ce_post', 'val_bits_pre', 'val_bits_post']
+              'peak_mem_gib', 'elapsed_s', 'val_ce_pre', 'val_ce_post', 'val_bits_pre',
+              'val_bits_post']
     log = CSVLog(os.path.join(args.out, 'log.csv'), fields, dist.is_main,
                  resume_step=step if args.resume else None)
     tokens_per_step = args.batch_size * grid[0] * grid[1]
-    peak = peak_flops(device_type)
+    peak = peak_flops(device_type)  # None on other chips: no MFU in the log
     num_bad = num_seen = 0
     stop_step = min(args.max_steps or total_steps, total_steps)
     progress = tqdm(total=stop_step, initial=step, disable=not dist.is_main, dynamic_ncols=True)
@@ -464,10 +493,13 @@ def main(argv=None):
                     num_bad, num_seen = num_bad + bad, num_seen + len(labels) + bad
                     data.check_bad_fraction(num_bad, num_seen)
                     with torch.no_grad(), autocast(device_type):
-                        tokens = tokenizer.encode(images.to(device, non_blocking=True))[1].flatten(1)  # (B, h*w)
-                micro_batches.append((tokens.to(device, non_blocking=True), labels.to(device, non_blocking=True)))
+                        images = images.to(device, non_blocking=True)
+                        tokens = tokenizer.encode(images)[1].flatten(1)  # (B, h*w)
+                micro_batches.append((tokens.to(device, non_blocking=True),
+                                      labels.to(device, non_blocking=True)))
             lr = get_lr(step, total_steps, warmup_steps, peak_lr)
-            loss_pre, loss_post = train_step(model, optimizer, micro_batches, lr, device_type, args.grad_clip)
+            loss_pre, loss_post = train_step(model, optimizer, micro_batches, lr, device_type,
+                                             args.grad_clip)
             step, batch_in_epoch = step + 1, batch_in_epoch + 1
             progress.update()
 
@@ -476,9 +508,11 @@ def main(argv=None):
                 loss_pre, loss_post = all_reduce_mean(torch.stack([loss_pre, loss_post])).tolist()
                 now = time.time()
                 tokens_per_s = (step - last_step) * tokens_per_step / (now - last_time)
-                mfu = raw_model.estimate_mfu(tokens_per_s / dist.world_size, peak) if peak else float('nan')
+                mfu = raw_model.estimate_mfu(tokens_per_s / dist.world_size,
+                                             peak) if peak else float('nan')
                 last_time, last_step = now, step
-                progress.set_postfix(loss_pre=f'{loss_pre:.3f}', loss_post=f'{loss_post:.3f}', lr=f'{lr:.2e}',
+                progress.set_postfix(loss_pre=f'{loss_pre:.3f}', loss_post=f'{loss_post:.3f}',
+                                     lr=f'{lr:.2e}',
                                      tok_s=f'{tokens_per_s:.0f}', mfu=f'{mfu:.1%}')
                 log.write(dict(zip(fields, [
                     step, epoch, f'{lr:.4g}', f'{loss_pre:.4f}', f'{loss_post:.4f}',

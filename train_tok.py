@@ -1,20 +1,26 @@
 """
 Stage 1 of Open-MAGVIT2: train the LFQ image tokenizer (tokenizer.py) as a VQGAN. One iteration:
 
-    G:  L1(x, x_rec) + 1.0 LPIPS + 0.1 non-saturating GAN + 0.1 entropy (Eq. 3) + 0.25 commitment   -> Adam step
-    D:  hinge(D(x), D(x_rec)) + LeCAM (0.01 at 128px, 0.05 at 256px), real and fake in separate passes -> Adam step
-    EMA of the generator (0.999), used for evaluation and saved in the checkpoint for the next stage.
+    G:  L1(x, x_rec) + 1.0 LPIPS + 0.1 non-saturating GAN + 0.1 entropy (Eq. 3)
+        + 0.25 commitment                                                      -> Adam step
+    D:  hinge(D(x), D(x_rec)) + LeCAM (0.01 at 128px, 0.05 at 256px), real and fake in separate
+        passes                                                                 -> Adam step
+    EMA of the generator (0.999), used for evaluation and saved in the
+    checkpoint for the next stage.
 
 Quick start, CPU, built-in synthetic data (~2.5 minutes on 2 cores):
     python train_tok.py --preset tiny --device cpu --out out/demo_tok
 One GPU:
-    python train_tok.py --preset imagenet128 --data /data/imagenet/train --val-data /data/imagenet/val --out runs/tok128
+    python train_tok.py --preset imagenet128 --data /data/imagenet/train \
+        --val-data /data/imagenet/val --out runs/tok128
 One node, 8 GPUs:
-    torchrun --standalone --nproc_per_node=8 train_tok.py --preset imagenet256 --data /data/imagenet/train \
+    torchrun --standalone --nproc_per_node=8 train_tok.py --preset imagenet256 \
+        --data /data/imagenet/train --val-data /data/imagenet/val --out runs/tok256
+The paper's runs, 4 nodes x 8 GPUs (run on every node; NODE_RANK = 0..3, MASTER = the first
+node's address):
+    torchrun --nnodes=4 --node_rank=$NODE_RANK --nproc_per_node=8 --master_addr=$MASTER \
+        --master_port=29500 train_tok.py --preset imagenet256 --data /data/imagenet/train \
         --val-data /data/imagenet/val --out runs/tok256
-The paper's runs, 4 nodes x 8 GPUs (run on every node; NODE_RANK = 0..3, MASTER = the first node's address):
-    torchrun --nnodes=4 --node_rank=$NODE_RANK --nproc_per_node=8 --master_addr=$MASTER --master_port=29500 \
-        train_tok.py --preset imagenet256 --data /data/imagenet/train --val-data /data/imagenet/val --out runs/tok256
 Ascend NPUs: the same commands with --device npu (needs torch_npu; backend hccl).
 After a crash: the same command plus --resume (continues from out/ckpt.pt exactly where it
 stopped). Without --resume the same command refuses to touch the run; --overwrite deletes it and
@@ -29,7 +35,8 @@ on from the weights it reached, not from their average. The EMA's warm-up restar
 so it soon follows the raw weights; the step-0 evaluation shows the file's EMA. The
 discriminator and LeCAM come from our checkpoint; a released one starts them fresh. --resume
 instead continues OUT's own run (optimizers, step, RNG); with --resume, --init-from is ignored.
---data takes 'synthetic', an ImageNet-style folder root/<class>/<image>, or .npz archive(s) (see data.py).
+--data takes 'synthetic', an ImageNet-style folder root/<class>/<image>, or .npz archive(s) (see
+data.py).
 """
 
 import argparse
@@ -48,7 +55,7 @@ import tokenizer
 import utils
 from data import EpochSampler, build_dataset, check_bad_fraction, collate_skip_bad
 from losses import LeCAM, PatchDiscriminator, d_loss, load_lpips, non_saturating_g_loss
-from quantizer import indices_to_bits
+from quantizer import indices_to_codes
 
 # -----------------------------------------------------------------------------
 # presets: overrides of the command-line defaults below (which are the 256px run)
@@ -58,23 +65,27 @@ PRESETS = {
     # GPUs x batch 8 (global batch 256, our --batch-size), Adam(0.5, 0.9) lr 1e-4 for G and D
     # without warm-up or decay except x0.1 drops after the listed epochs, GAN from step 0 with
     # fixed weight 0.1 (the adaptive `disc_weight` 0.8 is never used),
-    # PatchGAN ndf 64 / 3 layers / BatchNorm (no SyncBatchNorm), LeCAM EMA decay 0.999, generator EMA on,
-    # fp16 mixed precision (we use bf16, which needs no loss scaling).
+    # PatchGAN ndf 64 / 3 layers / BatchNorm (no SyncBatchNorm), LeCAM EMA decay 0.999, generator
+    # EMA on, fp16 mixed precision (we use bf16, which needs no loss scaling).
     'imagenet128': dict(model='imagenet128', image_size=128, batch_size=256, epochs=350,
                         lr_drops=[250, 300], lecam_weight=0.01),
     'imagenet256': dict(model='imagenet256', image_size=256, batch_size=256, epochs=270,
                         lr_drops=[200, 250], lecam_weight=0.05),
-    # built-in shapes at 32px, ~2.5 minutes on 2 CPU cores (18 dB PSNR from 8). No LPIPS (its VGG weights are
-    # 528 MB); a higher lr; a weak GAN: at 32px the PatchGAN judges 2x2 patches, and the paper's 0.1 costs ~3 dB in
-    # a 500-step run; a stronger LeCAM, which is meant for small datasets like this one
-    'tiny': dict(model='tiny', data='synthetic', image_size=32, batch_size=16, max_steps=500, lr=4e-4,
-                 perceptual_weight=0.0, gan_weight=0.01, lecam_weight=0.1, eval_every=250, ckpt_every=250,
+    # built-in shapes at 32px, ~2.5 minutes on 2 CPU cores (18 dB PSNR from 8). No LPIPS (its VGG
+    # weights are 528 MB); a higher lr; a weak GAN: at 32px the PatchGAN judges 2x2 patches, and the
+    # paper's 0.1 costs ~3 dB in a 500-step run; a stronger LeCAM, which is meant for small datasets
+    # like this one
+    'tiny': dict(model='tiny', data='synthetic', image_size=32, batch_size=16,
+                 max_steps=500, lr=4e-4,
+                 perceptual_weight=0.0, gan_weight=0.01, lecam_weight=0.1, eval_every=250,
+                 ckpt_every=250,
                  log_every=10),
 }
 # the flags that may differ on --resume (utils.check_resume): where and how fast the run goes, how
-# often it logs, evaluates and saves, when it stops (--max-steps, --max-minutes) (the lr drops are per epoch, so --epochs only
-# moves the end), where the fixed pretrained weights are read from. Every other flag changes what
-# is trained and must match. A preset is only a name: the values it sets are compared one by one.
+# often it logs, evaluates and saves, when it stops (--max-steps, --max-minutes) (the lr drops are
+# per epoch, so --epochs only moves the end), where the fixed pretrained weights are read from.
+# Every other flag changes what is trained and must match. A preset is only a name: the values it
+# sets are compared one by one.
 RESUME_MAY_CHANGE = {'resume', 'overwrite', 'eval_only', 'device', 'out', 'num_workers',
                      'compile', 'channels_last', 'epochs', 'max_steps', 'eval_every',
                      'eval_images', 'ckpt_every', 'log_every', 'val_data', 'vgg_weights',
@@ -82,19 +93,24 @@ RESUME_MAY_CHANGE = {'resume', 'overwrite', 'eval_only', 'device', 'out', 'num_w
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--preset', choices=sorted(PRESETS), help="a named run: its --model and "
                         "training settings (see PRESETS; the defaults are the 256px run)")
-    parser.add_argument('--data', default='synthetic', help="'synthetic', an image folder, or .npz file(s)")
-    parser.add_argument('--val-data', help="held-out images for evaluation (default: the held-out split of --data)")
-    parser.add_argument('--out', default='out/tok', help="folder for ckpt.pt, log.csv and the image grids")
+    parser.add_argument('--data', default='synthetic',
+                        help="'synthetic', an image folder, or .npz file(s)")
+    parser.add_argument('--val-data',
+                        help="held-out images for evaluation (default: the held-out split of --data)")
+    parser.add_argument('--out', default='out/tok',
+                        help="folder for ckpt.pt, log.csv and the image grids")
     parser.add_argument('--device', default='cuda', choices=utils.DEVICES)
     parser.add_argument('--resume', action='store_true', help="continue from OUT/ckpt.pt")
     parser.add_argument('--init-from', help="start from the weights of a tokenizer checkpoint "
                         "(ours, or open-magvit2:PATH) at step 0 with fresh optimizers")
     parser.add_argument('--overwrite', action='store_true',
                         help="delete the run in --out and start again")
-    parser.add_argument('--eval-only', metavar='CKPT', help="only evaluate this tokenizer checkpoint (ours, or a "
+    parser.add_argument('--eval-only', metavar='CKPT',
+                        help="only evaluate this tokenizer checkpoint (ours, or a "
                         "released one as open-magvit2:PATH) on the held-out images, then exit")
     # model and data
     parser.add_argument('--model', default='imagenet256', choices=sorted(tokenizer.PRESETS),
@@ -102,36 +118,51 @@ def get_args(argv=None):
     parser.add_argument('--image-size', type=int, default=256)
     parser.add_argument('--batch-size', type=int, default=256,
                         help="global: split evenly over the processes")
-    parser.add_argument('--num-workers', type=int, help="DataLoader workers per process (default 4, 0 on cpu)")
+    parser.add_argument('--num-workers', type=int,
+                        help="DataLoader workers per process (default 4, 0 on cpu)")
     parser.add_argument('--seed', type=int, default=0)
     # optimisation
     parser.add_argument('--epochs', type=int, default=270)
-    parser.add_argument('--max-steps', type=int, default=0, help="stop after this many steps (0: run --epochs)")
-    parser.add_argument('--lr', type=float, default=1e-4, help="for the generator and the discriminator")
-    parser.add_argument('--lr-drops', type=int, nargs='*', default=[200, 250], help="epochs where lr drops x0.1")
-    parser.add_argument('--warmup-steps', type=int, default=0, help="linear lr warm-up (the paper has none)")
-    parser.add_argument('--cooldown', type=float, default=0.0, help="fraction of the run (of --max-steps, or of "
+    parser.add_argument('--max-steps', type=int, default=0,
+                        help="stop after this many steps (0: run --epochs)")
+    parser.add_argument('--lr', type=float, default=1e-4,
+                        help="for the generator and the discriminator")
+    parser.add_argument('--lr-drops', type=int, nargs='*', default=[200, 250],
+                        help="epochs where lr drops x0.1")
+    parser.add_argument('--warmup-steps', type=int, default=0,
+                        help="linear lr warm-up (the paper has none)")
+    parser.add_argument('--cooldown', type=float, default=0.0,
+                        help="fraction of the run (of --max-steps, or of "
                         "--max-minutes) at the end over which lr decays linearly to 0 (the paper: none)")
-    parser.add_argument('--max-minutes', type=float, default=0, help="wall-clock budget from the start, compile "
+    parser.add_argument('--max-minutes', type=float, default=0,
+                        help="wall-clock budget from the start, compile "
                         "included: stop in time for the final evaluation and checkpoint (0: no limit)")
     parser.add_argument('--ema-decay', type=float, default=0.999)
     # loss weights (L1 has weight 1)
-    parser.add_argument('--perceptual-weight', type=float, default=1.0, help="LPIPS; 0 trains without VGG")
-    parser.add_argument('--gan-weight', type=float, default=0.1, help="0 trains without the discriminator")
+    parser.add_argument('--perceptual-weight', type=float, default=1.0,
+                        help="LPIPS; 0 trains without VGG")
+    parser.add_argument('--gan-weight', type=float, default=0.1,
+                        help="0 trains without the discriminator")
     parser.add_argument('--entropy-weight', type=float, default=0.1)
     parser.add_argument('--commit-weight', type=float, default=0.25)
     parser.add_argument('--lecam-weight', type=float, default=0.05)
-    parser.add_argument('--vgg-weights', help="vgg16-397923af.pth (default: cache folder / download)")
-    parser.add_argument('--lpips-weights', help="LPIPS v0.1 vgg.pth (default: cache folder / download)")
+    parser.add_argument('--vgg-weights',
+                        help="vgg16-397923af.pth (default: cache folder / download)")
+    parser.add_argument('--lpips-weights',
+                        help="LPIPS v0.1 vgg.pth (default: cache folder / download)")
     parser.add_argument('--inception-weights', help="FID Inception weights for rFID (see fid.py)")
     # evaluation, logging, checkpoints, speed
-    parser.add_argument('--eval-every', type=int, default=5000, help="steps; also before the first and after the last")
-    parser.add_argument('--eval-images', type=int, default=0, help="held-out images to evaluate (0: all)")
+    parser.add_argument('--eval-every', type=int, default=5000,
+                        help="steps; also before the first and after the last")
+    parser.add_argument('--eval-images', type=int, default=0,
+                        help="held-out images to evaluate (0: all)")
     parser.add_argument('--log-every', type=int, default=100)
     parser.add_argument('--ckpt-every', type=int, default=5000)
-    parser.add_argument('--compile', action='store_true', help="torch.compile the tokenizer's blocks, the "
+    parser.add_argument('--compile', action='store_true',
+                        help="torch.compile the tokenizer's blocks, the "
                         "discriminator and LPIPS (compile_step_modules)")
-    parser.add_argument('--channels-last', action='store_true', help="NHWC memory layout (faster convs on GPUs)")
+    parser.add_argument('--channels-last', action='store_true',
+                        help="NHWC memory layout (faster convs on GPUs)")
     args = parser.parse_args(argv)
     if args.preset:  # preset values replace the defaults; flags given on the command line still win
         parser.set_defaults(**PRESETS[args.preset])
@@ -146,11 +177,14 @@ def get_args(argv=None):
 
 
 def build(args, dist):
-    """Tokenizer (G), its EMA, PatchGAN (D), LeCAM state, LPIPS and both optimisers, wrapped for DDP / compile.
-    `model` and `disc` are what the step calls; `raw_model` and `raw_disc` hold the weights (for checkpoints)."""
+    """Tokenizer (G), its EMA, PatchGAN (D), LeCAM state, LPIPS and both optimisers, wrapped for DDP
+    / compile. `model` and `disc` are what the step calls; `raw_model` and `raw_disc` hold the
+    weights (for checkpoints)."""
     torch.manual_seed(args.seed)  # every rank builds the same initial weights
-    raw_model = tokenizer.Tokenizer.from_preset(args.model, image_size=args.image_size).to(dist.device)
-    raw_disc = PatchDiscriminator().to(dist.device)  # BatchNorm stays per-GPU, as the official code (no SyncBN)
+    raw_model = tokenizer.Tokenizer.from_preset(args.model,
+                                                image_size=args.image_size).to(dist.device)
+    # BatchNorm stays per-GPU, as the official code (no SyncBN)
+    raw_disc = PatchDiscriminator().to(dist.device)
     if args.channels_last:  # NHWC: the layout tensor cores want for convolutions
         raw_model.to(memory_format=torch.channels_last)
         raw_disc.to(memory_format=torch.channels_last)
@@ -158,33 +192,39 @@ def build(args, dist):
     lpips = None
     if args.perceptual_weight > 0:
         if not dist.is_main:
-            utils.barrier()  # rank 0 finds or downloads the weights first, then the others read its cache
+            # rank 0 finds or downloads the weights first, then the others read its cache
+            utils.barrier()
         lpips = load_lpips(args.vgg_weights, args.lpips_weights).to(dist.device)
         if dist.is_main:
             utils.barrier()
     if args.compile:
         compile_step_modules(raw_model, raw_disc, lpips)
     device_ids = [dist.local_rank] if dist.device_type == 'cuda' else None
-    # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets, so no second 448 MB copy of them
-    # is kept and none is made each step
-    model = DDP(raw_model, device_ids=device_ids, gradient_as_bucket_view=True) if dist.ddp else raw_model
-    # broadcast_buffers=False: D runs twice before its backward, and re-broadcasting the BatchNorm running stats at
-    # the second forward would overwrite tensors the first one saved for backward. D never runs in eval mode, so
-    # its running stats are unused (the official code calls D inside one DDP forward, which broadcasts once)
+    # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets, so no second 448 MB
+    # copy of them is kept and none is made each step
+    model = DDP(raw_model, device_ids=device_ids,
+                gradient_as_bucket_view=True) if dist.ddp else raw_model
+    # broadcast_buffers=False: D runs twice before its backward, and re-broadcasting the BatchNorm
+    # running stats at the second forward would overwrite tensors the first one saved for backward.
+    # D never runs in eval mode, so its running stats are unused (the official code calls D inside
+    # one DDP forward, which broadcasts once)
     disc = DDP(raw_disc, device_ids=device_ids, broadcast_buffers=False) if dist.ddp else raw_disc
-    # fused Adam on CUDA: one kernel for all 112M parameters instead of a dozen per-tensor-group launches
+    # fused Adam on CUDA: one kernel for all 112M parameters instead of a dozen per-tensor-group
+    # launches
     adam = dict(lr=args.lr, betas=(0.5, 0.9), fused=dist.device_type == 'cuda')
     return SimpleNamespace(
-        model=model, raw_model=raw_model, ema=ema, disc=disc, raw_disc=raw_disc, lecam=LeCAM().to(dist.device),
+        model=model, raw_model=raw_model, ema=ema, disc=disc, raw_disc=raw_disc,
+        lecam=LeCAM().to(dist.device),
         lpips=lpips, opt_g=torch.optim.Adam(raw_model.parameters(), **adam),
         opt_d=torch.optim.Adam(raw_disc.parameters(), **adam), device_type=dist.device_type)
 
 
 def compile_step_modules(model, disc, lpips=None):
-    """torch.compile, in place, what one iteration runs: the tokenizer's repeated blocks (tokenizer.compile_blocks),
-    the discriminator and LPIPS. Compiling the blocks rather than the whole tokenizer is what keeps compile time
-    short: the 40-odd ResBlocks come in a handful of shapes, and blocks of one shape share one compiled graph.
-    Inside each graph Inductor fuses GroupNorm + swish + the bf16 casts around the convolutions."""
+    """torch.compile, in place, what one iteration runs: the tokenizer's repeated blocks
+    (tokenizer.compile_blocks), the discriminator and LPIPS. Compiling the blocks rather than the
+    whole tokenizer is what keeps compile time short: the 40-odd ResBlocks come in a handful of
+    shapes, and blocks of one shape share one compiled graph. Inside each graph Inductor fuses
+    GroupNorm + swish + the bf16 casts around the convolutions."""
     tokenizer.compile_blocks(model)
     disc.compile()
     if lpips is not None:
@@ -192,18 +232,21 @@ def compile_step_modules(model, disc, lpips=None):
 
 
 def train_step(x, t, args, step):
-    """One iteration on x (B, 3, H, W) in [-1, 1]: G step, D step, EMA update. Returns the detached losses.
-    With --gan-weight 0 there is no D: neither its term in G's loss nor its own step."""
+    """One iteration on x (B, 3, H, W) in [-1, 1]: G step, D step, EMA update. Returns the detached
+    losses. With --gan-weight 0 there is no D: neither its term in G's loss nor its own step."""
     use_gan = args.gan_weight > 0
-    # --- generator. D only judges here: frozen, so no weight gradients and no DDP hooks; its raw module is called
-    # because a DDP forward without a matching gradient all-reduce would break the next D step
+    # --- generator. D only judges here: frozen, so no weight gradients and no DDP hooks; its raw
+    # module is called because a DDP forward without a matching gradient all-reduce would break the
+    # next D step
     t.raw_disc.requires_grad_(False)
     zero = torch.zeros((), device=x.device)
     with utils.autocast(t.device_type):
-        x_rec, _, quantizer_losses = t.model(x)  # (B, 3, H, W), and Eq. (3) terms from LFQ (global batch under DDP)
+        # (B, 3, H, W), and Eq. (3) terms from LFQ (global batch under DDP)
+        x_rec, _, quantizer_losses = t.model(x)
         recon = (x_rec.float() - x).abs().mean()
         perceptual = t.lpips(x, x_rec).mean() if t.lpips is not None else zero
-        g_gan = non_saturating_g_loss(t.raw_disc(x_rec).float()) if use_gan else zero  # per-image mean logit
+        # per-image mean logit
+        g_gan = non_saturating_g_loss(t.raw_disc(x_rec).float()) if use_gan else zero
     g_loss = (recon + args.perceptual_weight * perceptual + args.gan_weight * g_gan
               + args.entropy_weight * quantizer_losses['entropy_loss']  # Eq. (3)
               + args.commit_weight * quantizer_losses['commitment_loss'])
@@ -211,8 +254,9 @@ def train_step(x, t, args, step):
     g_loss.backward()  # DDP all-reduces G's gradients here
     t.opt_g.step()
 
-    # --- discriminator: hinge + LeCAM, real and fake in separate passes (losses.d_loss, the official order)
-    d_parts = dict.fromkeys(('d_lecam', 'logits_real', 'logits_fake'), zero)
+    # --- discriminator: hinge + LeCAM, real and fake in separate passes (losses.d_loss, the
+    # official order)
+    d_parts = dict.fromkeys(('d_hinge', 'd_lecam', 'logits_real', 'logits_fake'), zero)
     loss_d = zero
     if use_gan:
         t.raw_disc.requires_grad_(True)
@@ -225,14 +269,16 @@ def train_step(x, t, args, step):
         loss_d.backward()
         t.opt_d.step()
 
-    # --- EMA of the generator, in fp32. The decay ramps up as the official LitEma, min(decay, (1+n)/(10+n)),
-    # so that early (and short) runs evaluate a useful average instead of the random initialisation
+    # --- EMA of the generator, in fp32. The decay ramps up as the official LitEma, min(decay,
+    # (1+n)/(10+n)), so that early (and short) runs evaluate a useful average instead of the random
+    # initialisation
     decay = min(args.ema_decay, (1 + step) / (10 + step))
     torch._foreach_lerp_(list(t.ema.parameters()), list(t.raw_model.parameters()), 1 - decay)
-    return {'recon': recon, 'lpips': perceptual, 'g_gan': g_gan, 'commit': quantizer_losses['commitment_loss'],
+    return {'recon': recon, 'lpips': perceptual, 'g_gan': g_gan,
+            'commit': quantizer_losses['commitment_loss'],
             'per_sample_entropy': quantizer_losses['per_sample_entropy'],
-            'codebook_entropy': quantizer_losses['codebook_entropy'], 'd_loss': loss_d, 'd_lecam': d_parts['d_lecam'],
-            'logits_real': d_parts['logits_real'], 'logits_fake': d_parts['logits_fake']}
+            'codebook_entropy': quantizer_losses['codebook_entropy'], 'd_loss': loss_d,
+            **d_parts}  # d_hinge, d_lecam (D's two terms), logits_real, logits_fake
 
 
 # -----------------------------------------------------------------------------
@@ -241,24 +287,29 @@ def train_step(x, t, args, step):
 
 @torch.no_grad()
 def evaluate(ema, val_set, args, dist, step, num_images=None):
-    """PSNR (official convention: both images truncated to uint8, PSNR per image, averaged), codebook usage (share of
-    the 2^K codes used over the whole set), the share of +1 of each of the K bits and the number of dead bits (one
-    sign on every token: a collapsed codebook shows here first), rFID when Inception weights are found, and a grid
-    of reconstructions. num_images: how many held-out images (default --eval-images; 0 means all).
-    Every rank evaluates its share of the images; sums are reduced over ranks, so memory does not grow with N."""
-    # rFID only with the weights at hand (never downloaded here: a training run must not stall on the network)
-    inception_weights = args.inception_weights or fid.local_weights()  # a given path that is missing is an error
+    """PSNR (official convention: both images truncated to uint8, PSNR per image, averaged),
+    codebook usage (share of the 2^K codes used over the whole set), the share of +1 of each of the
+    K bits and the number of dead bits (one sign on every token: a collapsed codebook shows here
+    first), rFID when Inception weights are found, and a grid of reconstructions. num_images: how
+    many held-out images (default --eval-images; 0 means all). Every rank evaluates its share of the
+    images; sums are reduced over ranks, so memory does not grow with N."""
+    # rFID only with the weights at hand (never downloaded here: a training run must not stall on
+    # the network) a given path that is missing is an error
+    inception_weights = args.inception_weights or fid.local_weights()
     inception = fid.load_inception(inception_weights, dist.device) if inception_weights else None
     num_images = args.eval_images if num_images is None else num_images
     n = min(num_images or len(val_set), len(val_set)) // dist.world_size * dist.world_size
     loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size // dist.world_size,
                                          num_workers=args.num_workers,
-                                         sampler=range(dist.rank, n, dist.world_size), collate_fn=collate_skip_bad)
+                                         sampler=range(dist.rank, n, dist.world_size),
+                                         collate_fn=collate_skip_bad)
     num_bits = ema.config.num_bits
     seen = torch.zeros(2 ** num_bits, device=dist.device)  # 1 for every code that occurs
-    ones = torch.zeros(num_bits + 1, dtype=torch.float64, device=dist.device)  # tokens with bit k = 1; token count
+    # tokens with bit k = 1; token count
+    ones = torch.zeros(num_bits + 1, dtype=torch.float64, device=dist.device)
     sums = torch.zeros(2, dtype=torch.float64, device=dist.device)  # PSNR sum, image count
-    moments = {name: [0, 0] for name in ('real', 'fake')}  # sum of Inception features (2048,), of outer products
+    # sum of Inception features (2048,), of outer products
+    moments = {name: [0, 0] for name in ('real', 'fake')}
     for i, (images, _, _) in enumerate(loader):
         if len(images) == 0:
             continue  # unreadable images are skipped (and reported by data.py)
@@ -267,12 +318,15 @@ def evaluate(ema, val_set, args, dist, step, num_images=None):
             x_rec, indices, _ = ema(x)  # (B, 3, H, W), (B, h, w)
         x_rec = x_rec.float().clamp(-1, 1)
         seen[indices.flatten()] = 1
-        bits = indices_to_bits(indices.flatten(), num_bits).double()  # (B*h*w, K): bit k is channel k's sign
+        # (B*h*w, K) in {0, 1}: bit k is 1 where channel k is positive
+        bits = (indices_to_codes(indices.flatten(), num_bits) > 0).double()
         ones += torch.cat([bits.sum(0), bits.new_tensor([len(bits)])])
         real, fake = torch.from_numpy(utils.to_uint8(x)).double(), torch.from_numpy(utils.to_uint8(x_rec)).double()
         mse = (real - fake).pow(2).mean((1, 2, 3))  # (B,) on 0..255 values
-        sums += torch.tensor([(10 * torch.log10(255 ** 2 / mse.clamp_min(1e-10))).sum(), len(x)], device=dist.device)
-        if inception is not None:  # as fid.rfid: pytorch-fid's bilinear resize of (x + 1) / 2, no uint8 rounding
+        sums += torch.tensor([(10 * torch.log10(255 ** 2 / mse.clamp_min(1e-10))).sum(), len(x)],
+                             device=dist.device)
+        # as fid.rfid: pytorch-fid's bilinear resize of (x + 1) / 2, no uint8 rounding
+        if inception is not None:
             for name, images01 in (('real', (x + 1) / 2), ('fake', (x_rec + 1) / 2)):
                 pool = inception(images01, resize='bilinear')['pool'].double()  # (B, 2048)
                 moments[name][0] += pool.sum(0)
@@ -283,17 +337,20 @@ def evaluate(ema, val_set, args, dist, step, num_images=None):
     totals = utils.all_reduce_sum(sums)  # PSNR sum, image count over all ranks
     count = totals[1]
     bit_share = utils.all_reduce_sum(ones)
-    bit_share = (bit_share[:-1] / bit_share[-1]).tolist()  # (K,) share of +1 per bit; 0.5 is a balanced bit
+    # (K,) share of +1 per bit; 0.5 is a balanced bit
+    bit_share = (bit_share[:-1] / bit_share[-1]).tolist()
     metrics = {'psnr': (totals[0] / count).item(),
                'codebook_usage': (utils.all_reduce_sum(seen) > 0).sum().item() / 2 ** num_bits,
                'dead_bits': sum(share in (0.0, 1.0) for share in bit_share),
                **{f'bit{k}': share for k, share in enumerate(bit_share)}}
     if inception is not None:
         stats = []
-        for first, second in moments.values():  # mean and covariance (N - 1, as np.cov) from the summed moments
+        # mean and covariance (N - 1, as np.cov) from the summed moments
+        for first, second in moments.values():
             mu = utils.all_reduce_sum(first) / count  # (2048,)
             second_moment = utils.all_reduce_sum(second) / count  # (2048, 2048): E[x x^T]
-            sigma = (second_moment - torch.outer(mu, mu)) * count / (count - 1)  # N/(N-1) (E[x x^T] - mu mu^T)
+            # N/(N-1) (E[x x^T] - mu mu^T)
+            sigma = (second_moment - torch.outer(mu, mu)) * count / (count - 1)
             stats += [mu.cpu().numpy(), sigma.cpu().numpy()]
         metrics['rfid'] = fid.frechet_distance(*stats)
     else:
@@ -310,7 +367,8 @@ def evaluate(ema, val_set, args, dist, step, num_images=None):
 
 
 def main(argv=None):
-    start_time = time.time()  # --max-minutes counts from here: building and compiling are part of the budget
+    # --max-minutes counts from here: building and compiling are part of the budget
+    start_time = time.time()
     args = get_args(argv)
     dist = utils.setup(args.device)
     micro_batch, rem = divmod(args.batch_size, dist.world_size)  # images per process and step
@@ -321,10 +379,12 @@ def main(argv=None):
                          "divides it")
     if not args.eval_only:  # before any work: a fresh run must not overwrite the one in --out
         ckpt_path = utils.prepare_run_folder(args.out, args.resume, args.overwrite, dist.is_main)
-    if args.eval_only:  # PSNR / usage / rFID of a finished tokenizer, e.g. the released 256px one (rFID 1.17)
+    # PSNR / usage / rFID of a finished tokenizer, e.g. the released 256px one (rFID 1.17)
+    if args.eval_only:
         model = tokenizer.Tokenizer.from_checkpoint(args.eval_only).to(dist.device).eval()
         os.makedirs(args.out, exist_ok=True)
-        metrics = evaluate(model, build_dataset(args.val_data or args.data, args.image_size, train=False),
+        metrics = evaluate(model,
+                           build_dataset(args.val_data or args.data, args.image_size, train=False),
                            args, dist, step='_eval_only')
         utils.cleanup()
         return metrics
@@ -362,14 +422,17 @@ def main(argv=None):
         t.opt_g.load_state_dict(ckpt['opt_g'])
         t.opt_d.load_state_dict(ckpt['opt_d'])
         step, epoch, batch_in_epoch = ckpt['step'], ckpt['epoch'], ckpt['batch_in_epoch']
-        start_time -= ckpt.get('elapsed_s', 0.0)  # a budget (--max-minutes) goes on where it stopped
+        # a budget (--max-minutes) goes on where it stopped
+        start_time -= ckpt.get('elapsed_s', 0.0)
         utils.set_rng_state(ckpt['rng'])
         utils.print0(f"resumed from {ckpt_path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
         del ckpt
 
-    # data: a rank-sharded order that can start mid-epoch (augmentation is a function of (seed, epoch, index))
+    # data: a rank-sharded order that can start mid-epoch (augmentation is a function of (seed,
+    # epoch, index))
     train_set = build_dataset(args.data, args.image_size, train=True, seed=args.seed)
-    val_set = build_dataset(args.val_data or args.data, args.image_size, train=False, seed=args.seed)
+    val_set = build_dataset(args.val_data or args.data, args.image_size, train=False,
+                            seed=args.seed)
     if args.data != 'synthetic' and not args.val_data:
         utils.print0("warning: no --val-data, so the evaluation uses center crops of the training images")
     sampler = EpochSampler(len(train_set), dist.rank, dist.world_size, seed=args.seed)
@@ -387,8 +450,10 @@ def main(argv=None):
                  f"{max_steps} steps")
 
     num_bits = t.raw_model.config.num_bits
-    fields = ['step', 'epoch', 'minutes', 'lr', 'recon', 'lpips', 'g_gan', 'per_sample_entropy', 'codebook_entropy',
-              'commit', 'd_loss', 'd_lecam', 'logits_real', 'logits_fake', 'img_per_s', 'peak_mem_gib', 'bad_images',
+    fields = ['step', 'epoch', 'minutes', 'lr', 'recon', 'lpips', 'g_gan', 'per_sample_entropy',
+              'codebook_entropy',
+              'commit', 'd_loss', 'd_hinge', 'd_lecam', 'logits_real', 'logits_fake', 'img_per_s',
+              'peak_mem_gib', 'bad_images',
               'psnr', 'codebook_usage', 'rfid', 'dead_bits'] + [f'bit{k}' for k in range(num_bits)]
     csv_log = utils.CSVLog(os.path.join(args.out, 'log.csv'), fields, dist.is_main,
                            resume_step=step if args.resume else None)
@@ -400,22 +465,30 @@ def main(argv=None):
         if dist.is_main:
             utils.save_checkpoint(ckpt_path, {
                 'kind': 'tokenizer', 'config': config, 'train_args': vars(args),
-                'model': t.raw_model.state_dict(), 'ema': t.ema.state_dict(), 'disc': t.raw_disc.state_dict(),
-                'lecam': t.lecam.state_dict(), 'opt_g': t.opt_g.state_dict(), 'opt_d': t.opt_d.state_dict(),
-                'step': step, 'epoch': epoch, 'batch_in_epoch': batch_in_epoch, 'rng': utils.rng_state(),
+                'model': t.raw_model.state_dict(), 'ema': t.ema.state_dict(),
+                'disc': t.raw_disc.state_dict(),
+                'lecam': t.lecam.state_dict(), 'opt_g': t.opt_g.state_dict(),
+                'opt_d': t.opt_d.state_dict(),
+                'step': step, 'epoch': epoch, 'batch_in_epoch': batch_in_epoch,
+                'rng': utils.rng_state(),
                 'world_size': dist.world_size, 'elapsed_s': time.time() - start_time})
 
     eval_s = time.time()
     if step == 0:
-        log_row({'step': 0, 'epoch': 0, **evaluate(t.ema, val_set, args, dist, 0)})  # the "before" numbers
-    # --max-minutes: the run ends when the budget, less a reserve for the last evaluation (every held-out image)
-    # and checkpoint, is spent. Every rank must stop at the same step and use the same lr, so the end is planned
-    # in steps: at each log line rank 0 turns the time left and the measured step rate into planned_steps
+        # the "before" numbers
+        log_row({'step': 0, 'epoch': 0, **evaluate(t.ema, val_set, args, dist, 0)})
+    # --max-minutes: the run ends when the budget, less a reserve for the last evaluation (every
+    # held-out image) and checkpoint, is spent. Every rank must stop at the same step and use the
+    # same lr, so the end is planned in steps: at each log line rank 0 turns the time left and the
+    # measured step rate into planned_steps
     budget_s, planned_steps = args.max_minutes * 60, max_steps
     if budget_s:
-        eval_s = time.time() - eval_s if step == 0 else 30.0  # the first evaluation's time, or a guess on resume
-        # the last evaluation sees every held-out image; the margin covers the checkpoint and a log interval
-        reserve_s = 1.5 * eval_s * len(val_set) / min(args.eval_images or len(val_set), len(val_set))
+        # the first evaluation's time, or a guess on resume
+        eval_s = time.time() - eval_s if step == 0 else 30.0
+        # the last evaluation sees every held-out image; the margin covers the checkpoint and a log
+        # interval
+        eval_images = min(args.eval_images or len(val_set), len(val_set))
+        reserve_s = 1.5 * eval_s * len(val_set) / eval_images
         reserve_s += min(30.0, 0.05 * budget_s)
 
     t.model.train()
@@ -424,8 +497,9 @@ def main(argv=None):
     while step < planned_steps:
         sampler.set_epoch(epoch, start=batch_in_epoch * micro_batch)
         for images, _, dropped in loader:
-            # learning rate: constant, x0.1 at each of --lr-drops (the official lr_drop_epoch, applied per epoch);
-            # optional linear warm-up and a linear cooldown to 0 over the last --cooldown of the run
+            # learning rate: constant, x0.1 at each of --lr-drops (the official lr_drop_epoch,
+            # applied per epoch); optional linear warm-up and a linear cooldown to 0 over the last
+            # --cooldown of the run
             lr = args.lr * 0.1 ** sum(epoch >= e for e in args.lr_drops)
             if args.warmup_steps:
                 lr *= min(1.0, (step + 1) / args.warmup_steps)
@@ -435,7 +509,8 @@ def main(argv=None):
                 for group in opt.param_groups:
                     group['lr'] = lr
             num_bad, num_seen = num_bad + dropped, num_seen + dropped + len(images)
-            check_bad_fraction(num_bad, num_seen)  # a few unreadable files are skipped, many stop the run
+            # a few unreadable files are skipped, many stop the run
+            check_bad_fraction(num_bad, num_seen)
             if len(images) == 0:
                 continue  # every image of this batch was unreadable
             x = images.to(dist.device, non_blocking=True)
@@ -444,23 +519,29 @@ def main(argv=None):
             losses = train_step(x, t, args, step)
             step, batch_in_epoch, images_seen = step + 1, batch_in_epoch + 1, images_seen + len(x)
             pbar.update(1)
-            for k, v in losses.items():  # summed on the device: no host sync until the next log line
+            # summed on the device: no host sync until the next log line
+            for k, v in losses.items():
                 sums[k] = sums.get(k, 0) + v.detach()
             num_summed += 1
 
             if step % args.log_every == 0 or step >= planned_steps:
                 names = list(sums)
                 means = utils.all_reduce_mean(torch.stack([sums[k] for k in names]) / num_summed).tolist()
-                row = {'step': step, 'epoch': epoch, 'lr': lr, **dict(zip(names, means)), 'bad_images': num_bad,
+                row = {'step': step, 'epoch': epoch, 'lr': lr, **dict(zip(names, means)),
+                       'bad_images': num_bad,
                        'img_per_s': images_seen * dist.world_size / (time.time() - t0),
-                       'peak_mem_gib': utils.peak_memory_gib(dist.device_type)}  # this rank's, since the start
+                       # this rank's, since the start
+                       'peak_mem_gib': utils.peak_memory_gib(dist.device_type)}
                 log_row(row)
-                pbar.set_postfix({k: f"{row[k]:.3g}" for k in ('recon', 'lpips', 'g_gan', 'd_loss',
-                                 'per_sample_entropy', 'codebook_entropy', 'commit', 'img_per_s')})
+                shown = ('recon', 'lpips', 'g_gan', 'd_loss', 'd_hinge', 'per_sample_entropy',
+                         'codebook_entropy', 'commit', 'img_per_s')
+                pbar.set_postfix({k: f"{row[k]:.3g}" for k in shown})
                 if budget_s:  # re-plan the end of the run from the step rate of this log interval
                     left_s = budget_s - reserve_s - (time.time() - start_time)
-                    plan = step + max(0.0, left_s) * num_summed / (time.time() - t0) if dist.is_main else 0.0
-                    plan = utils.all_reduce_sum(torch.tensor(plan, dtype=torch.float64, device=dist.device))
+                    rate = num_summed / (time.time() - t0)  # steps per second
+                    plan = step + max(0.0, left_s) * rate if dist.is_main else 0.0
+                    plan = torch.tensor(plan, dtype=torch.float64, device=dist.device)
+                    plan = utils.all_reduce_sum(plan)
                     planned_steps = min(max_steps, int(plan.item()))
                 sums, num_summed, images_seen, t0 = {}, 0, 0, time.time()
             last = step >= planned_steps

@@ -1,10 +1,12 @@
 """
-Plumbing shared by train_tok.py, train_gpt.py, sample.py and fid.py: device choice and DDP set-up, bf16 autocast,
-atomic checkpoints with clear errors, RNG state capture for exact resume, and image grids.
+Plumbing shared by train_tok.py, train_gpt.py, sample.py and fid.py: device choice and DDP set-up,
+bf16 autocast, atomic checkpoints with clear errors, RNG state capture for
+exact resume, and image grids.
 
-Device: `--device cuda | npu | cpu`. Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK in the environment) `setup`
-joins the process group with the backend that goes with the device: nccl (cuda), hccl (Ascend npu, needs torch_npu),
-gloo (cpu). Nothing else in the repository needs to know which one it is.
+Device: `--device cuda | npu | cpu`. Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK in the
+environment) `setup` joins the process group with the backend that goes with the device: nccl
+(cuda), hccl (Ascend npu, needs torch_npu), gloo (cpu). Nothing else in the repository needs to know
+which one it is.
 """
 
 import csv
@@ -51,7 +53,8 @@ def setup(device_name='cuda'):
         raise ValueError(f"unknown --device {device_name!r}: choose cuda, npu or cpu")
     if device_name == 'npu':
         try:
-            import torch_npu  # noqa: F401  (registers the 'npu' device and the hccl backend with torch)
+            # noqa: F401  (registers the 'npu' device and the hccl backend with torch)
+            import torch_npu
         except ImportError as e:
             raise RuntimeError("--device npu needs Huawei's torch_npu package (pip install torch-npu matching "
                                "your torch and CANN versions)") from e
@@ -69,20 +72,24 @@ def setup(device_name='cuda'):
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 device_id=device if device_name == 'cuda' else None)
     if device_name == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the fp32 matmuls left outside autocast
+        # TF32 for the fp32 matmuls left outside autocast
+        torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest conv algorithms
+        # fixed input shapes: let cuDNN pick the fastest conv algorithms
+        torch.backends.cudnn.benchmark = True
     return Dist(device, device_name, rank, local_rank, world_size)
 
 
 def cleanup():
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # leave together: a rank exiting while another still communicates makes gloo abort
+        # leave together: a rank exiting while another still communicates makes gloo abort
+        dist.barrier()
         dist.destroy_process_group()
 
 
 def autocast(device_type):
-    """bf16 autocast on accelerators; full fp32 on CPU (bf16 on CPU is slow and only adds noise to the tests)."""
+    """bf16 autocast on accelerators; full fp32 on CPU (bf16 on CPU is slow and only adds noise to
+    the tests)."""
     if device_type == 'cpu':
         return nullcontext()
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
@@ -114,15 +121,29 @@ def barrier():
 
 
 def peak_memory_gib(device_type):
-    """Peak memory allocated by tensors on this process's accelerator so far, in GiB (nan on CPU)."""
+    """Peak memory allocated by tensors on this process's accelerator so far, in GiB (nan on
+    CPU)."""
     if device_type in ('cuda', 'npu'):
         return getattr(torch, device_type).max_memory_allocated() / 2 ** 30
     return float('nan')
 
 
+# bf16 dense tensor-core peak of one chip from its datasheet (no sparsity), the denominator of every
+# MFU in this repository (train_gpt.py's log, bench.py's rows); nanoGPT uses the A100's 312e12
+PEAK_FLOPS = {'A100': 312e12, 'A800': 312e12, 'H100': 989e12, 'H800': 989e12, 'H200': 989e12}
+
+
+def peak_flops(device_type):
+    """The datasheet bf16 peak (FLOP/s) of this process's GPU, or None for a chip not in
+    PEAK_FLOPS."""
+    name = torch.cuda.get_device_name() if device_type == 'cuda' else ''
+    return next((flops for chip, flops in PEAK_FLOPS.items() if chip in name), None)
+
+
 def weights_checksum(module):
-    """First 16 hex digits of the sha256 of every parameter and buffer, bit for bit, in name order. DDP keeps the
-    ranks' weights identical; the trainers print this on every rank at the end so that a run shows it did."""
+    """First 16 hex digits of the sha256 of every parameter and buffer, bit for bit, in name order.
+    DDP keeps the ranks' weights identical; the trainers print this on every rank at the end so that
+    a run shows it did."""
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         h.update(name.encode())
@@ -131,14 +152,17 @@ def weights_checksum(module):
 
 
 # -----------------------------------------------------------------------------
-# pretrained weights (LPIPS's VGG16 and heads, FID's Inception): one cache folder, one checked download
+# pretrained weights (LPIPS's VGG16 and heads, FID's Inception): one cache
+# folder, one checked download
 
-CACHE_DIR = os.environ.get('NANOMAGVIT2_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'nanomagvit2')
+CACHE_DIR = (os.environ.get('NANOMAGVIT2_CACHE')
+             or os.path.join(os.path.expanduser('~'), '.cache', 'nanomagvit2'))
 
 
 def download(url, path, sha256):
-    """url -> path, through a temporary file that is moved into place only if its sha256 matches (torch.hub's
-    download_url_to_file). Raises OSError without network, RuntimeError on a wrong checksum."""
+    """url -> path, through a temporary file that is moved into place only if its sha256 matches
+    (torch.hub's download_url_to_file). Raises OSError without network, RuntimeError on a wrong
+    checksum."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     print(f"downloading {url} -> {path}", flush=True)
     torch.hub.download_url_to_file(url, path, hash_prefix=sha256)
@@ -238,14 +262,16 @@ def load_checkpoint(path, expect_kind=None):
 
 
 def check_kind(ckpt, expect_kind, path):
-    """Our checkpoints say what they hold ('tokenizer' or 'gpt'); refuse the other one, or a foreign file."""
+    """Our checkpoints say what they hold ('tokenizer' or 'gpt'); refuse the other one, or a foreign
+    file."""
     kind = ckpt.get('kind') if isinstance(ckpt, dict) else None
     if kind != expect_kind:
         raise ValueError(f"{path} is not a {expect_kind} checkpoint (its kind is {kind!r})")
 
 
 def check_config(saved, current, path):
-    """Refuse to resume a run whose model/optimisation config differs from the one on the command line."""
+    """Refuse to resume a run whose model/optimisation config differs from the one on the command
+    line."""
     diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
     if diff:
         lines = '\n'.join(f"  {k}: checkpoint {a!r} vs. now {b!r}" for k, (a, b) in diff.items())
@@ -284,8 +310,8 @@ def set_rng_state(state):
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state['torch'])
     if 'cuda' in state and torch.cuda.is_available():
-        # one state per GPU the saving process saw (all of the node's under torchrun); a run resumed on fewer
-        # visible GPUs restores those it has (each process only draws on its own device)
+        # one state per GPU the saving process saw (all of the node's under torchrun); a run resumed
+        # on fewer visible GPUs restores those it has (each process only draws on its own device)
         for i, cuda_state in enumerate(state['cuda'][:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(cuda_state, i)
 
@@ -321,7 +347,8 @@ class CSVLog:
 
 
 def to_uint8(x):
-    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8 numpy, official convention: clamp, scale, truncate."""
+    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8 numpy, official convention: clamp, scale,
+    truncate."""
     x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
 

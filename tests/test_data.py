@@ -1,5 +1,5 @@
-"""Datasets: determinism of augmentation, both npz layouts, corrupt images skipped and counted, resumable order.
-16-bit and transparent files become 8-bit RGB."""
+"""Datasets: determinism of augmentation, both npz layouts, corrupt images skipped and counted,
+resumable order. 16-bit and transparent files become 8-bit RGB."""
 import io
 
 import numpy as np
@@ -29,11 +29,13 @@ def _jpeg_bytes(arr):
 def test_npz_raw_and_jpeg_layouts(tmp_path):
     rng = np.random.default_rng(0)
     ramp = np.linspace(0, 200, 16)[None, :, None] + np.zeros((4, 16, 16, 3))
-    imgs = (ramp + rng.integers(0, 40, (4, 1, 1, 3))).astype(np.uint8)  # smooth pictures JPEG keeps well
+    # smooth pictures JPEG keeps well
+    imgs = (ramp + rng.integers(0, 40, (4, 1, 1, 3))).astype(np.uint8)
     np.savez(tmp_path / 'raw.npz', images=imgs, labels=np.array([0, 1, 2, 3], np.int16))
     blobs = [_jpeg_bytes(a) for a in imgs]
     offsets = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
-    np.savez(tmp_path / 'jpg.npz', jpeg=np.concatenate(blobs), offsets=offsets, labels=np.array([4, 5, 6, 7]))
+    np.savez(tmp_path / 'jpg.npz', jpeg=np.concatenate(blobs), offsets=offsets,
+             labels=np.array([4, 5, 6, 7]))
     ds = NpzImages(f"{tmp_path / 'raw.npz'},{tmp_path / 'jpg.npz'}", size=16, train=False)
     assert len(ds) == 8 and ds.num_classes == 8
     x, y = ds[2]
@@ -48,9 +50,11 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path):
     for cls in ('a', 'b'):
         (tmp_path / cls).mkdir()
         for k in range(3):
-            Image.fromarray(np.full((20, 24, 3), 40 * k, np.uint8)).save(tmp_path / cls / f'{k}.png')
+            Image.fromarray(np.full((20, 24, 3), 40 * k,
+                                    np.uint8)).save(tmp_path / cls / f'{k}.png')
     (tmp_path / 'b' / 'bad.jpg').write_bytes(b'not a jpeg at all')
-    Image.fromarray(np.full((20, 24, 3), 99, np.uint8)).save(tmp_path / 'a' / 'upper.JPEG')  # ImageNet's extension
+    # ImageNet's extension
+    Image.fromarray(np.full((20, 24, 3), 99, np.uint8)).save(tmp_path / 'a' / 'upper.JPEG')
     (tmp_path / 'a' / 'notes.txt').write_text('not an image')  # not listed at all
     ds = ImageFolder(str(tmp_path), size=16, train=True)
     assert len(ds) == 8 and ds.num_classes == 2
@@ -112,8 +116,9 @@ def test_epoch_sampler_shards_and_resumes():
 
 
 def test_epoch_sampler_global_batches_do_not_depend_on_world_size():
-    """What lets a checkpoint move between GPU counts at a fixed global batch: step k of 2 ranks x 4 images holds
-    the same 8 images as step k of 1 rank x 8, also when resumed mid-epoch (start counts this rank's samples)."""
+    """What lets a checkpoint move between GPU counts at a fixed global batch: step k of 2 ranks x 4
+    images holds the same 8 images as step k of 1 rank x 8, also when resumed mid-epoch (start
+    counts this rank's samples)."""
     one = [i for _, i in EpochSampler(24, seed=3)]
     two = [[i for _, i in EpochSampler(24, r, 2, seed=3)] for r in (0, 1)]
     for k in range(3):

@@ -1,6 +1,7 @@
-"""Tests for fid.py. The Inception weights are random (made here, saved in the official layout, loaded through the
-real loading path): they check the plumbing and the math, never a reportable number.
-The loading path accepts them only when told to (allow_unverified, --allow-unverified-weights)."""
+"""Tests for fid.py. The Inception weights are random (made here, saved in the official layout,
+loaded through the real loading path): they check the plumbing and the math, never a reportable
+number. The loading path accepts them only when told to (allow_unverified,
+--allow-unverified-weights)."""
 import hashlib
 import os
 import urllib.error
@@ -14,7 +15,7 @@ from PIL import Image
 import data
 import fid
 import utils
-from bench import write_random_inception
+from conftest import rfid, write_random_inception
 
 
 @pytest.fixture(scope='module')
@@ -30,9 +31,11 @@ def model(weights):
 
 def test_official_layout_and_feature_shapes(weights, model, tmp_path):
     state = torch.load(weights, weights_only=True)
-    # pt_inception-2015-12-05-6726825d.pth holds 566 tensors: 94 conv+BN units x 6 (with num_batches_tracked) + fc
+    # pt_inception-2015-12-05-6726825d.pth holds 566 tensors: 94 conv+BN units x 6 (with
+    # num_batches_tracked) + fc
     assert len(state) == 566
-    # torchvision's inception_v3 (27,161,264 parameters) - AuxLogits (3,326,696) + 8 more classes (16,392)
+    # torchvision's inception_v3 (27,161,264 parameters) - AuxLogits (3,326,696) + 8 more classes
+    # (16,392)
     assert sum(p.numel() for p in model.parameters()) == 23_850_960
     assert state['Conv2d_1a_3x3.conv.weight'].shape == (32, 3, 3, 3)
     assert state['Mixed_6d.branch7x7dbl_2.conv.weight'].shape == (160, 160, 7, 1)
@@ -41,24 +44,28 @@ def test_official_layout_and_feature_shapes(weights, model, tmp_path):
     # the FID graph's quirks: average pools ignore the zero padding, and Mixed_7c max-pools
     assert torch.equal(fid.tf_avg_pool(torch.ones(1, 1, 4, 4)), torch.ones(1, 1, 4, 4))
     assert model.Mixed_7c.max_pool and not model.Mixed_7b.max_pool
-    del state['fc.bias']  # the file must load unchanged: a missing (or extra, or reshaped) tensor is an error
+    # the file must load unchanged: a missing (or extra, or reshaped) tensor is an error
+    del state['fc.bias']
     torch.save(state, tmp_path / 'broken.pth')
     with pytest.raises(RuntimeError, match='fc.bias'):
         fid.load_inception(str(tmp_path / 'broken.pth'), allow_unverified=True)
 
     branch = []
-    hook = model.Mixed_6d.branch1x1.register_forward_hook(lambda module, inputs, output: branch.append(output))
+    hook = model.Mixed_6d.branch1x1.register_forward_hook(
+        lambda module, inputs, output: branch.append(output))
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         out = model(images)  # the full path: resize to 299
     hook.remove()
     assert out['pool'].shape == (2, 2048) and out['logits'].shape == (2, 1008) and out['spatial'].shape == (2, 2023)
-    assert torch.allclose(out['logits'], out['pool'] @ model.fc.weight.T)  # IS logits: TF's MatMul, no bias
-    # spatial = first 7 channels of the branch1x1 output inside Mixed_6d (the hook's 2nd call; the 1st is the
-    # recomputation in forward), 17 x 17, flattened (H, W, C) as ADM's NHWC TF graph
+    # IS logits: TF's MatMul, no bias
+    assert torch.allclose(out['logits'], out['pool'] @ model.fc.weight.T)
+    # spatial = first 7 channels of the branch1x1 output inside Mixed_6d (the hook's 2nd call; the
+    # 1st is the recomputation in forward), 17 x 17, flattened (H, W, C) as ADM's NHWC TF graph
     assert len(branch) == 2
     assert torch.equal(out['spatial'].view(2, 17, 17, 7), branch[1][:, :7].permute(0, 2, 3, 1))
-    assert out['pool'].std() > 0.01  # the random net is not dead, so the tests below see real variation
+    # the random net is not dead, so the tests below see real variation
+    assert out['pool'].std() > 0.01
     with torch.no_grad():  # uint8 input = the same images in [0, 1]
         as_uint8 = model((images * 255).round().to(torch.uint8), size=75)['pool']
         as_float = model((images * 255).round() / 255, size=75)['pool']
@@ -66,7 +73,8 @@ def test_official_layout_and_feature_shapes(weights, model, tmp_path):
 
 
 def tf1_resize_reference(image, size):
-    """TF1 resize_bilinear(align_corners=False) pixel by pixel in float32, after resize_bilinear_op.cc."""
+    """TF1 resize_bilinear(align_corners=False) pixel by pixel in float32, after
+    resize_bilinear_op.cc."""
     in_h, in_w = image.shape
     out = np.zeros((size, size), np.float32)
     for i in range(size):
@@ -82,7 +90,8 @@ def tf1_resize_reference(image, size):
 
 
 def half_pixel_resize_reference(image, size):
-    """pytorch-fid's resize (bilinear, align_corners=False): source = (dst + 0.5) * in / out - 0.5, clamped at 0."""
+    """pytorch-fid's resize (bilinear, align_corners=False): source = (dst + 0.5) * in / out - 0.5,
+    clamped at 0."""
     def taps(in_size, i):
         src = max((i + 0.5) * in_size / size - 0.5, 0.0)
         lo = int(np.floor(src))
@@ -101,10 +110,12 @@ def test_resize_conventions(model):
     torch.manual_seed(0)
     images = torch.rand(1, 3, 7, 9)
     for size in (13, 5):  # up- and down-sampling
-        tf_ref = np.stack([tf1_resize_reference(channel, size) for channel in (images[0] * 255).numpy()])
+        tf_ref = np.stack([tf1_resize_reference(channel,
+                                                size) for channel in (images[0] * 255).numpy()])
         assert np.abs(fid.tf1_resize(images * 255, size)[0].numpy() - tf_ref).max() < 1e-4
         assert np.allclose(model.preprocess(images, 'tf', size)[0].numpy(), (tf_ref - 128) / 128, atol=1e-6)
-        bilinear_ref = np.stack([half_pixel_resize_reference(channel, size) for channel in images[0].double().numpy()])
+        bilinear_ref = np.stack([half_pixel_resize_reference(channel, size)
+                                 for channel in images[0].double().numpy()])
         assert np.allclose(model.preprocess(images, 'bilinear', size)[0].numpy(), 2 * bilinear_ref - 1, atol=1e-5)
     # TF1 has no half-pixel offset: halving picks the even pixels exactly
     square = torch.rand(1, 3, 8, 8)
@@ -124,10 +135,12 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_a_shift(model):
     base = pool(images)
     mu, sigma = fid.compute_statistics(base)
     assert np.allclose(mu, base.mean(0)) and np.allclose(sigma, np.cov(base, rowvar=False))
-    dims = np.argsort(base.var(0))[-8:]  # 8 dims < 16 images: full-rank covariances, and sqrtm stays cheap
+    # 8 dims < 16 images: full-rank covariances, and sqrtm stays cheap
+    dims = np.argsort(base.var(0))[-8:]
 
     def fid_to(x):
-        return fid.frechet_distance(*fid.compute_statistics(base[:, dims]), *fid.compute_statistics(pool(x)[:, dims]))
+        return fid.frechet_distance(*fid.compute_statistics(base[:, dims]),
+                                    *fid.compute_statistics(pool(x)[:, dims]))
     assert abs(fid_to(images)) < 1e-8 * np.trace(sigma)
     small, large = fid_to((images + 0.1).clamp(0, 1)), fid_to((images + 0.3).clamp(0, 1))
     assert 0 < small < large
@@ -144,7 +157,8 @@ def test_frechet_distance_of_gaussians_matches_the_closed_form():
     e1, e2 = rng.uniform(0.1, 2, d), rng.uniform(0.1, 2, d)
     expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(e1) - np.sqrt(e2)) ** 2).sum()
     assert fid.frechet_distance(mu1, q * e1 @ q.T, mu2, q * e2 @ q.T) == pytest.approx(expected, rel=1e-9)
-    # general covariances: Tr (S1 S2)^(1/2) = Tr (S1^(1/2) S2 S1^(1/2))^(1/2), through symmetric eigen-decompositions
+    # general covariances: Tr (S1 S2)^(1/2) = Tr (S1^(1/2) S2 S1^(1/2))^(1/2), through symmetric
+    # eigen-decompositions
     a, b = rng.standard_normal((d, d)), rng.standard_normal((d, d))
     s1, s2 = a @ a.T / d, b @ b.T / d
     w, v = np.linalg.eigh(s1)
@@ -153,7 +167,8 @@ def test_frechet_distance_of_gaussians_matches_the_closed_form():
     expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean
     assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
     # 1-D: (m1 - m2)^2 + (sd1 - sd2)^2
-    one_d = fid.frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([3.0]), np.array([[9.0]]))
+    one_d = fid.frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([3.0]),
+                                 np.array([[9.0]]))
     assert one_d == pytest.approx(2 ** 2 + (2 - 3) ** 2)
 
 
@@ -161,10 +176,12 @@ def test_inception_score_limits_and_reference():
     rng = np.random.default_rng(0)
     identical = np.tile(rng.standard_normal(1008), (100, 1))
     assert fid.inception_score(identical) == pytest.approx(1.0, abs=1e-9)
-    classes = 20  # confident, distinct and uniform over classes: every split of 20 holds each class once
+    # confident, distinct and uniform over classes: every split of 20 holds each class once
+    classes = 20
     confident = 50 * np.tile(np.eye(classes), (10, 1))
     assert fid.inception_score(confident) == pytest.approx(classes, rel=1e-9)
-    assert fid.inception_score(np.log(np.full((40, 8), 1 / 8))) == pytest.approx(1.0)  # probabilities via logs
+    # probabilities via logs
+    assert fid.inception_score(np.log(np.full((40, 8), 1 / 8))) == pytest.approx(1.0)
     # ADM's loop (improved-gan's formula) on random logits, 5 splits of 10
     logits = rng.standard_normal((50, 30)) * 3
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
@@ -174,12 +191,14 @@ def test_inception_score_limits_and_reference():
 
 
 def precision_recall_reference(real, fake, k):
-    """Brute force: squared distance to the k-th neighbour (self excluded) and membership by double loops."""
+    """Brute force: squared distance to the k-th neighbour (self excluded) and membership by double
+    loops."""
     def radii(points):
         return [sorted(((p - q) ** 2).sum() for q in points)[k] for p in points]
 
     def inside(points, ref, ref_radii):
-        return np.mean([any(((p - q) ** 2).sum() <= r for q, r in zip(ref, ref_radii)) for p in points])
+        return np.mean([any(((p - q) ** 2).sum() <= r for q,
+                            r in zip(ref, ref_radii)) for p in points])
     return inside(fake, real, radii(real)), inside(real, fake, radii(fake))
 
 
@@ -190,7 +209,8 @@ def test_precision_recall_on_known_overlaps():
     # k=3: an inner point's 3rd neighbour is 2 away, an end's is 3, so real's manifold is [-3, 102]:
     # fakes 50..102 are inside (53%); symmetrically reals 47..99 are inside fake's [47, 152]
     assert fid.precision_recall(real, fake, k=3) == pytest.approx((0.53, 0.53))
-    assert fid.precision_recall(real, fake, k=1) == pytest.approx((0.51, 0.51))  # radii 1: [-1, 100], [49, 150]
+    # radii 1: [-1, 100], [49, 150]
+    assert fid.precision_recall(real, fake, k=1) == pytest.approx((0.51, 0.51))
     assert fid.precision_recall(real, line(1000), k=3) == (0.0, 0.0)
     assert fid.precision_recall(real, real.clone(), k=3) == (1.0, 1.0)
     rng = np.random.default_rng(0)
@@ -221,19 +241,25 @@ def test_adm_npz_files_folders_and_cli(tmp_path, weights, model, capsys, monkeyp
     assert stats['mu'].shape == (2048,) and stats['sigma'].shape == (2048, 2048) and stats['sigma'].dtype == np.float64
     assert stats['mu_s'].shape == (2023,) and stats['sigma_s'].shape == (2023, 2023)
     with torch.no_grad():
-        features = model(torch.from_numpy(images).permute(0, 3, 1, 2))  # 'tf' resize at 299, as the CLI's default
+        # 'tf' resize at 299, as the CLI's default
+        features = model(torch.from_numpy(images).permute(0, 3, 1, 2))
     pool, spatial = features['pool'].double().numpy(), features['spatial'].double().numpy()
     assert np.allclose(stats['mu'], pool.mean(0), atol=1e-5)
     assert np.allclose(stats['sigma'], np.cov(pool, rowvar=False), atol=1e-5)
     assert np.allclose(stats['mu_s'], spatial.mean(0), atol=1e-5)
 
-    # ADM's reference-batch format: arr_0 (for precision/recall) + mu, sigma, mu_s, sigma_s (which win for FID)
+    # ADM's reference-batch format: arr_0 (for precision/recall) + mu, sigma, mu_s, sigma_s (which
+    # win for FID)
     reference = str(tmp_path / 'reference.npz')
-    # stored means shifted by 1: the FID printed must come from them, not from arr_0 (which alone would give 0)
-    np.savez(reference, arr_0=images, mu=stats['mu'] + 1, sigma=stats['sigma'], mu_s=stats['mu_s'] + 1,
+    # stored means shifted by 1: the FID printed must come from them, not from arr_0 (which alone
+    # would give 0)
+    np.savez(reference, arr_0=images, mu=stats['mu'] + 1, sigma=stats['sigma'],
+             mu_s=stats['mu_s'] + 1,
              sigma_s=stats['sigma_s'])
-    # sqrtm of a 2048^2 matrix costs ~10 s of CPU: the CLI test checks the plumbing, the tests above the formula
-    monkeypatch.setattr(fid, 'frechet_distance', lambda mu1, sigma1, mu2, sigma2: float(((mu1 - mu2) ** 2).sum()))
+    # sqrtm of a 2048^2 matrix costs ~10 s of CPU: the CLI test checks the plumbing, the tests above
+    # the formula
+    monkeypatch.setattr(fid, 'frechet_distance', lambda mu1, sigma1, mu2,
+                        sigma2: float(((mu1 - mu2) ** 2).sum()))
     fid.main([samples, reference] + common)
     printed = capsys.readouterr().out
     # |mu1 - mu2|^2 = 2048 x 1 and 2023 x 1; precision and recall of a set against itself are 1
@@ -241,7 +267,8 @@ def test_adm_npz_files_folders_and_cli(tmp_path, weights, model, capsys, monkeyp
         assert line in printed
     score = float(printed.split('Inception Score: ')[1].split()[0])
     assert score == pytest.approx(fid.inception_score(features['logits'].numpy()), abs=1e-4) and score > 1.0
-    with pytest.raises(ValueError, match='resize'):  # statistics made with another resize are refused
+    # statistics made with another resize are refused
+    with pytest.raises(ValueError, match='resize'):
         fid.main([samples, stats_path, '--resize', 'bilinear'] + common)
 
 
@@ -249,8 +276,9 @@ def test_rfid_uses_the_pytorch_fid_convention(model, monkeypatch):
     torch.manual_seed(2)
     originals = torch.rand(3, 3, 32, 32) * 2 - 1
     seen = []
-    monkeypatch.setattr(fid, 'frechet_distance', lambda mu1, sigma1, mu2, sigma2: seen.append((mu1, mu2)) or 0.0)
-    fid.rfid(originals, originals.clamp(-0.5, 0.5), model, batch_size=2)
+    monkeypatch.setattr(fid, 'frechet_distance', lambda mu1, sigma1, mu2,
+                        sigma2: seen.append((mu1, mu2)) or 0.0)
+    rfid(originals, originals.clamp(-0.5, 0.5), model, batch_size=2)
     with torch.no_grad():
         expected = model((originals + 1) / 2, 'bilinear')['pool'].double().mean(0).numpy()
     assert np.allclose(seen[0][0], expected, atol=1e-5) and not np.allclose(seen[0][1], expected, atol=1e-3)
@@ -280,9 +308,11 @@ def test_download_is_checked_against_the_sha256(tmp_path, monkeypatch, weights):
     with pytest.raises(RuntimeError, match='hash'):
         fid.find_weights()
     assert os.listdir(cache) == []  # a corrupt download never lands in the cache
-    monkeypatch.setattr(fid, 'WEIGHTS_SHA256', hashlib.sha256(Path(weights).read_bytes()).hexdigest())
+    monkeypatch.setattr(fid, 'WEIGHTS_SHA256',
+                        hashlib.sha256(Path(weights).read_bytes()).hexdigest())
     assert fid.find_weights() == str(cache / fid.WEIGHTS_NAME)
-    monkeypatch.setattr(fid, 'WEIGHTS_URL', 'file:///nonexistent')  # now found in the cache, no download
+    # now found in the cache, no download
+    monkeypatch.setattr(fid, 'WEIGHTS_URL', 'file:///nonexistent')
     assert fid.load_inception().fc.weight.shape == (1008, 2048)
 
 

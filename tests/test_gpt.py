@@ -1,6 +1,7 @@
-"""gpt.py: causality, sub-token dependency, KV-cache decoding vs. full forward (float64), CFG, top-k/top-p support,
-class dropout, Table 1 parameter counts, overfit + generate, and loading an official-layout checkpoint against a slow
-re-implementation of the official forward pass written on the official key names."""
+"""gpt.py: causality, sub-token dependency, KV-cache decoding vs. full forward (float64), CFG,
+top-k/top-p support, class dropout, Table 1 parameter counts, overfit + generate, and loading an
+official-layout checkpoint against a slow re-implementation of the official forward pass written on
+the official key names."""
 import functools
 import math
 
@@ -9,13 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from gpt import GPT, PRESETS, convert_official_gpt, pair_attention, rope_2d, sample_from_logits, top_k_top_p_filter
+from conftest import fake_official_checkpoint
 from quantizer import split_indices
 
 SMALL = dict(block_size=16, num_classes=5, dim=32, n_head=2, n_inter=2, n_intra=2, dropout=0.0)
 
 
 def small_model(seed=0, **overrides):
-    """A float64 model whose zero-initialised heads are made random, so that logits depend on everything."""
+    """A float64 model whose zero-initialised heads are made random, so that logits depend on
+    everything."""
     torch.manual_seed(seed)
     model = GPT.from_preset('tiny', **{**SMALL, **overrides}).double().eval()
     torch.nn.init.normal_(model.head_pre.weight, std=0.5)
@@ -70,8 +73,10 @@ def test_causality_and_sub_token_dependency():
 
 def test_pair_attention_matches_sdpa_float64():
     q, k, v = torch.randn(3, 5, 4, 2, 8, dtype=torch.float64).unbind(0)  # (B, nh, 2, hs)
-    torch.testing.assert_close(pair_attention(q, k, v), F.scaled_dot_product_attention(q, k, v, is_causal=True))
-    bias = torch.tensor([[0.0, float('-inf')]], dtype=torch.float64)  # one query that sees the first key only
+    torch.testing.assert_close(pair_attention(q, k, v),
+                               F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    # one query that sees the first key only
+    bias = torch.tensor([[0.0, float('-inf')]], dtype=torch.float64)
     torch.testing.assert_close(pair_attention(q[:, :, 1:], k, v, bias), v[:, :, :1])
     torch.testing.assert_close(pair_attention(q[:, :, 1:], k, v, torch.zeros(1, 2, dtype=torch.float64)),
                                F.scaled_dot_product_attention(q[:, :, 1:], k, v))
@@ -171,7 +176,8 @@ def test_generate_is_reproducible_and_reuses_static_caches():
     buffer = model.inter_cache[0][0].data_ptr()
     b = model.generate(labels, generator=torch.Generator().manual_seed(7))
     c = model.generate(labels, generator=torch.Generator().manual_seed(8))
-    assert model.inter_cache[0][0].data_ptr() == buffer  # same shape: the buffers are reused, not reallocated
+    # same shape: the buffers are reused, not reallocated
+    assert model.inter_cache[0][0].data_ptr() == buffer
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not (torch.equal(a[0], c[0]) and torch.equal(a[1], c[1]))
     assert a[0].shape == a[1].shape == (2, 16) and a[0].max() < 64 and a[1].max() < 4096
@@ -188,7 +194,8 @@ def test_top_k_top_p_keep_exactly_the_intended_support():
             order = probs[row].argsort(descending=True).tolist()
             if top_k:
                 order = order[:top_k]
-            p = probs[row, order].double() / probs[row, order].double().sum()  # renormalised over the top-k
+            # renormalised over the top-k
+            p = probs[row, order].double() / probs[row, order].double().sum()
             n = 1  # the fewest most likely tokens whose probability reaches top_p
             while top_p < 1 and p[:n].sum() < top_p:
                 n += 1
@@ -197,7 +204,8 @@ def test_top_k_top_p_keep_exactly_the_intended_support():
             expected[order[:n]] = True
             assert torch.equal(kept[row], expected), (top_k, top_p, row)
     # and sampling never leaves the support
-    draws = sample_from_logits(logits[:1].expand(2000, -1), 1.0, 5, 1.0, torch.rand(2000, generator=torch.Generator().manual_seed(0)))
+    draws = sample_from_logits(logits[:1].expand(2000, -1), 1.0, 5, 1.0,
+                               torch.rand(2000, generator=torch.Generator().manual_seed(0)))
     assert set(draws.tolist()) == set(logits[0].topk(5).indices.tolist())
 
 
@@ -207,7 +215,8 @@ def test_class_dropout_rate_only_in_training():
     seen = []
     model.class_emb.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
     n = 20000
-    pre, post, labels = torch.zeros(n, 1, dtype=torch.long), torch.zeros(n, 1, dtype=torch.long), torch.zeros(n).long()
+    pre, post, labels = torch.zeros(n, 1,
+                                    dtype=torch.long), torch.zeros(n, 1, dtype=torch.long), torch.zeros(n).long()
     with torch.no_grad():
         model.train()(pre, post, labels)
         model.eval()(pre, post, labels)
@@ -233,7 +242,8 @@ def test_rope_2d_is_relative_on_both_axes_and_zero_at_class():
     assert torch.allclose(score((2, 3), (1, 1)), score((1, 2), (0, 0)))  # same (dr, dc) = (1, 2)
     assert torch.allclose(score((3, 0), (1, 0)), score((2, 3), (0, 3)))  # (2, 0)
     assert not torch.allclose(score((2, 3), (1, 1)), score((2, 2), (1, 1)))  # (1, 2) vs (1, 1)
-    assert not torch.allclose(score((1, 2), (0, 0)), score((2, 1), (0, 0)))  # rows and columns are not swapped
+    # rows and columns are not swapped
+    assert not torch.allclose(score((1, 2), (0, 0)), score((2, 1), (0, 0)))
 
 
 def test_overfit_a_few_sequences_then_generate_them():
@@ -264,48 +274,30 @@ def test_configure_optimizers_splits_decay_and_mfu():
     assert {id(p) for p in no_decay['params']} == {id(m.weight) for m in model.modules()
                                                    if type(m).__name__ == 'RMSNorm'}
     assert len(decay['params']) + len(no_decay['params']) == len(list(model.parameters()))
-    # FLOPs per token counted by hand for SMALL (D = 32, SwiGLU hidden 256, 4 blocks, T = 16): per block qkv 3D^2,
-    # proj D^2, gate/up 2*D*256, down 256*D, two RMSNorm gains; then the final norm and the 64 + 4096 head rows
+    # FLOPs per token counted by hand for SMALL (D = 32, SwiGLU hidden 256, 4 blocks, T = 16): per
+    # block qkv 3D^2, proj D^2, gate/up 2*D*256, down 256*D, two RMSNorm gains; then the final norm
+    # and the 64 + 4096 head rows
     D, hidden = 32, 256
     weights = 4 * (4 * D * D + 3 * D * hidden + 2 * D) + D + (64 + 4096) * D
-    flops = 6 * weights + 12 * D * (2 * 16 + 2 * 2)  # + attention scores: inter blocks over 16, intra over 2
+    # + attention scores: inter blocks over 16, intra over 2
+    flops = 6 * weights + 12 * D * (2 * 16 + 2 * 2)
     assert math.isclose(model.estimate_mfu(1e3, 1e12), flops * 1e3 / 1e12)
 
 
-# ---- official checkpoints ---------------------------------------------------------------------------------------
-
-def fake_official_checkpoint(num_classes=7, seed=0):
-    """A Lightning-style checkpoint with the official key names and shapes (the 'tiny' sizes), random values."""
-    c = PRESETS['tiny']
-    D, hidden = c['dim'], 512  # the official FFN width for dim 128: find_multiple(int(2 * 4 * 128 / 3), 256)
-    g = torch.Generator().manual_seed(seed)
-    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64) * 0.3
-    sd = {'transformer.pre_emb.weight': randn(64, D), 'transformer.post_emb.weight': randn(4096, D),
-          'transformer.class_emb.embedding_table.weight': randn(num_classes + 1, D),
-          'transformer.norm.weight': 1 + randn(D), 'transformer.head.0.weight': randn(64, D),
-          'transformer.head.1.weight': randn(4096, D),
-          'first_stage_model.encoder.conv_in.weight': randn(128, 3, 3, 3)}  # the tokenizer rides along
-    for stack, n in (('spatial_blocks', c['n_inter']), ('factorized_blocks', c['n_intra'])):
-        for i in range(n):
-            p = f'transformer.{stack}.{i}.'
-            sd.update({p + 'attention_norm.weight': 1 + randn(D), p + 'ffn_norm.weight': 1 + randn(D),
-                       p + 'attention.wqkv.weight': randn(3 * D, D) / D ** 0.5,
-                       p + 'attention.wo.weight': randn(D, D) / D ** 0.5,
-                       p + 'feed_forward.w1.weight': randn(hidden, D) / D ** 0.5,
-                       p + 'feed_forward.w3.weight': randn(hidden, D) / D ** 0.5,
-                       p + 'feed_forward.w2.weight': randn(D, hidden) / hidden ** 0.5})
-    return {'state_dict': sd, 'global_step': 0}
-
+# ---- official checkpoints
+# ---------------------------------------------------------------------------------------
 
 def official_forward(sd, pre, post, labels, n_head, grid):
-    """The official model (eval mode) re-written slowly on the official names: explicit softmax attention, RoPE with
-    complex numbers, class RoPE row = 0, separate w1 / w3, head.0 / head.1."""
+    """The official model (eval mode) re-written slowly on the official names: explicit softmax
+    attention, RoPE with complex numbers, class RoPE row = 0, separate w1 / w3, head.0 / head.1."""
     W = lambda name: sd['transformer.' + name]
     D = W('norm.weight').shape[0]
     hs = D // n_head
     freqs = 1.0 / 10000 ** (torch.arange(0, hs // 2, 2, dtype=torch.float64) / (hs // 2))  # (hs/4,)
-    angles = torch.stack([torch.cat([r * freqs, c * freqs]) for r in range(grid) for c in range(grid)])
-    rot = torch.cat([torch.zeros(1, hs // 2, dtype=torch.complex128), torch.polar(torch.ones_like(angles), angles)])
+    angles = torch.stack([torch.cat([r * freqs,
+                                     c * freqs]) for r in range(grid) for c in range(grid)])
+    rot = torch.cat([torch.zeros(1, hs // 2, dtype=torch.complex128),
+                     torch.polar(torch.ones_like(angles), angles)])
 
     def rms(x, w):
         return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
@@ -344,13 +336,15 @@ def test_official_checkpoint_gives_the_official_logits(tmp_path):
     model = GPT.from_official(checkpoint, block_size=16).double().eval()
     assert model.config.num_classes == 7 and model.config.vocab_bits == 18
     pre, post, labels = random_tokens(2, 16, model)
-    ref_pre, ref_post = official_forward(checkpoint['state_dict'], pre, post, labels, PRESETS['tiny']['n_head'], 4)
+    ref_pre, ref_post = official_forward(checkpoint['state_dict'], pre, post, labels,
+                                         PRESETS['tiny']['n_head'], 4)
     with torch.no_grad():
         logits_pre, logits_post, _ = model(pre, post, labels)
     # (our RoPE table is stored in fp32, hence not 1e-12; a wrong mapping is off by O(1))
     torch.testing.assert_close(logits_pre, ref_pre, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(logits_post, ref_post, rtol=1e-6, atol=1e-6)
-    # the fused SwiGLU input projection is [w1; w3], in that order (the model was built in fp32, hence .float())
+    # the fused SwiGLU input projection is [w1; w3], in that order (the model was built in fp32,
+    # hence .float())
     sd = checkpoint['state_dict']
     gate, up = model.inter_blocks[1].ffn.gate_up.weight.chunk(2)
     assert torch.equal(gate.float(), sd['transformer.spatial_blocks.1.feed_forward.w1.weight'].float())
@@ -365,8 +359,10 @@ def test_official_checkpoint_errors_list_missing_and_unexpected_keys():
         convert_official_gpt(sd)
     assert 'spatial_blocks.2.attention.wo.weight' in str(error.value)
     assert 'spatial_blocks.1.attention.bias' in str(error.value)
-    truncated = {k: v for k, v in fake_official_checkpoint()['state_dict'].items() if 'spatial_blocks.3.' not in k}
-    with pytest.raises(ValueError, match='no preset'):  # 3 inter blocks: converts, but matches no preset
+    truncated = {k: v for k,
+                 v in fake_official_checkpoint()['state_dict'].items() if 'spatial_blocks.3.' not in k}
+    # 3 inter blocks: converts, but matches no preset
+    with pytest.raises(ValueError, match='no preset'):
         GPT.from_official(truncated)
     with pytest.raises(KeyError, match='head.1.weight'):
         convert_official_gpt({k: v for k, v in sd.items() if not k.endswith('head.1.weight')})
@@ -378,15 +374,19 @@ def test_inverse_cdf_sampling_matches_the_distribution():
     draws = sample_from_logits(logits.expand(40000, -1), 1.0, 0, 1.0, u)
     freq = torch.bincount(draws, minlength=5).float() / 40000
     assert (freq - logits[0].softmax(0)).abs().max() < 0.01  # 4 sigma at n = 40000
-    assert sample_from_logits(logits, 1.0, 0, 1.0, torch.zeros(1)).item() == 0  # u = 0: first token with mass
-    assert sample_from_logits(logits, 1.0, 1, 1.0, torch.full((1,), 0.999)).item() == 2  # top-1 is greedy
+    # u = 0: first token with mass
+    assert sample_from_logits(logits, 1.0, 0, 1.0, torch.zeros(1)).item() == 0
+    # top-1 is greedy
+    assert sample_from_logits(logits, 1.0, 1, 1.0, torch.full((1,), 0.999)).item() == 2
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph sampling path needs a GPU")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="the CUDA-graph sampling path needs a GPU")
 def test_cuda_graph_sampling_gives_the_plain_tokens():
     torch.manual_seed(0)
     model = GPT.from_preset('tiny', num_classes=10).cuda()
-    for p in model.parameters():  # heads are zero at init: give them weights so the samples depend on everything
+    # heads are zero at init: give them weights so the samples depend on everything
+    for p in model.parameters():
         torch.nn.init.normal_(p, std=0.1) if p.dim() > 1 else None
     labels = torch.arange(6, device='cuda')
     seed = lambda: torch.Generator('cuda').manual_seed(3)

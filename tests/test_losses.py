@@ -1,5 +1,6 @@
-"""losses.py: LPIPS against a plain functional VGG16 on weight files in the published layouts, the missing-weights
-error (offline), hinge / non-saturating / LeCAM on hand-computed values, the discriminator's shapes and init."""
+"""losses.py: LPIPS against a plain functional VGG16 on weight files in the published layouts, the
+missing-weights error (offline), hinge / non-saturating / LeCAM on hand-computed values, the
+discriminator's shapes and init."""
 import math
 import urllib.error
 
@@ -11,21 +12,24 @@ import utils
 from losses import LPIPS, LeCAM, PatchDiscriminator, d_loss, hinge_d_loss, load_lpips, non_saturating_g_loss
 
 # torchvision's vgg16().features: conv layers (index, in, out); the rest are ReLUs and 2x2 max-pools
-VGG_CONVS = [(0, 3, 64), (2, 64, 64), (5, 64, 128), (7, 128, 128), (10, 128, 256), (12, 256, 256), (14, 256, 256),
-             (17, 256, 512), (19, 512, 512), (21, 512, 512), (24, 512, 512), (26, 512, 512), (28, 512, 512)]
+VGG_CONVS = [(0, 3, 64), (2, 64, 64), (5, 64, 128), (7, 128, 128), (10, 128, 256), (12, 256, 256),
+             (14, 256, 256),
+             (17, 256, 512), (19, 512, 512), (21, 512, 512), (24, 512, 512), (26, 512, 512),
+             (28, 512, 512)]
 POOLS_AFTER = {2, 7, 14, 21}  # a max-pool follows the ReLU after these convs (indices 4, 9, 16, 23)
 TAPS_AFTER = {2, 7, 14, 21, 28}  # LPIPS taps the ReLU after these convs (indices 3, 8, 15, 22, 29)
 
 
 @pytest.fixture(scope="module")
 def weight_files(tmp_path_factory):
-    """A random VGG16 saved as torchvision's vgg16-397923af.pth (features.* plus classifier.* keys) and random
-    non-negative heads saved as LPIPS v0.1 vgg.pth (lin{i}.model.1.weight)."""
+    """A random VGG16 saved as torchvision's vgg16-397923af.pth (features.* plus classifier.* keys)
+    and random non-negative heads saved as LPIPS v0.1 vgg.pth (lin{i}.model.1.weight)."""
     folder = tmp_path_factory.mktemp("weights")
     g = torch.Generator().manual_seed(0)
     vgg = {}
     for index, cin, cout in VGG_CONVS:
-        vgg[f"features.{index}.weight"] = torch.randn(cout, cin, 3, 3, generator=g) * math.sqrt(2 / (9 * cin))
+        weight = torch.randn(cout, cin, 3, 3, generator=g)
+        vgg[f"features.{index}.weight"] = weight * math.sqrt(2 / (9 * cin))
         vgg[f"features.{index}.bias"] = torch.randn(cout, generator=g) * 0.01
     # the real classifier is 472 MB; small stand-ins under the same keys show they are ignored
     for index in (0, 3, 6):
@@ -45,7 +49,8 @@ def lpips(weight_files):
 
 
 def reference_lpips(x, y, vgg, lin):
-    """LPIPS written out from the raw weight dicts, one image pair at a time, with the LPIPS repo's formulas."""
+    """LPIPS written out from the raw weight dicts, one image pair at a time, with the LPIPS repo's
+    formulas."""
     shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
     scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
     out = []
@@ -54,7 +59,8 @@ def reference_lpips(x, y, vgg, lin):
         for img in (a[None], b[None]):
             h, taps = (img - shift) / scale, []
             for index, _, _ in VGG_CONVS:
-                h = F.relu(F.conv2d(h, vgg[f"features.{index}.weight"], vgg[f"features.{index}.bias"], padding=1))
+                h = F.relu(F.conv2d(h, vgg[f"features.{index}.weight"],
+                                    vgg[f"features.{index}.bias"], padding=1))
                 if index in TAPS_AFTER:
                     taps.append(h / (torch.sqrt(torch.sum(h ** 2, dim=1, keepdim=True)) + 1e-10))
                 if index in POOLS_AFTER:
@@ -106,7 +112,8 @@ def test_load_lpips_explicit_and_cache(weight_files, tmp_path, monkeypatch):
     folder, _, _ = weight_files
     monkeypatch.setattr(torch.hub, "download_url_to_file", _no_network)
     assert isinstance(load_lpips(vgg_weights=folder / "vgg16-397923af.pth", lin_weights=folder / "vgg.pth"), LPIPS)
-    monkeypatch.setattr(utils, "CACHE_DIR", str(folder))  # both files found in the cache folder, no download
+    # both files found in the cache folder, no download
+    monkeypatch.setattr(utils, "CACHE_DIR", str(folder))
     assert isinstance(load_lpips(), LPIPS)
     with pytest.raises(FileNotFoundError, match="--vgg-weights"):
         load_lpips(vgg_weights=tmp_path / "nope.pth", lin_weights=folder / "vgg.pth")
@@ -119,13 +126,16 @@ def _no_network(*args, **kwargs):
 def test_missing_weights_clear_error_offline(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setattr(utils, "CACHE_DIR", str(cache))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no torchvision copy of VGG16 to fall back on
+    # no torchvision copy of VGG16 to fall back on
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", _no_network)  # what utils.download calls
     with pytest.raises(FileNotFoundError) as info:
         load_lpips()
     message = str(info.value)
-    for text in ("vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth", "vgg.pth",
-                 "PerceptualSimilarity", str(cache), "--vgg-weights", "--lpips-weights", "--perceptual-weight 0",
+    for text in ("vgg16-397923af.pth",
+                 "https://download.pytorch.org/models/vgg16-397923af.pth", "vgg.pth",
+                 "PerceptualSimilarity", str(cache), "--vgg-weights", "--lpips-weights",
+                 "--perceptual-weight 0",
                  "network is unreachable"):
         assert text in message
     assert not any(p.is_file() for p in cache.rglob("*"))  # no half-written files left behind
@@ -134,7 +144,8 @@ def test_missing_weights_clear_error_offline(tmp_path, monkeypatch):
 def test_hinge_d_loss_by_hand():
     real = torch.tensor([2.0, 0.5, -1.0])
     fake = torch.tensor([-2.0, 0.0, 1.0])
-    # relu(1 - real) = [0, .5, 2] -> mean 5/6;  relu(1 + fake) = [0, 1, 2] -> mean 1;  0.5 * (5/6 + 1) = 11/12
+    # relu(1 - real) = [0, .5, 2] -> mean 5/6;  relu(1 + fake) = [0, 1, 2] -> mean 1;  0.5 * (5/6 +
+    # 1) = 11/12
     torch.testing.assert_close(hinge_d_loss(real, fake), torch.tensor(11 / 12))
 
 
@@ -171,14 +182,16 @@ def test_d_loss_updates_lecam_before_the_penalty():
     torch.manual_seed(3)
     disc = PatchDiscriminator(ndf=8)
     real, fake = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
-    # a fast decay and EMAs far from the logits, so that updating after the penalty instead of before shows
+    # a fast decay and EMAs far from the logits, so that updating after the penalty instead of
+    # before shows
     lecam = LeCAM(decay=0.5)
     lecam.ema_real.fill_(3.0)
     lecam.ema_fake.fill_(-3.0)
     fresh = LeCAM(decay=0.5)
     fresh.load_state_dict(lecam.state_dict())
     loss, parts = d_loss(disc, real, fake, lecam, lecam_weight=0.5)
-    # separate passes in train mode: the same logits as d_loss saw (BN uses batch statistics of each set)
+    # separate passes in train mode: the same logits as d_loss saw (BN uses batch statistics of each
+    # set)
     logits_real, logits_fake = disc(real), disc(fake)
     fresh.update(logits_real, logits_fake)
     torch.testing.assert_close(lecam.ema_real, fresh.ema_real)
@@ -201,7 +214,8 @@ def test_discriminator_structure_and_init():
     convs = [m for m in disc.modules() if isinstance(m, torch.nn.Conv2d)]
     norms = [m for m in disc.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert [(c.in_channels, c.out_channels, c.stride[0], c.bias is not None) for c in convs] == [
-        (3, 64, 2, True), (64, 128, 2, False), (128, 256, 2, False), (256, 512, 1, False), (512, 1, 1, True)]
+        (3, 64, 2, True), (64, 128, 2, False), (128, 256, 2, False), (256, 512, 1, False),
+        (512, 1, 1, True)]
     assert all(c.kernel_size == (4, 4) and c.padding == (1, 1) for c in convs)
     assert len(norms) == 3 and sum(isinstance(m, torch.nn.LeakyReLU) and m.negative_slope == 0.2
                                    for m in disc.modules()) == 4

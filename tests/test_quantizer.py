@@ -1,4 +1,5 @@
-"""LFQ: the fast exact entropy against a brute-force softmax over all 2^K codes, bit order, factorization, STE, DDP."""
+"""LFQ: the fast exact entropy against a brute-force softmax over all 2^K codes, bit order,
+factorization, STE, DDP."""
 import os
 
 import pytest
@@ -6,14 +7,21 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from quantizer import (LFQ, bits_to_indices, codebook_usage, codes_to_indices, entropy_terms, indices_to_bits,
-                       indices_to_codemap, indices_to_codes, merge_indices, split_indices)
+from conftest import codebook_usage
+from quantizer import LFQ, codes_to_indices, entropy_terms, indices_to_codes, merge_indices, split_indices
+
+
+def codemap(indices, num_bits):
+    """(B, H, W) indices -> (B, K, H, W) +-1 code map, as Tokenizer.decode_indices makes it."""
+    return indices_to_codes(indices, num_bits).permute(0, 3, 1, 2)
 
 
 def brute_force_entropies(z, temperature):
-    """The official definition, written out: softmax of 2<z,c>/T over every code c in {-1,1}^K (float64)."""
+    """The official definition, written out: softmax of 2<z,c>/T over every code c in {-1,1}^K
+    (float64)."""
     K = z.shape[1]
-    codes = indices_to_codes(torch.arange(2 ** K), K).double()  # (2^K, K), row c is the code of index c
+    # (2^K, K), row c is the code of index c
+    codes = indices_to_codes(torch.arange(2 ** K), K).double()
     probs = F.softmax(2 * z.double() @ codes.T / temperature, dim=1)  # (N, 2^K)
     per_sample = -(probs * torch.log(probs.clamp_min(1e-300))).sum(1).mean()
     avg = probs.mean(0)
@@ -66,19 +74,19 @@ def test_entropy_limits():
 
 def test_bit_order_and_round_trips():
     K = 18
-    bits = torch.zeros(K, dtype=torch.long)
-    bits[0] = 1; bits[3] = 1; bits[17] = 1  # channel 0 is the least significant bit
-    assert bits_to_indices(bits).item() == 1 + 8 + 2 ** 17
+    codes = -torch.ones(K)
+    codes[0] = 1; codes[3] = 1; codes[17] = 1  # channel 0 is the least significant bit
+    assert codes_to_indices(codes).item() == 1 + 8 + 2 ** 17
+    assert torch.equal(indices_to_codes(codes_to_indices(codes), K), codes)
     idx = torch.randint(0, 2 ** K, (3, 5, 7))
-    assert torch.equal(bits_to_indices(indices_to_bits(idx, K)), idx)
     assert torch.equal(codes_to_indices(indices_to_codes(idx, K)), idx)
     pre, post = split_indices(idx)
     assert pre.max() < 64 and post.max() < 4096
     assert torch.equal(merge_indices(pre, post), idx)
     # pre holds channels 0-5, post channels 6-17
-    assert torch.equal(indices_to_bits(pre, 6), indices_to_bits(idx, K)[..., :6])
-    assert torch.equal(indices_to_bits(post, 12), indices_to_bits(idx, K)[..., 6:])
-    cmap = indices_to_codemap(idx, K)  # (B, K, H, W)
+    assert torch.equal(indices_to_codes(pre, 6), indices_to_codes(idx, K)[..., :6])
+    assert torch.equal(indices_to_codes(post, 12), indices_to_codes(idx, K)[..., 6:])
+    cmap = codemap(idx, K)  # (B, K, H, W)
     assert cmap.shape == (3, K, 5, 7) and torch.equal(codes_to_indices(cmap.permute(0, 2, 3, 1)), idx)
     assert codebook_usage(torch.tensor([0, 1, 1, 3]), 2) == 0.75
 
@@ -90,7 +98,7 @@ def test_lfq_forward_ste_and_commitment():
     assert set(torch.unique(z_q.detach()).tolist()) <= {-1.0, 1.0}
     bit_weights = 2 ** torch.arange(6)[:, None, None]  # (K, 1, 1): channel k is worth 2^k (Eq. 2)
     assert torch.equal(idx, ((z.detach() > 0).long() * bit_weights).sum(1))
-    assert torch.equal(z_q, indices_to_codemap(idx, 6))
+    assert torch.equal(z_q, codemap(idx, 6))
     # zero maps to -1
     z0, _, _ = lfq(torch.zeros(1, 6, 1, 1))
     assert (z0 == -1).all()
@@ -99,19 +107,23 @@ def test_lfq_forward_ste_and_commitment():
     assert torch.allclose(z.grad, torch.ones_like(z))
     expected = ((z.detach() - torch.sign(z.detach())) ** 2).mean()
     assert torch.allclose(losses['commitment_loss'], expected)
-    # the sign of Eq. (3): lower per-sample entropy (confident bits), higher codebook entropy (all codes used)
+    # the sign of Eq. (3): lower per-sample entropy (confident bits), higher codebook entropy (all
+    # codes used)
     assert torch.allclose(losses['entropy_loss'], losses['per_sample_entropy'] - losses['codebook_entropy'])
     lfq.eval()
     _, _, losses = lfq(z)
     assert losses['entropy_loss'].item() == 0
 
 
-# ------------------------------------------------------------------ DDP: global batch entropy, gloo, 2 processes
+# ------------------------------------------------------------------ DDP:
+# global batch entropy, gloo, 2 processes
 
 def _ddp_worker(rank, world_size, store_path, x_all, result_path):
     import torch.distributed as dist
-    # a file store, not TCP: no port to race for, and no store server that dies with rank 0 while rank 1 still exits
-    dist.init_process_group('gloo', init_method=f'file://{store_path}', rank=rank, world_size=world_size)
+    # a file store, not TCP: no port to race for, and no store server that dies with rank 0 while
+    # rank 1 still exits
+    dist.init_process_group('gloo', init_method=f'file://{store_path}', rank=rank,
+                            world_size=world_size)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     proj = torch.nn.Conv2d(3, 8, 1)
@@ -120,7 +132,8 @@ def _ddp_worker(rank, world_size, store_path, x_all, result_path):
     x = x_all.chunk(world_size)[rank]
     _, _, losses = lfq(model(x))
     losses['entropy_loss'].backward()
-    # the per-sample term is a local mean; averaged over ranks (as DDP averages gradients) it is the global mean
+    # the per-sample term is a local mean; averaged over ranks (as DDP averages gradients) it is the
+    # global mean
     loss = losses['entropy_loss'].detach().clone()
     dist.all_reduce(loss)
     if rank == 0:
@@ -129,7 +142,8 @@ def _ddp_worker(rank, world_size, store_path, x_all, result_path):
     del model  # DDP's reducer must go before its process group
     dist.barrier()  # no rank leaves while the other still talks to it (gloo aborts otherwise)
     dist.destroy_process_group()
-    os._exit(0)  # skip interpreter teardown: with torch 2.13 + gloo it sometimes aborts (SIGABRT) after the work
+    # skip interpreter teardown: with torch 2.13 + gloo it sometimes aborts (SIGABRT) after the work
+    os._exit(0)
 
 
 def test_ddp_entropy_equals_single_process(tmp_path):

@@ -1,11 +1,11 @@
-"""sample.py: a fixed seed reproduces the images, the ADM-format .npz is valid, an interrupted evaluation run resumes
-without duplicating or losing images (and gives the same file), 2 ranks give what 1 rank gives, clear errors for a
-missing checkpoint and a tokenizer / GPT mismatch, and the class-consistency score; the tokenizer
-weights the generator was trained on (recorded fingerprint and EMA choice; raw for released
-files), arguments checked before any work, an existing .npz made with other settings refused."""
+"""sample.py: a fixed seed reproduces the images, the ADM-format .npz is valid, an interrupted
+evaluation run resumes without duplicating or losing images (and gives the same file), 2 ranks give
+what 1 rank gives, clear errors for a missing checkpoint and a tokenizer / GPT mismatch, and the
+class-consistency score; the tokenizer weights the generator was trained on (recorded fingerprint
+and EMA choice; raw for released files), arguments checked before any work, an existing .npz made
+with other settings refused."""
 import os
 import re
-import socket
 from dataclasses import asdict
 
 import numpy as np
@@ -14,23 +14,26 @@ import torch
 import torch.multiprocessing as mp
 
 import data
+from conftest import fake_official_checkpoint, free_port, save_tokenizer
 import sample
 from gpt import GPT
 from tokenizer import Tokenizer
-from test_train_gpt import save_tokenizer  # an untrained tiny tokenizer in our checkpoint format
 from utils import load_checkpoint, save_checkpoint, weights_checksum
 
 
 @pytest.fixture(scope='module')
 def files(tmp_path_factory):
-    """An untrained tiny tokenizer and a random tiny GPT (4x4 tokens -> 16px images, 5 classes) in our formats."""
+    """An untrained tiny tokenizer and a random tiny GPT (4x4 tokens -> 16px images, 5 classes) in
+    our formats."""
     root = tmp_path_factory.mktemp('sample')
     tokenizer = save_tokenizer(root / 'tok.pt')
     torch.manual_seed(0)
     gpt = GPT.from_preset('tiny', num_classes=5, block_size=16)
-    for head in (gpt.head_pre, gpt.head_post):  # random heads, so that the samples depend on the class and seed
+    # random heads, so that the samples depend on the class and seed
+    for head in (gpt.head_pre, gpt.head_post):
         torch.nn.init.normal_(head.weight, std=0.5)
-    save_checkpoint(root / 'gpt.pt', {'kind': 'gpt', 'config': asdict(gpt.config), 'model': gpt.state_dict(),
+    save_checkpoint(root / 'gpt.pt',
+                    {'kind': 'gpt', 'config': asdict(gpt.config), 'model': gpt.state_dict(),
                                       'step': 0, 'tokenizer': {'path': tokenizer}})
     return {'gpt': str(root / 'gpt.pt'), 'tokenizer': tokenizer, 'root': root}
 
@@ -88,14 +91,13 @@ def _two_rank_worker(rank, args, port):
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     sample.main(args)
-    os._exit(0)  # skip interpreter teardown: with torch 2.13 + gloo it sometimes aborts (SIGABRT) after the work
+    # skip interpreter teardown: with torch 2.13 + gloo it sometimes aborts (SIGABRT) after the work
+    os._exit(0)
 
 
 def test_two_ranks_write_what_one_rank_writes(files, tmp_path):
     sample.main(argv(files, tmp_path / 'one.npz'))
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_two_rank_worker, args=(argv(files, tmp_path / 'two.npz'), port), nprocs=2)
     one, two = np.load(tmp_path / 'one.npz'), np.load(tmp_path / 'two.npz')
     assert np.array_equal(one['arr_0'], two['arr_0']) and np.array_equal(one['arr_1'], two['arr_1'])
@@ -120,7 +122,8 @@ def test_clear_errors(files, tmp_path):
 
 
 def test_class_consistency_scores_requested_classes(files):
-    shapes = data.SyntheticShapes(n=40, size=32, num_classes=10, seed=7)  # unseen real images as "samples"
+    # unseen real images as "samples"
+    shapes = data.SyntheticShapes(n=40, size=32, num_classes=10, seed=7)
     images = np.stack([np.asarray(shapes.load(i)) for i in range(40)])
     tokenizer = Tokenizer.from_checkpoint(files['tokenizer']).eval()
     scores = sample.check_class_consistency(images, shapes.labels, tokenizer, epochs=3)
@@ -131,7 +134,6 @@ def test_class_consistency_scores_requested_classes(files):
 
 
 def test_official_ar_checkpoint_is_accepted(files, tmp_path):
-    from test_gpt import fake_official_checkpoint
     from sample import load_models
     ckpt = fake_official_checkpoint(num_classes=5)
     ckpt['state_dict'] = {k: v.float() for k, v in ckpt['state_dict'].items()}
@@ -173,7 +175,6 @@ def test_decodes_with_the_tokenizer_weights_it_was_trained_on(files, tmp_path):
         weights_checksum(Tokenizer.from_checkpoint(other))
     # a released AR checkpoint decodes with the raw tokenizer weights, as the official pipeline
     # (not model_ema.*)
-    from test_gpt import fake_official_checkpoint
     official_tok = dict(raw.state_dict())
     official_tok.update({'model_ema.' + k.replace('.', ''): v
                          for k, v in ema.state_dict().items()})

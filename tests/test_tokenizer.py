@@ -1,6 +1,6 @@
-"""Tests for tokenizer.py: shapes, decode paths, parameter counts of the official presets, Adaptive GroupNorm and
-depth-to-space against hand-written references, and loading official Open-MAGVIT2 checkpoints (random weights in
-the official layout, written here)."""
+"""Tests for tokenizer.py: shapes, decode paths, parameter counts of the official presets, Adaptive
+GroupNorm and depth-to-space against hand-written references, and loading official Open-MAGVIT2
+checkpoints (random weights in the official layout, written here)."""
 import os
 import subprocess
 import sys
@@ -33,7 +33,8 @@ def test_tiny_shapes(hw):
     assert set(losses) == {'per_sample_entropy', 'codebook_entropy', 'entropy_loss', 'commitment_loss'}
     x_rec, indices2, _ = model(x)
     assert x_rec.shape == x.shape and torch.equal(indices, indices2)
-    x_rec.square().mean().backward()  # gradients reach the encoder through the straight-through estimator
+    # gradients reach the encoder through the straight-through estimator
+    x_rec.square().mean().backward()
     assert model.encoder.conv_in.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="multiple of the downsampling factor 4"):
         model.encode(torch.zeros(1, 3, 30, 32))
@@ -70,9 +71,11 @@ def test_official_parameter_counts(name, total, enc, dec):
 
 
 def test_official_key_names_and_shapes():
-    """A few keys of the released 256px checkpoint, listed by hand from the official improved_model.py."""
+    """A few keys of the released 256px checkpoint, listed by hand from the official
+    improved_model.py."""
     with torch.device('meta'):
-        shapes = {k: tuple(v.shape) for k, v in Tokenizer.from_preset('imagenet256').state_dict().items()}
+        shapes = {k: tuple(v.shape) for k,
+                  v in Tokenizer.from_preset('imagenet256').state_dict().items()}
     expected = {
         'encoder.conv_in.weight': (128, 3, 3, 3),
         'encoder.down.0.block.3.conv2.weight': (128, 128, 3, 3),
@@ -84,7 +87,8 @@ def test_official_key_names_and_shapes():
         'decoder.conv_in.weight': (512, 18, 3, 3),
         'decoder.mid_block.0.conv1.weight': (512, 512, 3, 3),
         'decoder.adaptive.4.gamma.weight': (512, 18),
-        'decoder.adaptive.0.beta.bias': (128,),  # runs last; its input comes from level 1 (128 channels)
+        # runs last; its input comes from level 1 (128 channels)
+        'decoder.adaptive.0.beta.bias': (128,),
         'decoder.up.4.upsample.conv1.weight': (2048, 512, 3, 3),
         'decoder.up.1.block.0.nin_shortcut.weight': (128, 256, 1, 1),
         'decoder.up.1.upsample.conv1.bias': (512,),
@@ -94,7 +98,8 @@ def test_official_key_names_and_shapes():
         assert shapes.get(k) == shape, k
     assert not any('upsample' in k for k in shapes if k.startswith('decoder.up.0.'))
     assert not any('downsample' in k for k in shapes if k.startswith('encoder.down.4.'))
-    assert not any(k.startswith(('quantizer.', 'decoder.adaptive.0.gn')) for k in shapes)  # no state there
+    # no state there
+    assert not any(k.startswith(('quantizer.', 'decoder.adaptive.0.gn')) for k in shapes)
     for name in ('imagenet256', 'imagenet128'):  # LitEma's dot-free names must stay unambiguous
         with torch.device('meta'):
             keys = list(Tokenizer.from_preset(name).state_dict())
@@ -113,13 +118,15 @@ def test_adaptive_group_norm_reference():
         zz = z_q[b].reshape(18, -1)
         n = zz.shape[1]
         mean = zz.sum(1) / n
-        std = ((((zz - mean[:, None]) ** 2).sum(1) / (n - 1)) + 1e-6).sqrt()  # unbiased, like the official code
+        # unbiased, like the official code
+        std = ((((zz - mean[:, None]) ** 2).sum(1) / (n - 1)) + 1e-6).sqrt()
         scale = agn.gamma.weight @ std + agn.gamma.bias  # (64,)
         shift = agn.beta.weight @ mean + agn.beta.bias
         for g in range(32):  # GroupNorm(32) by hand: 2 channels per group, biased variance
             xs = x[b, 2 * g:2 * g + 2]
             normed = (xs - xs.mean()) / (((xs - xs.mean()) ** 2).mean() + 1e-6).sqrt()
-            ref[b, 2 * g:2 * g + 2] = scale[2 * g:2 * g + 2, None, None] * normed + shift[2 * g:2 * g + 2, None, None]
+            ref[b, 2 * g:2 * g + 2] = scale[2 * g:2 * g + 2, None,
+                                            None] * normed + shift[2 * g:2 * g + 2, None, None]
     assert torch.allclose(out, ref, atol=1e-5)
 
 
@@ -130,7 +137,8 @@ def test_depth_to_space_official_order():
     assert out.shape == (B, C, 2 * H, 2 * W)
     for i in range(2):
         for j in range(2):
-            for c in range(C):  # official channel (i*2 + j)*C + c -> pixel (2h + i, 2w + j), channel c
+            # official channel (i*2 + j)*C + c -> pixel (2h + i, 2w + j), channel c
+            for c in range(C):
                 assert torch.equal(out[:, c, i::2, j::2], x[:, (i * 2 + j) * C + c])
     assert not torch.equal(out, F.pixel_shuffle(x, 2))  # PixelShuffle's order differs
     assert torch.equal(depth_to_space(x.contiguous(memory_format=torch.channels_last)), out)
@@ -141,12 +149,16 @@ def test_depth_to_space_official_order():
 
 
 def fake_official_state_dict(config, seed=0):
-    """Random tensors under the official Lightning key names: raw weights, LitEma copies (dots removed), loss.*."""
+    """Random tensors under the official Lightning key names: raw weights, LitEma copies (dots
+    removed), loss.*."""
     gen = torch.Generator().manual_seed(seed)
-    shapes = {k: v.shape for k, v in Tokenizer(config).state_dict().items()}  # == official names (test above)
+    # == official names (test above)
+    shapes = {k: v.shape for k, v in Tokenizer(config).state_dict().items()}
     sd = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
-    sd.update({'model_ema.' + k.replace('.', ''): torch.randn(s, generator=gen) for k, s in shapes.items()})
-    sd.update({'loss.discriminator.main.0.weight': torch.randn(8, 3, 4, 4), 'loss.logvar': torch.zeros(()),
+    sd.update({'model_ema.' + k.replace('.', ''): torch.randn(s, generator=gen) for k,
+               s in shapes.items()})
+    sd.update({'loss.discriminator.main.0.weight': torch.randn(8, 3, 4, 4),
+               'loss.logvar': torch.zeros(()),
                'model_ema.lossdiscriminatormain0weight': torch.randn(8, 3, 4, 4),
                'model_ema.decay': torch.tensor(0.999), 'model_ema.num_updates': torch.tensor(1000)})
     return sd
@@ -168,8 +180,9 @@ def test_convert_official_ema_and_raw(small_config):
 
 
 def test_official_upsampler_weights_through_our_module(small_config):
-    """An official upsampler conv that copies channel c, times (i*2+j+1), into official channel (i*2+j)*C + c must
-    put that value at output pixel (2h+i, 2w+j), channel c, of our decoder's upsampler."""
+    """An official upsampler conv that copies channel c, times (i*2+j+1), into official channel
+    (i*2+j)*C + c must put that value at output pixel (2h+i, 2w+j), channel c, of our decoder's
+    upsampler."""
     sd = fake_official_state_dict(small_config)
     C = 32 * 2  # decoder.up.1 works at ch * ch_mult[1]
     weight, bias = torch.zeros(4 * C, C, 3, 3), torch.zeros(4 * C)
@@ -178,8 +191,10 @@ def test_official_upsampler_weights_through_our_module(small_config):
             for c in range(C):
                 weight[(i * 2 + j) * C + c, c, 1, 1] = i * 2 + j + 1
     conv_in = torch.zeros(32, 3, 3, 3)
-    conv_in[:3, :, 1, 1] = torch.eye(3)  # official encoder.conv_in as identity on the first 3 channels
-    sd.update({'decoder.up.1.upsample.conv1.weight': weight, 'decoder.up.1.upsample.conv1.bias': bias,
+    # official encoder.conv_in as identity on the first 3 channels
+    conv_in[:3, :, 1, 1] = torch.eye(3)
+    sd.update({'decoder.up.1.upsample.conv1.weight': weight,
+               'decoder.up.1.upsample.conv1.bias': bias,
                'encoder.conv_in.weight': conv_in})
     model = Tokenizer.from_checkpoint({'state_dict': sd}, ema=False)
     x = torch.randn(1, C, 3, 4)
@@ -214,7 +229,8 @@ def test_our_checkpoint_ema_and_raw(tmp_path):
     torch.manual_seed(0)
     raw, ema = Tokenizer.from_preset('tiny'), Tokenizer.from_preset('tiny')
     path = str(tmp_path / 'tok.pt')
-    save_checkpoint(path, {'kind': 'tokenizer', 'config': asdict(raw.config), 'model': raw.state_dict(),
+    save_checkpoint(path,
+                    {'kind': 'tokenizer', 'config': asdict(raw.config), 'model': raw.state_dict(),
                            'ema': ema.state_dict()})
     for use_ema, src in ((True, ema), (False, raw)):
         model = Tokenizer.from_checkpoint(path, ema=use_ema)
@@ -228,8 +244,11 @@ def test_reconstruct_cli(tmp_path):
     torch.manual_seed(0)
     model = Tokenizer.from_preset('tiny')
     ckpt = str(tmp_path / 'tok.pt')
-    save_checkpoint(ckpt, {'kind': 'tokenizer', 'config': asdict(model.config), 'model': model.state_dict()})
-    Image.fromarray(torch.randint(0, 256, (40, 50, 3), dtype=torch.uint8).numpy()).save(tmp_path / 'in.png')
+    save_checkpoint(ckpt,
+                    {'kind': 'tokenizer', 'config': asdict(model.config),
+                     'model': model.state_dict()})
+    Image.fromarray(torch.randint(0, 256, (40, 50, 3),
+                                  dtype=torch.uint8).numpy()).save(tmp_path / 'in.png')
     (tmp_path / 'bad.png').write_bytes(b'not an image')
     cmd = [sys.executable, os.path.join(ROOT, 'tokenizer.py'), '--ckpt', ckpt, '--device', 'cpu']
     out = tmp_path / 'rec.png'
@@ -237,5 +256,6 @@ def test_reconstruct_cli(tmp_path):
                          capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr
     assert Image.open(out).size == (2 * 32 + 6, 32 + 4)  # two 32px images side by side, 2px borders
-    run = subprocess.run(cmd + ['--reconstruct', str(tmp_path / 'bad.png')], capture_output=True, text=True, cwd=ROOT)
+    run = subprocess.run(cmd + ['--reconstruct', str(tmp_path / 'bad.png')], capture_output=True,
+                         text=True, cwd=ROOT)
     assert run.returncode != 0 and 'cannot read image' in run.stderr

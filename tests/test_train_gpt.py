@@ -1,15 +1,13 @@
-"""train_gpt.py: the LR schedule against a piecewise-linear reference, extraction == on-the-fly encoding (same crops,
-and the same training run from either), the loss falls, resume == an uninterrupted run, DDP (gloo, 2 processes) keeps
-the ranks identical, clear errors for a bad checkpoint path and a tokenizer / GPT mismatch; resume
-refuses other inputs (tokenizer, data, its weights), a rerun onto a run needs --resume; the
-checkpoint records the tokenizer. The held-out loss equals a direct computation (one process and
-two); extract_codes.py refuses a folder made from other weights or data and skips unreadable
-images; --init-from copies weights."""
-import csv
+"""train_gpt.py: the LR schedule against a piecewise-linear reference, extraction == on-the-fly
+encoding (same crops, and the same training run from either), the loss falls, resume == an
+uninterrupted run, DDP (gloo, 2 processes) keeps the ranks identical, clear errors for a bad
+checkpoint path and a tokenizer / GPT mismatch; resume refuses other inputs (tokenizer, data, its
+weights), a rerun onto a run needs --resume; the checkpoint records the tokenizer. The held-out loss
+equals a direct computation (one process and two); extract_codes.py refuses a folder made from other
+weights or data and skips unreadable images; --init-from copies weights."""
 import io
 import os
 import shutil
-import socket
 from dataclasses import asdict
 
 import numpy as np
@@ -20,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+from conftest import free_port, read_log, save_tokenizer
 import extract_codes
 import train_gpt
 from gpt import GPT
@@ -27,17 +26,10 @@ from tokenizer import Tokenizer
 from utils import load_checkpoint, save_checkpoint, weights_checksum
 
 
-def save_tokenizer(path, seed=0, **overrides):
-    """An untrained tiny tokenizer in our checkpoint format (what train_tok.py writes, minus the training state)."""
-    torch.manual_seed(seed)
-    tokenizer = Tokenizer.from_preset('tiny', **overrides)
-    save_checkpoint(path, {'kind': 'tokenizer', 'config': asdict(tokenizer.config), 'model': tokenizer.state_dict()})
-    return str(path)
-
-
 @pytest.fixture(scope='module')
 def files(tmp_path_factory):
-    """tok.pt, and 64 synthetic images of 20x24 pixels in an .npz, so that the 16px random crops really vary."""
+    """tok.pt, and 64 synthetic images of 20x24 pixels in an .npz, so that the 16px random crops
+    really vary."""
     root = tmp_path_factory.mktemp('train_gpt')
     shapes = data.SyntheticShapes(n=64, size=24, num_classes=10)
     images = np.stack([np.asarray(shapes.load(i))[2:22] for i in range(64)])  # (64, 20, 24, 3)
@@ -50,10 +42,14 @@ def files(tmp_path_factory):
 
 
 def argv(files, out, *extra):
-    """A tiny CPU run: 64 images, 16px (4x4 tokens), global batch 16 -> 4 steps per epoch, peak lr 1e-3."""
-    return ['--preset', 'tiny', '--device', 'cpu', '--tokenizer', files['tokenizer'], '--data', files['data'],
-            '--image-size', '16', '--batch-size', '16', '--lr', '0.048', '--epochs', '2', '--warmup-epochs', '0.5',
-            '--eval-every', '100', '--log-every', '1', '--sample-classes', '0,1', '--num-workers', '0',
+    """A tiny CPU run: 64 images, 16px (4x4 tokens), global batch 16 -> 4 steps per epoch, peak lr
+    1e-3."""
+    return ['--preset', 'tiny', '--device', 'cpu', '--tokenizer', files['tokenizer'], '--data',
+            files['data'],
+            '--image-size', '16', '--batch-size', '16', '--lr', '0.048', '--epochs', '2',
+            '--warmup-epochs', '0.5',
+            '--eval-every', '100', '--log-every', '1', '--sample-classes', '0,1',
+            '--num-workers', '0',
             '--out', str(out), *extra]
 
 
@@ -63,11 +59,6 @@ def extract(files, codes, *extra, data_spec=None):
                                '--data', data_spec or files['data'], '--image-size', '16',
                                '--batch-size', '16', '--num-workers', '0', '--codes', str(codes),
                                *extra])
-
-
-def read_log(out):
-    with open(os.path.join(out, 'log.csv')) as f:
-        return list(csv.DictReader(f))
 
 
 def held_out_rows(out):
@@ -94,7 +85,8 @@ def direct_held_out_ce(files, model_state):
 def test_lr_schedule_at_key_steps_and_paper_presets():
     peak, total, warmup = 3e-4, 1000, 60
     decay_start = warmup + 0.05 * (total - 1 - warmup)  # the 5% plateau after the warmup
-    # the schedule is piecewise linear through these knots: 0.005x -> 1x (warmup), 1x (plateau), 1x -> 0.1x (decay)
+    # the schedule is piecewise linear through these knots: 0.005x -> 1x (warmup), 1x (plateau), 1x
+    # -> 0.1x (decay)
     knots_x, knots_y = [0, warmup, decay_start, total - 1], [0.005, 1, 1, 0.1]
     for step in range(total):
         assert train_gpt.get_lr(step, total, warmup, peak) == pytest.approx(peak * np.interp(step, knots_x, knots_y))
@@ -103,13 +95,16 @@ def test_lr_schedule_at_key_steps_and_paper_presets():
     assert train_gpt.get_lr(int(decay_start), total, warmup, peak) == peak
     assert train_gpt.get_lr(int(decay_start) + 2, total, warmup, peak) < peak
     assert train_gpt.get_lr(total - 1, total, warmup, peak) == pytest.approx(0.1 * peak)
-    # the paper's runs: 768 images per step, warmup 6 / 6 / 7 epochs, peak 3e-4 / 3e-4 / 2.4e-4, 300 / 300 / 350 epochs
-    for name, (lr, warmup_epochs, epochs) in {'B': (3e-4, 6, 300), 'L': (3e-4, 6, 300), 'XL': (2.4e-4, 7, 350)}.items():
+    # the paper's runs: 768 images per step, warmup 6 / 6 / 7 epochs, peak 3e-4 / 3e-4 / 2.4e-4, 300
+    # / 300 / 350 epochs
+    for name, (lr, warmup_epochs, epochs) in {'B': (3e-4, 6, 300), 'L': (3e-4, 6, 300),
+                                              'XL': (2.4e-4, 7, 350)}.items():
         args = train_gpt.get_args(['--preset', name])
         assert (args.lr, args.warmup_epochs, args.epochs, args.batch_size) == (lr, warmup_epochs, epochs, 768)
         assert (args.weight_decay, args.grad_clip) == (0.05, 1.0)
         assert args.model == name  # a named run: its architecture and training settings
-    assert train_gpt.get_args(['--preset', 'XL', '--lr', '1e-4']).lr == 1e-4  # the command line beats the preset
+    # the command line beats the preset
+    assert train_gpt.get_args(['--preset', 'XL', '--lr', '1e-4']).lr == 1e-4
     assert train_gpt.get_args([]).model == 'B' and train_gpt.get_args(['--model', 'L']).lr == 3e-4
 
 
@@ -122,7 +117,8 @@ def test_loss_falls_and_lr_is_scaled_with_the_batch(files, tmp_path, capsys):
     assert max(float(r['lr']) for r in log) == pytest.approx(1e-3)
     first = float(log[0]['loss_pre']) + float(log[0]['loss_post'])
     last = np.mean([float(r['loss_pre']) + float(r['loss_post']) for r in log[-4:]])
-    assert first == pytest.approx(np.log(64) + np.log(4096), abs=0.05)  # zero-initialised heads: uniform
+    # zero-initialised heads: uniform
+    assert first == pytest.approx(np.log(64) + np.log(4096), abs=0.05)
     assert last < first - 1.5, (first, last)  # 12.48 -> ~10.7 nats in 32 steps
     ckpt = load_checkpoint(out / 'ckpt.pt', 'gpt')
     torch.load(out / 'ckpt.pt', weights_only=True)  # tensors and plain types only: no pickled code
@@ -142,7 +138,8 @@ def test_extraction_writes_the_on_the_fly_tokens_and_trains_identically(files, t
     views = []
     for epoch in range(2):  # view v = the augmentation of epoch v
         with torch.no_grad():
-            expected = tokenizer.encode(torch.stack([images[(epoch, i)][0] for i in range(64)]))[1].flatten(1)
+            batch = torch.stack([images[(epoch, i)][0] for i in range(64)])
+            expected = tokenizer.encode(batch)[1].flatten(1)
         got = torch.stack([extracted[(epoch, i)][0] for i in range(64)])
         assert torch.equal(got, expected)
         views.append(got)
@@ -163,7 +160,8 @@ def test_resume_equals_an_uninterrupted_run(files, tmp_path, monkeypatch):
     train_gpt.main(argv(files, tmp_path / 'full', *common))
     real_step, calls = train_gpt.train_step, []
 
-    def dying_step(*args, **kwargs):  # killed during step 8: the last checkpoint is mid-epoch 1 (step 6)
+    # killed during step 8: the last checkpoint is mid-epoch 1 (step 6)
+    def dying_step(*args, **kwargs):
         calls.append(1)
         if len(calls) == 8:
             raise Killed
@@ -176,7 +174,8 @@ def test_resume_equals_an_uninterrupted_run(files, tmp_path, monkeypatch):
     ckpt = load_checkpoint(tmp_path / 'resumed' / 'ckpt.pt', 'gpt')
     assert (ckpt['step'], ckpt['epoch'], ckpt['batch_in_epoch']) == (6, 1, 2)
     train_gpt.main(argv(files, tmp_path / 'resumed', *common, '--resume'))
-    full, resumed = (load_checkpoint(tmp_path / run / 'ckpt.pt', 'gpt') for run in ('full', 'resumed'))
+    full, resumed = (load_checkpoint(tmp_path / run / 'ckpt.pt',
+                                     'gpt') for run in ('full', 'resumed'))
     assert resumed['step'] == full['step'] == 12
     assert all(torch.equal(full['model'][k], resumed['model'][k]) for k in full['model'])
     assert len(full['optimizer']['state']) == len(resumed['optimizer']['state']) > 0
@@ -185,7 +184,8 @@ def test_resume_equals_an_uninterrupted_run(files, tmp_path, monkeypatch):
     assert read_log(tmp_path / 'full')[-1]['loss_post'] == read_log(tmp_path / 'resumed')[-1]['loss_post']
     # step 7 was logged before the kill and again after the resume from step 6: once in the log
     assert [int(r['step']) for r in read_log(tmp_path / 'resumed')] == list(range(1, 13))
-    # --max-steps stops early (mid-epoch, with a checkpoint) on the same schedule; --resume finishes the same run
+    # --max-steps stops early (mid-epoch, with a checkpoint) on the same schedule; --resume finishes
+    # the same run
     train_gpt.main(argv(files, tmp_path / 'stopped', *common, '--max-steps', '5'))
     ckpt = load_checkpoint(tmp_path / 'stopped' / 'ckpt.pt', 'gpt')
     assert (ckpt['step'], ckpt['epoch'], ckpt['batch_in_epoch']) == (5, 1, 1)
@@ -229,13 +229,12 @@ def _ddp_worker(rank, args, port, out):
     torch.set_num_threads(1)
     model = train_gpt.main(args)
     torch.save(model.state_dict(), os.path.join(out, f'rank{rank}.pt'))
-    os._exit(0)  # skip interpreter teardown: with torch 2.13 + gloo it sometimes aborts (SIGABRT) after the work
+    # skip interpreter teardown: with torch 2.13 + gloo it sometimes aborts (SIGABRT) after the work
+    os._exit(0)
 
 
 def test_ddp_gloo_two_processes_keep_identical_weights(files, tmp_path):
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
+    port = free_port()
     args = argv(files, tmp_path / 'ddp', '--epochs', '1', '--val-data', files['val'])
     mp.spawn(_ddp_worker, args=(args, port, str(tmp_path)), nprocs=2)
     rank0, rank1 = (torch.load(tmp_path / f'rank{r}.pt') for r in (0, 1))
@@ -246,7 +245,8 @@ def test_ddp_gloo_two_processes_keep_identical_weights(files, tmp_path):
     assert float(final['val_ce_pre']) == pytest.approx(ce_pre, abs=2e-6)
     assert float(final['val_ce_post']) == pytest.approx(ce_post, abs=2e-6)
     assert rank0['head_post.weight'].abs().sum() > 0  # trained: the zero-initialised head moved
-    assert len(load_checkpoint(tmp_path / 'ddp' / 'ckpt.pt', 'gpt')['rng']) == 2  # each rank's RNG, for --resume
+    # each rank's RNG, for --resume
+    assert len(load_checkpoint(tmp_path / 'ddp' / 'ckpt.pt', 'gpt')['rng']) == 2
 
 
 def test_clear_errors_for_bad_paths_and_mismatches(files, tmp_path):
@@ -255,11 +255,13 @@ def test_clear_errors_for_bad_paths_and_mismatches(files, tmp_path):
     save_checkpoint(tmp_path / 'gpt.pt', {'kind': 'gpt', 'config': {}})
     with pytest.raises(ValueError, match='not a tokenizer checkpoint'):
         train_gpt.main(argv(files, tmp_path / 'a', '--tokenizer', str(tmp_path / 'gpt.pt')))
-    # tokens of a 16-bit tokenizer for a GPT trained on 18-bit tokens: resume refuses, naming the field
+    # tokens of a 16-bit tokenizer for a GPT trained on 18-bit tokens: resume refuses, naming the
+    # field
     train_gpt.main(argv(files, tmp_path / 'b', '--epochs', '1'))
     tok16 = save_tokenizer(tmp_path / 'tok16.pt', num_bits=16)
     with pytest.raises(ValueError, match='vocab_bits: checkpoint 18 .* now 16'):
-        train_gpt.main(argv(files, tmp_path / 'b', '--epochs', '1', '--tokenizer', tok16, '--resume'))
+        train_gpt.main(argv(files, tmp_path / 'b', '--epochs', '1', '--tokenizer', tok16,
+                            '--resume'))
     # pre-extracted 18-bit codes with a 16-bit tokenizer for the grids
     codes = tmp_path / 'codes'
     extract(files, codes, '--views', '1')
@@ -292,7 +294,8 @@ def test_held_out_loss_is_logged_and_equals_a_direct_computation(files, tmp_path
     assert [r['val_ce_post'] for r in held_out_rows(out_codes)] == [r['val_ce_post'] for r in rows]
     extract(files, tmp_path / 'train_codes', '--views', '1')  # random crops: not held-out codes
     with pytest.raises(ValueError, match='not one centre-crop view'):
-        train_gpt.main(argv(files, str(tmp_path / 'refused'), '--val-codes', str(tmp_path / 'train_codes')))
+        train_gpt.main(argv(files, str(tmp_path / 'refused'), '--val-codes',
+                            str(tmp_path / 'train_codes')))
 
 
 def test_extraction_refuses_a_folder_made_from_other_weights_or_data(files, tmp_path):
@@ -385,7 +388,8 @@ def test_init_from_copies_the_weights_with_a_fresh_optimizer(files, tmp_path, mo
         raise Killed
 
     monkeypatch.setattr(train_gpt, 'train_step', first_step)
-    for i, source in enumerate((str(tmp_path / 'a' / 'ckpt.pt'), f"open-magvit2:{tmp_path / 'AR_tiny.ckpt'}")):
+    for i, source in enumerate((str(tmp_path / 'a' / 'ckpt.pt'),
+                                f"open-magvit2:{tmp_path / 'AR_tiny.ckpt'}")):
         with pytest.raises(Killed):
             train_gpt.main(argv(files, tmp_path / f'b{i}', '--init-from', source))
         weights, optimizer_entries, lr = first_steps.pop()

@@ -1,14 +1,12 @@
-"""train_tok.py on CPU: the tiny preset learns, resume == an uninterrupted run, DDP (gloo, 2 processes) keeps the
-generator identical on both ranks, another config is refused, so is a rerun onto a run without
---resume (and --overwrite starts again), the global batch splits over the processes, a corrupt
-image is skipped and counted, and the
-evaluation's PSNR / codebook usage / streamed rFID agree with slow direct computations. The LPIPS and Inception
-weight files are random: the numbers here test the code, they are not results."""
+"""train_tok.py on CPU: the tiny preset learns, resume == an uninterrupted run, DDP (gloo, 2
+processes) keeps the generator identical on both ranks, another config is refused, so is a rerun
+onto a run without --resume (and --overwrite starts again), the global batch splits over the
+processes, a corrupt image is skipped and counted, and the
+evaluation's PSNR / codebook usage / streamed rFID agree with slow direct computations. The LPIPS
+and Inception weight files are random: the numbers here test the code, they are not results."""
 import copy
-import csv
 import os
 import time
-import socket
 
 import numpy as np
 import pytest
@@ -17,27 +15,24 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 import fid
-from bench import write_random_inception, write_random_lpips
+from conftest import codebook_usage, free_port, read_log, write_random_inception, write_random_lpips
 import tokenizer
 import train_tok
 import utils
 from data import build_dataset
-from quantizer import codebook_usage
 from tokenizer import Tokenizer
 
-# small and fast: 32px is the smallest size the PatchGAN takes (three stride-2 convs, then two 4x4 convs)
-FAST = ['--preset', 'tiny', '--device', 'cpu', '--batch-size', '4', '--eval-images', '8', '--log-every', '1']
-
-
-def read_log(out):
-    with open(os.path.join(out, 'log.csv')) as f:
-        return list(csv.DictReader(f))
+# small and fast: 32px is the smallest size the PatchGAN takes (three stride-2 convs, then two 4x4
+# convs)
+FAST = ['--preset', 'tiny', '--device', 'cpu', '--batch-size', '4', '--eval-images', '8',
+        '--log-every', '1']
 
 
 @pytest.fixture(scope='module')
 def tiny_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp('tiny') / 'run')
-    return out, train_tok.main(FAST + ['--batch-size', '8', '--max-steps', '20', '--log-every', '5', '--out', out])
+    return out, train_tok.main(FAST + ['--batch-size', '8', '--max-steps', '20', '--log-every',
+                                       '5', '--out', out])
 
 
 def test_tiny_learns_and_checkpoint_loads(tiny_run):
@@ -46,18 +41,21 @@ def test_tiny_learns_and_checkpoint_loads(tiny_run):
     train_rows = [r for r in rows if r['recon']]
     eval_rows = [r for r in rows if r['psnr']]
     recon = [float(r['recon']) for r in train_rows]
-    assert len(recon) == 4 and recon[-1] < 0.85 * recon[0], recon  # the L1 reconstruction loss falls
+    # the L1 reconstruction loss falls
+    assert len(recon) == 4 and recon[-1] < 0.85 * recon[0], recon
     assert [int(r['step']) for r in eval_rows] == [0, 20]  # before training and at the end
     assert float(eval_rows[-1]['psnr']) > float(eval_rows[0]['psnr']) + 1, eval_rows
     assert os.path.exists(os.path.join(out, 'recon_step20.png'))
-    # the checkpoint feeds the next stage: Tokenizer.from_checkpoint takes its EMA weights and config
+    # the checkpoint feeds the next stage: Tokenizer.from_checkpoint takes its EMA weights and
+    # config
     ckpt = utils.load_checkpoint(os.path.join(out, 'ckpt.pt'), expect_kind='tokenizer')
     torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)  # tensors and plain types only
     assert ckpt['step'] == 20 and ckpt['epoch'] == 0 and ckpt['batch_in_epoch'] == 20
     loaded = Tokenizer.from_checkpoint(os.path.join(out, 'ckpt.pt'))
     for a, b in zip(loaded.state_dict().values(), t.ema.state_dict().values()):
         assert torch.equal(a, b)
-    # the EMA differs from the raw weights (it averages them) but has moved away from the initialisation
+    # the EMA differs from the raw weights (it averages them) but has moved away from the
+    # initialisation
     init = Tokenizer.from_preset('tiny')
     w_ema, w_raw = t.ema.decoder.conv_out.weight, t.raw_model.decoder.conv_out.weight
     assert not torch.equal(w_ema, w_raw) and not torch.equal(w_ema, init.decoder.conv_out.weight)
@@ -122,7 +120,8 @@ def test_global_batch_must_split_over_the_processes(monkeypatch):
 
 
 def write_random_lpips_weights(folder):
-    """Random LPIPS weight files in both standard layouts (bench.write_random_lpips) -> the flags that load them."""
+    """Random LPIPS weight files in both standard layouts (conftest.write_random_lpips) -> the flags
+    that load them."""
     vgg, lin = write_random_lpips(str(folder))
     return ['--perceptual-weight', '1', '--vgg-weights', vgg, '--lpips-weights', lin]
 
@@ -133,20 +132,23 @@ def _ddp_worker(rank, world_size, port, out, lpips_flags):
     torch.set_num_threads(1)
     t = train_tok.main(FAST + ['--batch-size', '8', '--max-steps', '3', '--out', out]
                        + lpips_flags)
-    flat = lambda module: torch.cat([p.detach().flatten() for p in module.parameters()])  # noqa: E731
+    # noqa: E731
+    flat = lambda module: torch.cat([p.detach().flatten() for p in module.parameters()])
     torch.save({'model': flat(t.raw_model), 'ema': flat(t.ema), 'disc': flat(t.raw_disc),
-                'checksum': utils.weights_checksum(t.raw_model)}, os.path.join(out, f'rank{rank}.pt'))
-    os._exit(0)  # skip interpreter teardown: with torch 2.13 + gloo it sometimes aborts (SIGABRT) after the work
+                'checksum': utils.weights_checksum(t.raw_model)},
+               os.path.join(out, f'rank{rank}.pt'))
+    # skip interpreter teardown: with torch 2.13 + gloo it sometimes aborts (SIGABRT) after the work
+    os._exit(0)
 
 
 def test_ddp_two_processes_keep_generator_identical(tmp_path):
-    """gloo, 2 processes, with the LPIPS term on (random weights; rank 0 loads them first, the other waits)."""
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
+    """gloo, 2 processes, with the LPIPS term on (random weights; rank 0 loads them first, the other
+    waits)."""
+    port = free_port()
     out = str(tmp_path / 'ddp')
     torch.manual_seed(0)
-    mp.spawn(_ddp_worker, args=(2, port, out, write_random_lpips_weights(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, port, out, write_random_lpips_weights(tmp_path)),
+             nprocs=2, join=True)
     rank0, rank1 = (torch.load(os.path.join(out, f'rank{r}.pt')) for r in (0, 1))
     for part in ('model', 'ema', 'disc'):
         assert torch.equal(rank0[part], rank1[part]), part
@@ -168,7 +170,8 @@ def test_ddp_two_processes_keep_generator_identical(tmp_path):
     lpips_flags = write_random_lpips_weights(tmp_path)
     with pytest.raises(ValueError, match=r"another config:\n  batch_size: checkpoint 8 vs. now 4"):
         train_tok.main(FAST + ['--max-steps', '4', '--out', out, '--resume'] + lpips_flags)
-    t = train_tok.main(FAST + ['--batch-size', '8', '--max-steps', '4', '--out', out, '--resume'] + lpips_flags)
+    t = train_tok.main(FAST + ['--batch-size', '8', '--max-steps', '4', '--out', out,
+                               '--resume'] + lpips_flags)
     assert utils.load_checkpoint(os.path.join(out, 'ckpt.pt'))['step'] == 4
     assert not torch.equal(torch.cat([p.detach().flatten() for p in t.raw_model.parameters()]), rank0['model'])
 
@@ -179,29 +182,34 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, capfd):
     for c in ('cat', 'dog'):
         (root / c).mkdir(parents=True)
         for i in range(8 if c == 'cat' else 7):
-            Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(root / c / f'{i}.png')
+            Image.fromarray(rng.integers(0, 256, (40, 36, 3),
+                                         dtype=np.uint8)).save(root / c / f'{i}.png')
     (root / 'dog' / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n' + b'not really a png' * 10)
     out = str(tmp_path / 'run')
     # 16 files, batch 4, 4 steps: one epoch, so every file (the broken one too) is read exactly once
     t = train_tok.main(FAST + ['--data', str(root), '--max-steps', '4', '--out', out])
     assert t.num_bad == 1
-    assert read_log(out)[-2]['bad_images'] == '1'  # the last training row (the last row is the evaluation)
+    # the last training row (the last row is the evaluation)
+    assert read_log(out)[-2]['bad_images'] == '1'
     assert 'broken.png' in capfd.readouterr().err
 
 
 def test_evaluate_matches_direct_computation(tmp_path, monkeypatch):
-    """PSNR per image on uint8, codebook usage over the whole set, and the rFID statistics streamed as feature
-    moments, against the plain formulas and fid.py's own feature extraction and statistics on the same images.
-    Random weights everywhere: a check of the code, not a metric."""
+    """PSNR per image on uint8, codebook usage over the whole set, and the rFID statistics streamed
+    as feature moments, against the plain formulas and fid.py's own feature extraction and
+    statistics on the same images. Random weights everywhere: a check of the code, not a metric."""
 
-    class SmallInception(fid.InceptionV3):  # 75px network input instead of 299: the same code path, 16x cheaper
+    # 75px network input instead of 299: the same code path, 16x cheaper
+    class SmallInception(fid.InceptionV3):
         def forward(self, images, resize='tf', size=75):
             return super().forward(images, resize, size)
 
     monkeypatch.setattr(fid, 'InceptionV3', SmallInception)  # what fid.load_inception builds
     torch.manual_seed(0)
-    weights = write_random_inception(tmp_path / fid.WEIGHTS_NAME)  # O(1) features, so the comparisons below can fail
-    received = []  # the statistics handed to the Frechet distance (its 2048x2048 sqrtm is fid.py's, tested there)
+    # O(1) features, so the comparisons below can fail
+    weights = write_random_inception(tmp_path / fid.WEIGHTS_NAME)
+    # the statistics handed to the Frechet distance (its 2048x2048 sqrtm is fid.py's, tested there)
+    received = []
     monkeypatch.setattr(fid, 'frechet_distance', lambda *stats: received.extend(stats) or 1.5)
     args = train_tok.get_args(FAST + ['--eval-images', '6', '--inception-weights', str(weights),
                                       '--out', str(tmp_path)])
@@ -220,16 +228,19 @@ def test_evaluate_matches_direct_computation(tmp_path, monkeypatch):
     assert metrics['psnr'] == pytest.approx(np.mean(psnr), rel=1e-6)
     assert metrics['codebook_usage'] == codebook_usage(indices, 18)
     with torch.no_grad():
-        z = model.encoder(x)  # (6, 18, h, w): the share of +1 of bit k is that of z_k > 0 over all tokens
+        # (6, 18, h, w): the share of +1 of bit k is that of z_k > 0 over all tokens
+        z = model.encoder(x)
     shares = [(z[:, k] > 0).double().mean().item() for k in range(18)]
     assert [metrics[f'bit{k}'] for k in range(18)] == pytest.approx(shares, abs=1e-12)
     assert metrics['dead_bits'] == sum(share in (0, 1) for share in shares)
     assert metrics['rfid'] == 1.5 and len(received) == 4
     inception = fid.load_inception(str(weights))
-    for images, mu, sigma in ((x, *received[:2]), (x_rec, *received[2:])):  # as fid.rfid: (x + 1) / 2, bilinear
+    # as conftest.rfid: (x + 1) / 2, bilinear
+    for images, mu, sigma in ((x, *received[:2]), (x_rec, *received[2:])):
         pool = fid.extract_features(inception, [(images + 1) / 2], resize='bilinear')['pool']
         expected_mu, expected_sigma = fid.compute_statistics(pool)
-        assert np.abs(expected_mu).max() > 0.01  # features far above the tolerances: a wrong statistic fails
+        # features far above the tolerances: a wrong statistic fails
+        assert np.abs(expected_mu).max() > 0.01
         assert np.allclose(mu, expected_mu, rtol=1e-4, atol=1e-6)
         assert np.allclose(sigma, expected_sigma, rtol=1e-3, atol=1e-6)
     assert os.path.exists(tmp_path / 'recon_step7.png')
@@ -237,39 +248,46 @@ def test_evaluate_matches_direct_computation(tmp_path, monkeypatch):
 
 def test_eval_only_accepts_ours_and_official_checkpoints(tiny_run, tmp_path):
     out, t = tiny_run
-    ours = train_tok.main(FAST + ['--eval-only', os.path.join(out, 'ckpt.pt'), '--out', str(tmp_path / 'a')])
+    ours = train_tok.main(FAST + ['--eval-only', os.path.join(out, 'ckpt.pt'), '--out',
+                                  str(tmp_path / 'a')])
     assert 0 < ours['psnr'] < 100 and 0 < ours['codebook_usage'] <= 1
-    # the same EMA weights in the official Lightning layout (raw weights under their names, EMA as LitEma keys)
-    state = {k: torch.zeros_like(v) for k, v in t.ema.state_dict().items()}  # raw: deliberately wrong
+    # the same EMA weights in the official Lightning layout (raw weights under their names, EMA as
+    # LitEma keys) raw: deliberately wrong
+    state = {k: torch.zeros_like(v) for k, v in t.ema.state_dict().items()}
     state.update({'model_ema.' + k.replace('.', ''): v for k, v in t.ema.state_dict().items()})
-    state.update({'model_ema.decay': torch.tensor(0.999), 'model_ema.num_updates': torch.tensor(20)})
+    state.update({'model_ema.decay': torch.tensor(0.999),
+                  'model_ema.num_updates': torch.tensor(20)})
     torch.save({'state_dict': state}, tmp_path / 'official.ckpt')
     theirs = train_tok.main(FAST + ['--eval-only', f"open-magvit2:{tmp_path / 'official.ckpt'}",
                                     '--out', str(tmp_path / 'b')])
-    assert theirs['psnr'] == pytest.approx(ours['psnr'], abs=1e-6)  # EMA weights were picked, not the zeros
+    # EMA weights were picked, not the zeros
+    assert theirs['psnr'] == pytest.approx(ours['psnr'], abs=1e-6)
 
 
 def test_schedule_warmup_and_cooldown(tmp_path):
     """--warmup-steps and --cooldown shape the logged lr exactly; --gan-weight 0 never touches D."""
     out = str(tmp_path / 'run')
-    t = train_tok.main(FAST + ['--max-steps', '8', '--lr', '1e-3', '--warmup-steps', '4', '--cooldown', '0.5',
+    t = train_tok.main(FAST + ['--max-steps', '8', '--lr', '1e-3', '--warmup-steps', '4',
+                               '--cooldown', '0.5',
                                '--gan-weight', '0', '--out', out])
     rows = [r for r in read_log(out) if r['recon']]
     # the row of step s + 1 logs the lr used for step s
     expected = [1e-3 * min(1, (s + 1) / 4) * min(1, (1 - s / 8) / 0.5) for s in range(8)]
     assert [float(r['lr']) for r in rows] == pytest.approx(expected, rel=1e-9)
     assert all(float(r['d_loss']) == 0 for r in rows)
-    init = train_tok.build(train_tok.get_args(FAST), utils.setup('cpu')).raw_disc  # build() seeds: same init
+    # build() seeds: same init
+    init = train_tok.build(train_tok.get_args(FAST), utils.setup('cpu')).raw_disc
     for a, b in zip(init.state_dict().values(), t.raw_disc.state_dict().values()):
         assert torch.equal(a, b)  # no D step was taken
 
 
 def test_max_minutes_stops_in_time_with_checkpoint(tmp_path):
-    """A wall-clock budget (compile and evaluations included) ends the run early, with a checkpoint and a last
-    evaluation on every held-out image."""
+    """A wall-clock budget (compile and evaluations included) ends the run early, with a checkpoint
+    and a last evaluation on every held-out image."""
     out = str(tmp_path / 'run')
     t0 = time.time()
-    train_tok.main(FAST + ['--max-steps', '100000', '--max-minutes', '0.15', '--cooldown', '0.3', '--out', out])
+    train_tok.main(FAST + ['--max-steps', '100000', '--max-minutes', '0.15', '--cooldown', '0.3',
+                           '--out', out])
     assert time.time() - t0 < 0.15 * 60 + 5
     ckpt = utils.load_checkpoint(os.path.join(out, 'ckpt.pt'), expect_kind='tokenizer')
     assert 0 < ckpt['step'] < 100000
@@ -281,8 +299,9 @@ def test_max_minutes_stops_in_time_with_checkpoint(tmp_path):
 
 
 def test_compile_blocks_same_function():
-    """compile_blocks captures the same forward and backward (graph capture with the aot_eager backend: the
-    Inductor kernels themselves are compared with the eager step by bench.py on the GPU)."""
+    """compile_blocks captures the same forward and backward (graph capture with the aot_eager
+    backend: the Inductor kernels themselves are compared with the eager step by bench.py on the
+    GPU)."""
     torch.manual_seed(0)
     eager = Tokenizer.from_preset('tiny')
     compiled = tokenizer.compile_blocks(copy.deepcopy(eager), backend='aot_eager')
