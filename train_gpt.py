@@ -100,6 +100,7 @@ def train_step(model, optimizer, micro_batches, lr, device_type, grad_clip=1.0):
     """One optimisation step (bench.py times this): micro_batches is a list of (tokens (B, T) int64
     18-bit indices, labels (B,)) on the device, one per gradient-accumulation step. Returns the last
     micro-batch's (CE_pre, CE_post)."""
+    # the schedule is applied by hand (no scheduler object): a resume needs only the step
     for group in optimizer.param_groups:
         group['lr'] = lr
     for i, (tokens, labels) in enumerate(micro_batches):
@@ -110,12 +111,17 @@ def train_step(model, optimizer, micro_batches, lr, device_type, grad_clip=1.0):
         with model.no_sync() if isinstance(model, DDP) and not last else nullcontext():
             with autocast(device_type):
                 logits_pre, _, loss = model(pre, post, labels)  # loss = CE(pre) + CE(post), Eq. (7)
+            # divided by the micro-batch count: the summed gradients are those of the mean loss over
+            # the whole batch
             (loss / len(micro_batches)).backward()
+    # after the last backward: the norm of the gradient averaged over all ranks and micro-batches
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():  # split the logged loss into its two terms
+        # (B*T, 2^pre_bits) logits against (B*T,) targets, in fp32 as the model's own loss
         loss_pre = F.cross_entropy(logits_pre.flatten(0, 1).float(), pre.flatten())
+    # device tensors: no host sync until a log line reads them
     return loss_pre, loss.detach() - loss_pre
 
 
@@ -141,6 +147,8 @@ def load_tokenizer(path, ema, image_size, device, compile=False):
 def encode_held_out(tokenizer, dataset, batch_size, dist, num_workers):
     """This rank's share (images r, r+W, ...) of held-out images, encoded once: tokens (n, h*w) and
     labels (n,) int64 on the CPU. Unreadable images are left out (the dataset warns about each)."""
+    # a range as the sampler: a fixed order, every image once over all ranks (no padding as
+    # DistributedSampler's)
     rows = range(dist.rank, len(dataset), dist.world_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=rows,
                                          num_workers=num_workers, collate_fn=data.collate_skip_bad)
@@ -151,8 +159,9 @@ def encode_held_out(tokenizer, dataset, batch_size, dist, num_workers):
         if len(images):
             with autocast(dist.device_type):
                 indices = tokenizer.encode(images.to(dist.device))[1]  # (B, h, w)
-            tokens.append(indices.flatten(1).cpu())
+            tokens.append(indices.flatten(1).cpu())  # (B, h*w)
             labels.append(batch_labels)
+    # (n, h*w), (n,)
     return torch.cat(tokens), torch.cat(labels)
 
 
@@ -165,6 +174,7 @@ def held_out_codes(path, rank, world_size):
                          "with python extract_codes.py --val ...")
     rows = codes.present[rank::world_size]  # (n,) rows of the codes that exist
     tokens = torch.from_numpy(codes.codes[0, rows].astype(np.int64)).flatten(1)  # view 0: (n, h*w)
+    # CodesDataset's labels are aligned with `present`: the same rank::world_size rows
     return tokens, torch.from_numpy(codes.labels[rank::world_size].astype(np.int64)), codes.meta
 
 
@@ -180,12 +190,16 @@ def held_out_loss(model, tokens, labels, batch_size, device_type):
     for i in range(0, len(tokens), batch_size):
         pre, post = split_indices(tokens[i:i + batch_size].to(device))  # (B, T) each
         with autocast(device_type):
+            # (B, T, 2^pre_bits), (B, T, 2^post_bits)
             logits_pre, logits_post, _ = model(pre, post, labels[i:i + batch_size].to(device))
+        # sums, not means: divided once by the global position count, batches of any size weigh by
+        # their tokens
         sums[0] += F.cross_entropy(logits_pre.flatten(0, 1).float(), pre.flatten(),
                                    reduction='sum')
         sums[1] += F.cross_entropy(logits_post.flatten(0, 1).float(), post.flatten(),
                                    reduction='sum')
         sums[2] += pre.numel()
+    # back to the caller's mode: this runs mid-training
     model.train(was_training)
     sums = all_reduce_sum(sums)
     return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
@@ -228,7 +242,7 @@ PRESETS = {
     'B': dict(model='B'),
     'L': dict(model='L'),
     'XL': dict(model='XL', lr=2.4e-4, warmup_epochs=7, epochs=350),
-    # CPU quick start (~4-5 min on 2 cores): 4000 synthetic 32px images of 10 classes, an 8x8 token
+    # CPU quick start (minutes): 4000 synthetic 32px images of 10 classes, an 8x8 token
     # grid; small batches and a high lr (4.2e-3 after scaling to batch 32) learn the most in the
     # time
     'tiny': dict(model='tiny', data='synthetic', image_size=32, batch_size=32, lr=0.1, epochs=7,
@@ -246,6 +260,7 @@ RESUME_MAY_CHANGE = {'resume', 'overwrite', 'device', 'out', 'num_workers', 'com
 
 
 def get_args(argv=None):
+    """The command line: argparse defaults are the paper's B run, a --preset replaces them."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--preset', choices=list(PRESETS), help="a named run: its --model and "
@@ -324,6 +339,8 @@ def main(argv=None):
     if args.codes:
         dataset = data.CodesDataset(args.codes)
         grid, num_bits, image_size = dataset.meta['grid'], dataset.meta['num_bits'], dataset.meta['image_size']
+        # here the tokenizer only decodes the sample grids: it must make the kind of tokens the
+        # codes hold
         if tokenizer and (tokenizer.config.num_bits,
                           image_size // tokenizer.downsample) != (num_bits, grid[0]):
             raise ValueError(f"--codes {args.codes} holds {num_bits}-bit tokens on a {grid[0]}x{grid[1]} grid, but "
@@ -336,6 +353,8 @@ def main(argv=None):
         dataset = data.build_dataset(args.data, args.image_size, train=True, seed=args.seed,
                                      hflip=args.hflip)
         num_bits, grid = tokenizer.config.num_bits, [args.image_size // tokenizer.downsample] * 2
+    # --batch-size is global: micro_batch x --grad-accum x world size, so a run resumes on another
+    # GPU count with the same steps
     micro_batch, rem = divmod(args.batch_size, dist.world_size * args.grad_accum)
     if rem or micro_batch == 0:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by world size {dist.world_size} x "
@@ -348,6 +367,7 @@ def main(argv=None):
                                          drop_last=True, pin_memory=device_type == 'cuda',
                                          generator=torch.Generator(),
                                          collate_fn=None if args.codes else data.collate_skip_bad)
+    # full global batches only: the sampler and drop_last drop each epoch's tail
     steps_per_epoch = len(dataset) // dist.world_size // (micro_batch * args.grad_accum)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(dataset)} images are fewer than one global batch of {args.batch_size}")
@@ -365,6 +385,7 @@ def main(argv=None):
         val_set = data.build_dataset(args.val_data, args.image_size, train=False, seed=args.seed)
         val = encode_held_out(tokenizer, val_set, micro_batch, dist, args.num_workers)
     elif args.val_codes:
+        # val = [tokens, labels], as encode_held_out returns them
         *val, val_meta = held_out_codes(args.val_codes, dist.rank, dist.world_size)
         if (val_meta['num_bits'], val_meta['grid']) != (num_bits, list(grid)):
             raise ValueError(f"--val-codes {args.val_codes} holds {val_meta['num_bits']}-bit "
@@ -382,6 +403,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     model = GPT.from_preset(args.model, num_classes=dataset.num_classes, vocab_bits=num_bits,
                             block_size=grid[0] * grid[1]).to(device)
+    # AdamW(0.9, 0.95) as the official configs; decay on matrices and embeddings only
     optimizer = model.configure_optimizers(args.weight_decay, peak_lr, (0.9, 0.95), device_type)
     print0(f"GPT {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
            f"{grid[0]}x{grid[1]} tokens of {num_bits} bits, batch {micro_batch} x {args.grad_accum} micro-batches x "
@@ -393,6 +415,7 @@ def main(argv=None):
     step, epoch, batch_in_epoch = 0, 0, 0
     if args.resume:
         ckpt = load_checkpoint(ckpt_path, 'gpt')
+        # another model or other training flags are refused (RESUME_MAY_CHANGE lists the exceptions)
         check_resume(ckpt, asdict(model.config), vars(args), RESUME_MAY_CHANGE, ckpt_path)
         # the same --tokenizer path may hold other weights now (retrained in place)
         check_config({'tokenizer_fingerprint': ckpt['tokenizer'].get('fingerprint')},
@@ -400,6 +423,7 @@ def main(argv=None):
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
         step, epoch, batch_in_epoch = ckpt['step'], ckpt['epoch'], ckpt['batch_in_epoch']
+        # one RNG state per rank: restored only when every rank has its own
         if len(ckpt['rng']) == dist.world_size:
             set_rng_state(ckpt['rng'][dist.rank])
         else:
@@ -433,6 +457,7 @@ def main(argv=None):
                f"{bits_pre:.3f} of {raw_model.config.pre_bits} + {bits_post:.3f} of {post_bits} "
                "bits per token")
         # an evaluation row: the training columns stay empty
+        # fields[-4:] are the val_* columns
         log.write({'step': step, 'epoch': epoch, **{name: f'{v:.6f}' for name, v in zip(
             fields[-4:], (ce_pre, ce_post, bits_pre, bits_post))}})
 
@@ -463,6 +488,7 @@ def main(argv=None):
                 'optimizer': optimizer.state_dict(), 'step': step, 'epoch': position[0],
                 'batch_in_epoch': position[1], 'rng': rngs, 'train_args': vars(args),
                 'tokenizer': tokenizer_info})
+        # the other ranks wait for rank 0's samples and checkpoint: all go on with it on disk
         barrier()
 
     # the training loop
@@ -471,9 +497,12 @@ def main(argv=None):
               'val_bits_post']
     log = CSVLog(os.path.join(args.out, 'log.csv'), fields, dist.is_main,
                  resume_step=step if args.resume else None)
+    # global: all ranks and micro-batches
     tokens_per_step = args.batch_size * grid[0] * grid[1]
     peak = peak_flops(device_type)  # None on other chips: no MFU in the log
+    # unreadable images so far: data.check_bad_fraction stops the run past 1%
     num_bad = num_seen = 0
+    # --max-steps ends the run early; the lr schedule stays that of --epochs
     stop_step = min(args.max_steps or total_steps, total_steps)
     progress = tqdm(total=stop_step, initial=step, disable=not dist.is_main, dynamic_ncols=True)
     if val is not None and step == 0:
@@ -481,7 +510,9 @@ def main(argv=None):
     start_time = last_time = time.time()
     last_step = step
     while step < stop_step:
+        # mid-epoch on resume: skip the samples this rank already trained on in this epoch
         sampler.set_epoch(epoch, start=batch_in_epoch * micro_batch * args.grad_accum)
+        # a fresh iterator per epoch: the workers restart with the sampler's new order and start
         batches = iter(loader)
         while batch_in_epoch < steps_per_epoch:
             micro_batches = []
@@ -495,8 +526,11 @@ def main(argv=None):
                     with torch.no_grad(), autocast(device_type):
                         images = images.to(device, non_blocking=True)
                         tokens = tokenizer.encode(images)[1].flatten(1)  # (B, h*w)
+                # non_blocking: the loader pins its batches on CUDA, so the host queues the copy and
+                # goes on
                 micro_batches.append((tokens.to(device, non_blocking=True),
                                       labels.to(device, non_blocking=True)))
+            # a function of the global step alone: the same on every rank and after a resume
             lr = get_lr(step, total_steps, warmup_steps, peak_lr)
             loss_pre, loss_post = train_step(model, optimizer, micro_batches, lr, device_type,
                                              args.grad_clip)
@@ -508,6 +542,7 @@ def main(argv=None):
                 loss_pre, loss_post = all_reduce_mean(torch.stack([loss_pre, loss_post])).tolist()
                 now = time.time()
                 tokens_per_s = (step - last_step) * tokens_per_step / (now - last_time)
+                # per chip: estimate_mfu compares with the peak of one
                 mfu = raw_model.estimate_mfu(tokens_per_s / dist.world_size,
                                              peak) if peak else float('nan')
                 last_time, last_step = now, step
@@ -518,10 +553,13 @@ def main(argv=None):
                     step, epoch, f'{lr:.4g}', f'{loss_pre:.4f}', f'{loss_post:.4f}',
                     f'{tokens_per_s:.1f}', f'{mfu:.4f}', f'{peak_memory_gib(device_type):.2f}',
                     f'{now - start_time:.1f}'])))
+                # stop at once: the weights are already NaN, and the last checkpoint is the one to
+                # go back to
                 if not math.isfinite(loss_pre + loss_post):
                     raise RuntimeError(f"loss is {loss_pre + loss_post} at step {step}; lower --lr or check the data")
             if step % args.eval_every == 0 or step == stop_step:
                 evaluate_and_save()
+            # --max-steps may end mid-epoch: the checkpoint above records the position
             if step == stop_step:
                 break
         epoch, batch_in_epoch = epoch + 1, 0
