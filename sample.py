@@ -63,8 +63,9 @@ def generate_images(gpt, tokenizer, labels, generator, **sampling):
     # generate's tokens; on GPUs one position replays as a CUDA graph (bench.py --rows sampling)
     pre, post = gpt.generate_fast(labels, generator=generator, **sampling)  # (B, T) each
     grid = gpt.config.grid_size
-    # (B, h, w) 18-bit indices
+    # index = pre + post * 2^pre_bits, the inverse of split_indices: (B, T) -> (B, h, w)
     indices = merge_indices(pre, post, gpt.config.pre_bits).view(-1, grid, grid)
+    # indices -> +-1 codes -> decoder; clamped as the official code before the uint8 cast
     return tokenizer.decode_indices(indices).float().clamp(-1, 1)
 
 
@@ -96,9 +97,12 @@ def load_models(gpt_path, tokenizer_path=None, ema=None, allow_tokenizer_mismatc
         trained_ema = trained.get('ema', True)
     if not tokenizer_path:
         raise ValueError(f"{gpt_path} does not name its tokenizer (trained from --codes?): pass --tokenizer CKPT")
+    # loaded once: a second from_checkpoint below (an explicit --ema / --no-ema) reuses it
     tokenizer_ckpt = load_checkpoint(tokenizer_path)
     tokenizer = Tokenizer.from_checkpoint(tokenizer_ckpt, ema=trained_ema)
     fingerprint = trained.get('fingerprint')
+    # the fingerprint is of the weights the GPT saw (EMA or raw), so it is checked before any --ema
+    # override
     if fingerprint and weights_checksum(tokenizer) != fingerprint and not allow_tokenizer_mismatch:
         weights = 'EMA' if trained_ema else 'raw'
         raise ValueError(f"{gpt_path} was trained with tokenizer {trained.get('path')} ({weights} "
@@ -138,6 +142,7 @@ def check_class_consistency(images, labels, tokenizer, epochs=3, seed=0):
     train = data.build_dataset('synthetic', size, train=True)
     (x, y), (x_held,
              y_held) = images_and_labels(train), images_and_labels(data.build_dataset('synthetic', size, False))
+    # a four-stage CNN: enough to tell the shapes and colours apart, trained in seconds
     conv = lambda c_in, c_out: [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
                                 nn.BatchNorm2d(c_out), nn.ReLU()]
     net = nn.Sequential(nn.AvgPool2d(2), *conv(3, 32), nn.MaxPool2d(2), *conv(32, 64),
@@ -154,10 +159,11 @@ def check_class_consistency(images, labels, tokenizer, epochs=3, seed=0):
             loss.backward()
             optimizer.step()
     net.eval()
-    # the saved pixels
+    # uint8 (N, H, W, 3) -> (N, 3, H, W) in [-1, 1]: judged on the saved pixels
     from_uint8 = lambda u: torch.from_numpy(u).permute(0, 3, 1, 2).float() / 127.5 - 1
     accuracy = lambda x, y: (net(x).argmax(1) == y).float().mean().item()
     with torch.no_grad():
+        # through uint8 as the samples, so both are judged on the same rounding
         reconstructed = to_uint8(tokenizer(x_held.to(next(tokenizer.parameters()).device))[0])
         return {'samples': accuracy(from_uint8(images), torch.as_tensor(labels)),
                 'real': accuracy(x_held, y_held),
@@ -214,6 +220,7 @@ def get_args(argv=None):
             values = ()
         if len(values) not in (1, 2) or not all(valid(v) for v in values):
             parser.error(f"{flag} {text!r}: expected one value or 'pre,post', {requirement}")
+        # one value is used for both sub-tokens
         return (values * 2)[:2]
     sampling = dict(cfg_scale=pair('--cfg-scale', float, math.isfinite, "numbers"),
                     temperature=pair('--temperature', float, lambda t: 0 <= t < math.inf,
@@ -243,7 +250,8 @@ def main(argv=None):
     # a retrained GPT starts anew (a missing one is reported by load_models)
     gpt_file = args.gpt.removeprefix(OFFICIAL_PREFIX)
     settings['gpt_mtime'] = os.path.getmtime(gpt_file) if os.path.exists(gpt_file) else None
-    settings = json.loads(json.dumps(settings))  # as read back from the file
+    # as read back from the file (tuples become lists), so that == compares like with like
+    settings = json.loads(json.dumps(settings))
     # an evaluation file is never silently stale
     if npz and os.path.exists(args.out) and not args.overwrite:
         recorded = None
@@ -269,6 +277,7 @@ def main(argv=None):
         raise ValueError(f"--classes must lie in 0..{config.num_classes - 1} for this model")
     # class-major: a grid row per class
     labels = torch.tensor(classes).repeat_interleave(args.num_per_class)
+    # (N,) labels cut into shards of --batch-size; shard s always has the same labels and seed
     shards = labels.split(args.batch_size)
     print0(f"{len(labels)} images of {len(classes)} classes, cfg {sampling['cfg_scale'] or config.cfg_scale}, "
            f"temperature {sampling['temperature'] or config.temperature}, top-k {sampling['top_k']}, "
@@ -292,12 +301,13 @@ def main(argv=None):
     barrier()
 
     mine = range(dist.rank, len(shards), dist.world_size)  # shard s goes to rank s % world
+    # shards already on disk (a killed run) are not sampled again
     todo = [s for s in mine if not (npz and os.path.exists(os.path.join(shard_dir, f'shard{s:06d}.npz')))]
     images = {}
     start = time.time()
     for s in tqdm(todo, desc='sampling', disable=not dist.is_main, initial=len(mine) - len(todo),
                   total=len(mine)):
-        # per-shard stream
+        # a stream per shard, not per rank: the images do not depend on the number of GPUs
         generator = torch.Generator(dist.device).manual_seed(args.seed * 1_000_003 + s)
         with autocast(dist.device_type):
             shard = to_uint8(generate_images(gpt, tokenizer, shards[s].to(dist.device), generator,
@@ -331,12 +341,15 @@ def main(argv=None):
         parts = [np.load(os.path.join(shard_dir, f'shard{s:06d}.npz')) for s in range(len(shards))]
         all_images = np.concatenate([p['images'] for p in parts])
         all_labels = np.concatenate([p['labels'] for p in parts])
+        # shuffled as the official combine_npz.py: the first images of the file are of all classes,
+        # not of class 0
         order = np.random.default_rng(args.seed).permutation(len(all_labels))
         # before OUT: an OUT without its settings would be refused
         with open(settings_path, 'w') as f:
             json.dump(settings, f, indent=1)
         with open(args.out + '.tmp', 'wb') as f:
             np.savez(f, arr_0=all_images[order], arr_1=all_labels[order])
+        # atomic: a kill leaves no half-written OUT
         os.replace(args.out + '.tmp', args.out)
         shutil.rmtree(shard_dir)
         print(f"wrote {args.out}: arr_0 {all_images.shape} uint8, arr_1 labels")
