@@ -70,9 +70,11 @@ def crop_image(img, size, train, rng, hflip):
     w, h = img.size
     scale = size / min(w, h)
     if scale != 1:
+        # shorter side -> size; max(): no side ends below size after rounding
         img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
         w, h = img.size
     if train:
+        # high is exclusive: every offset up to w - size is possible
         left, top = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
     else:
         left, top = (w - size) // 2, (h - size) // 2
@@ -92,6 +94,8 @@ class _Base(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         epoch, i = item if isinstance(item, tuple) else (0, item)
+        # seeded by (seed, epoch, index), never by worker or rank: the crop is the same wherever and
+        # whenever image i is read
         rng = np.random.default_rng((self.seed, epoch, i)) if self.train else None
         try:
             return crop_image(self.load(i), self.size, self.train, rng,
@@ -107,6 +111,8 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 
 
 class ImageFolder(_Base):
+    """root/<class>/<image>, as torchvision's:
+    label = the position of the class folder in sorted order."""
 
     def __init__(self, root, size, train=True, seed=0, hflip=False):
         super().__init__(size, train, seed, hflip)
@@ -159,6 +165,7 @@ class NpzImages(_Base):
         return len(self.labels)
 
     def _locate(self, i):
+        # global index -> (file, row in it): the last part whose start is <= i
         part = int(np.searchsorted(self.starts, i, side='right')) - 1
         return part, i - self.starts[part]
 
@@ -167,6 +174,7 @@ class NpzImages(_Base):
         _, images, jpeg, offsets = self.parts[part]
         if images is not None:
             return Image.fromarray(images[j])
+        # image j's JPEG bytes lie between offsets[j] and offsets[j + 1] of one flat uint8 array
         return open_image(io.BytesIO(jpeg[offsets[j]:offsets[j + 1]].tobytes()))
 
     def describe(self, i):
@@ -192,11 +200,13 @@ class SyntheticShapes(_Base):
         return self.n
 
     def load(self, i):
+        # 12345 keeps this stream apart from the crop's (seed, epoch, i)
         rng = np.random.default_rng((self.seed, 12345, i))
         s, c = self.size, int(self.labels[i])
-        yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5
+        yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5  # (s, s) pixel centres
         r = s * rng.uniform(0.22, 0.34)  # shape radius
         cy, cx = rng.uniform(r, s - r, size=2)
+        # (s, s) coordinates in units of the radius: the masks below are unit shapes
         dy, dx = (yy - cy) / r, (xx - cx) / r
         shape = c % 5
         if shape == 0:
@@ -212,6 +222,7 @@ class SyntheticShapes(_Base):
         background = rng.uniform(0, 90,
                                  size=3).astype(np.float32) + 20 * rng.standard_normal((s, s, 1))
         colour = self.PALETTE[c // 5] * rng.uniform(0.8, 1.0)
+        # (s, s, 3): the shape over the background, plus pixel noise
         img = np.where(mask[..., None], colour, background) + 6 * rng.standard_normal((s, s, 3))
         return Image.fromarray(img.clip(0, 255).astype(np.uint8))
 
@@ -220,6 +231,7 @@ class SyntheticShapes(_Base):
 
 
 def build_dataset(spec, size, train=True, seed=0, hflip=False):
+    """A dataset spec (see the module docstring) -> dataset; train=False: center crops."""
     if spec == 'synthetic':
         # train and held-out splits are different images (different seeds), same classes
         return SyntheticShapes(n=4000 if train else 200, size=size,
@@ -250,6 +262,7 @@ class EpochSampler(torch.utils.data.Sampler):
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch, start=0):
+        # called before each epoch's iter(loader): the workers copy the sampler then
         self.epoch, self.start = epoch, start
 
     def __len__(self):
@@ -377,6 +390,8 @@ def extract_codes(tokenizer, dataset, out_dir, views, batch_size, dist_info, num
 
     mine = list(range(rank, n, world))
     chunks = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    # view-major: all of view 0, then view 1...; progress counts finished jobs, so a resume skips
+    # jobs[:done]
     jobs = [(v, chunk) for v in range(views) for chunk in chunks]
     done = progress['chunks_done']
     batch_sampler = [[(v, i) for i in chunk] for v, chunk in jobs[done:]]
@@ -399,7 +414,9 @@ def extract_codes(tokenizer, dataset, out_dir, views, batch_size, dist_info, num
             x = torch.stack([b[0] for _, b in good]).to(dist_info.device)
             with autocast(dist_info.device_type):  # bf16 on GPU / NPU
                 _, indices, _ = tokenizer.encode(x)  # (B, h, w)
+            # rows i of view v: no other rank writes them
             codes[v, [i for i, _ in good]] = indices.cpu().numpy().astype(np.int32)
+        # flush the memmap before recording progress: a recorded chunk is always on disk
         if k % 50 == 49 or done + k + 1 == len(jobs):
             codes.flush()
             with open(progress_path + '.tmp', 'w') as f:
@@ -411,6 +428,7 @@ def extract_codes(tokenizer, dataset, out_dir, views, batch_size, dist_info, num
         pattern = os.path.join(out_dir, f'progress_rank*_of{world}.json')
         progresses = [json.load(open(p)) for p in glob.glob(pattern)]
         skipped = {int(i): file for p in progresses for i, file in p['skipped'].items()}
+        # complete only if every rank of this world size finished all its chunks
         meta['complete'] = len(progresses) == world and all(
             p['chunks_done'] == p['chunks_total'] for p in progresses)
         meta['skipped'] = [{'index': i, 'file': skipped[i]} for i in sorted(skipped)]
