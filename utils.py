@@ -53,8 +53,7 @@ def setup(device_name='cuda'):
         raise ValueError(f"unknown --device {device_name!r}: choose cuda, npu or cpu")
     if device_name == 'npu':
         try:
-            # noqa: F401  (registers the 'npu' device and the hccl backend with torch)
-            import torch_npu
+            import torch_npu  # noqa: F401  registers the 'npu' device and the hccl backend
         except ImportError as e:
             raise RuntimeError("--device npu needs Huawei's torch_npu package (pip install torch-npu matching "
                                "your torch and CANN versions)") from e
@@ -66,9 +65,11 @@ def setup(device_name='cuda'):
         device = torch.device('cpu')
     else:
         device = torch.device(device_name, local_rank)
+        # one accelerator per process: LOCAL_RANK picks it (torch.cuda or torch_npu's torch.npu)
         getattr(torch, device_name).set_device(device)
     if world_size > 1:
         backend = {'cuda': 'nccl', 'npu': 'hccl', 'cpu': 'gloo'}[device_name]
+        # device_id binds the NCCL communicator to this GPU now, not lazily at the first collective
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 device_id=device if device_name == 'cuda' else None)
     if device_name == 'cuda':
@@ -96,6 +97,7 @@ def autocast(device_type):
 
 
 def print0(*args, **kwargs):
+    # reads the environment, not a Dist: callable before setup and from any module
     if int(os.environ.get('RANK', 0)) == 0:
         print(*args, **kwargs, flush=True)
 
@@ -103,7 +105,7 @@ def print0(*args, **kwargs):
 def all_reduce_sum(x):
     """Sum a tensor over ranks (a copy; no-op without DDP): evaluation totals."""
     if dist.is_available() and dist.is_initialized():
-        x = x.clone()
+        x = x.clone()  # all_reduce works in place: the caller's tensor is kept
         dist.all_reduce(x)
     return x
 
@@ -137,6 +139,7 @@ def peak_flops(device_type):
     """The datasheet bf16 peak (FLOP/s) of this process's GPU, or None for a chip not in
     PEAK_FLOPS."""
     name = torch.cuda.get_device_name() if device_type == 'cuda' else ''
+    # a substring of the device name, e.g. 'NVIDIA H100 80GB HBM3' -> 'H100'
     return next((flops for chip, flops in PEAK_FLOPS.items() if chip in name), None)
 
 
@@ -146,6 +149,7 @@ def weights_checksum(module):
     a run shows it did."""
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
+        # the names too: the same values under other keys are other weights
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
@@ -295,6 +299,7 @@ def rng_state():
     loads with weights_only=True)."""
     version, internal, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
+    # numpy's key is a uint32 array: stored as an int64 tensor, which weights_only loading allows
     state = {'python': [version, list(internal), gauss],
              'numpy': [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
              'torch': torch.get_rng_state()}
@@ -328,6 +333,7 @@ class CSVLog:
         rows = []
         if resume_step is not None and os.path.exists(path):
             with open(path, newline='') as f:
+                # the rows up to the checkpoint's step; the resumed run writes the later ones again
                 rows = [row for row in csv.DictReader(f) if int(row['step']) <= resume_step]
         # rewritten whole, then renamed: never half a log
         with open(path + '.tmp', 'w', newline='') as f:
@@ -349,6 +355,7 @@ class CSVLog:
 def to_uint8(x):
     """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8 numpy, official convention: clamp, scale,
     truncate."""
+    # to(uint8) truncates (255.9 -> 255), as the official code, rather than rounding
     x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
@@ -364,6 +371,7 @@ def save_image_grid(images, path, nrow=8):
     grid = np.full((nrows * (h + 2) + 2, ncol * (w + 2) + 2, 3), 255, np.uint8)  # white 2px borders
     for i, img in enumerate(images):
         r, c = divmod(i, ncol)
+        # image i at row r, column c of the grid, inside its 2px border
         grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + c * (w + 2): 2 + c * (w + 2) + w] = img
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(grid).save(path)
