@@ -8,7 +8,7 @@ Stage 1 of Open-MAGVIT2: train the LFQ image tokenizer (tokenizer.py) as a VQGAN
     EMA of the generator (0.999), used for evaluation and saved in the
     checkpoint for the next stage.
 
-Quick start, CPU, built-in synthetic data (~2.5 minutes on 2 cores):
+Quick start, CPU, built-in synthetic data (minutes):
     python train_tok.py --preset tiny --device cpu --out out/demo_tok
 One GPU:
     python train_tok.py --preset imagenet128 --data /data/imagenet/train \
@@ -71,10 +71,9 @@ PRESETS = {
                         lr_drops=[250, 300], lecam_weight=0.01),
     'imagenet256': dict(model='imagenet256', image_size=256, batch_size=256, epochs=270,
                         lr_drops=[200, 250], lecam_weight=0.05),
-    # built-in shapes at 32px, ~2.5 minutes on 2 CPU cores (18 dB PSNR from 8). No LPIPS (its VGG
-    # weights are 528 MB); a higher lr; a weak GAN: at 32px the PatchGAN judges 2x2 patches, and the
-    # paper's 0.1 costs ~3 dB in a 500-step run; a stronger LeCAM, which is meant for small datasets
-    # like this one
+    # built-in shapes at 32px, minutes on a CPU. No LPIPS (its VGG weights are 528 MB); a higher
+    # lr; a weak GAN: at 32px the PatchGAN judges 2x2 patches, and the paper's 0.1 costs PSNR in a
+    # short run; a stronger LeCAM, which is meant for small datasets like this one
     'tiny': dict(model='tiny', data='synthetic', image_size=32, batch_size=16,
                  max_steps=500, lr=4e-4,
                  perceptual_weight=0.0, gan_weight=0.01, lecam_weight=0.1, eval_every=250,
@@ -93,6 +92,7 @@ RESUME_MAY_CHANGE = {'resume', 'overwrite', 'eval_only', 'device', 'out', 'num_w
 
 
 def get_args(argv=None):
+    """The command line: the defaults are the 256px run, a --preset replaces them."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--preset', choices=sorted(PRESETS), help="a named run: its --model and "
@@ -243,9 +243,10 @@ def train_step(x, t, args, step):
     with utils.autocast(t.device_type):
         # (B, 3, H, W), and Eq. (3) terms from LFQ (global batch under DDP)
         x_rec, _, quantizer_losses = t.model(x)
-        recon = (x_rec.float() - x).abs().mean()
+        recon = (x_rec.float() - x).abs().mean()  # L1 in fp32
+        # LPIPS distance per image, averaged
         perceptual = t.lpips(x, x_rec).mean() if t.lpips is not None else zero
-        # per-image mean logit
+        # softplus(-mean) of each image's (B, 1, h, w) patch logits, in fp32
         g_gan = non_saturating_g_loss(t.raw_disc(x_rec).float()) if use_gan else zero
     g_loss = (recon + args.perceptual_weight * perceptual + args.gan_weight * g_gan
               + args.entropy_weight * quantizer_losses['entropy_loss']  # Eq. (3)
@@ -264,6 +265,7 @@ def train_step(x, t, args, step):
         def judge(images):  # (B, 3, H, W) -> (B, 1, h, w) patch logits in fp32
             with utils.autocast(t.device_type):
                 return t.disc(images).float()
+        # d_loss detaches x and x_rec: D's backward stops at D
         loss_d, d_parts = d_loss(judge, x, x_rec, t.lecam, args.lecam_weight)
         t.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
@@ -273,6 +275,7 @@ def train_step(x, t, args, step):
     # (1+n)/(10+n)), so that early (and short) runs evaluate a useful average instead of the random
     # initialisation
     decay = min(args.ema_decay, (1 + step) / (10 + step))
+    # ema += (1 - decay) (raw - ema), all parameters in one fused call; the buffers are not averaged
     torch._foreach_lerp_(list(t.ema.parameters()), list(t.raw_model.parameters()), 1 - decay)
     return {'recon': recon, 'lpips': perceptual, 'g_gan': g_gan,
             'commit': quantizer_losses['commitment_loss'],
@@ -298,6 +301,7 @@ def evaluate(ema, val_set, args, dist, step, num_images=None):
     inception_weights = args.inception_weights or fid.local_weights()
     inception = fid.load_inception(inception_weights, dist.device) if inception_weights else None
     num_images = args.eval_images if num_images is None else num_images
+    # a multiple of the world size: every rank evaluates as many images
     n = min(num_images or len(val_set), len(val_set)) // dist.world_size * dist.world_size
     loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size // dist.world_size,
                                          num_workers=args.num_workers,
@@ -321,8 +325,10 @@ def evaluate(ema, val_set, args, dist, step, num_images=None):
         # (B*h*w, K) in {0, 1}: bit k is 1 where channel k is positive
         bits = (indices_to_codes(indices.flatten(), num_bits) > 0).double()
         ones += torch.cat([bits.sum(0), bits.new_tensor([len(bits)])])
+        # PSNR on the uint8 images, as the official evaluation: (B, H, W, 3) in 0..255
         real, fake = torch.from_numpy(utils.to_uint8(x)).double(), torch.from_numpy(utils.to_uint8(x_rec)).double()
         mse = (real - fake).pow(2).mean((1, 2, 3))  # (B,) on 0..255 values
+        # PSNR per image = 10 log10(255^2 / MSE), summed; clamp: an exact copy is finite
         sums += torch.tensor([(10 * torch.log10(255 ** 2 / mse.clamp_min(1e-10))).sum(), len(x)],
                              device=dist.device)
         # as fid.rfid: pytorch-fid's bilinear resize of (x + 1) / 2, no uint8 rounding
@@ -441,6 +447,7 @@ def main(argv=None):
                                          collate_fn=collate_skip_bad,
                                          pin_memory=dist.device_type == 'cuda',
                                          persistent_workers=args.num_workers > 0)
+    # full global batches only (drop_last)
     steps_per_epoch = len(train_set) // args.batch_size
     max_steps = args.max_steps or args.epochs * steps_per_epoch
     utils.print0(f"tokenizer {args.model}: {sum(p.numel() for p in t.raw_model.parameters()) / 1e6:.2f}M params, "
@@ -504,6 +511,7 @@ def main(argv=None):
             if args.warmup_steps:
                 lr *= min(1.0, (step + 1) / args.warmup_steps)
             if args.cooldown:
+                # 1 until the last --cooldown fraction, then linearly to 0 at planned_steps
                 lr *= min(1.0, (1 - step / planned_steps) / args.cooldown)
             for opt in (t.opt_g, t.opt_d):
                 for group in opt.param_groups:
@@ -526,6 +534,8 @@ def main(argv=None):
 
             if step % args.log_every == 0 or step >= planned_steps:
                 names = list(sums)
+                # one all-reduce and one host sync per log line: the means over the interval and the
+                # ranks
                 means = utils.all_reduce_mean(torch.stack([sums[k] for k in names]) / num_summed).tolist()
                 row = {'step': step, 'epoch': epoch, 'lr': lr, **dict(zip(names, means)),
                        'bad_images': num_bad,
@@ -539,6 +549,7 @@ def main(argv=None):
                 if budget_s:  # re-plan the end of the run from the step rate of this log interval
                     left_s = budget_s - reserve_s - (time.time() - start_time)
                     rate = num_summed / (time.time() - t0)  # steps per second
+                    # rank 0 plans, the sum hands its plan to every rank: all stop at the same step
                     plan = step + max(0.0, left_s) * rate if dist.is_main else 0.0
                     plan = torch.tensor(plan, dtype=torch.float64, device=dist.device)
                     plan = utils.all_reduce_sum(plan)
@@ -554,7 +565,7 @@ def main(argv=None):
             t0 += time.time() - t_pause
             if last:
                 break
-        else:  # the epoch ran out
+        else:  # the epoch ran out (no break)
             epoch, batch_in_epoch = epoch + 1, 0
     pbar.close()
     if num_bad:
