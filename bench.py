@@ -79,6 +79,8 @@ def cuda_time(fn, iters=10, warmup=3, name=None):
     torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(iters):
+        # events time the GPU work itself; the synchronize after each run keeps runs from
+        # overlapping
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -92,7 +94,7 @@ def matmul_peak():
     """The bf16 FLOP/s of one 8192^3 matrix product: what a real kernel reaches on this GPU."""
     a, b = (torch.randn(8192, 8192, device='cuda', dtype=torch.bfloat16) for _ in range(2))
     ms, _ = cuda_time(lambda: a @ b, iters=10, warmup=3)
-    return 2 * 8192 ** 3 / (ms / 1e3)
+    return 2 * 8192 ** 3 / (ms / 1e3)  # 2 n^3 FLOPs: a multiply and an add
 
 
 def write_random_lpips(folder):
@@ -106,6 +108,7 @@ def write_random_lpips(folder):
         if v == 'M':
             index += 1
             continue
+        # He init: activations keep their scale through the 13 convs
         vgg[f'features.{index}.weight'] = torch.randn(v, in_ch, 3, 3) * (2 / (9 * in_ch)) ** 0.5
         vgg[f'features.{index}.bias'] = torch.zeros(v)
         index, in_ch = index + 2, v
@@ -177,6 +180,7 @@ def bench_tokenizer_step(preset, image_size, batch, dist, weights_dir, compile_m
         for k in ('recon', 'lpips', 'per_sample_entropy', 'codebook_entropy'):
             result[f'rel_diff_{k}'] = (abs(losses[k].item() - eager_losses[k].item())
                                        / max(abs(eager_losses[k].item()), 1e-6))
+    # steps 0-2 ran above; a list so that run() can advance it (the EMA decay reads the step)
     step = [2]
 
     def run():
@@ -192,6 +196,8 @@ def bench_tokenizer_step(preset, image_size, batch, dist, weights_dir, compile_m
 
 
 def bench_entropy(n, compile_mode=None):
+    """Forward + backward of quantizer.entropy_terms on n random 18-d latents. Returns ms, peak
+    GiB and the largest difference from the full 2^18-code table."""
     z = torch.randn(n, 18, device='cuda', requires_grad=True)
     # eager, the entropy loss is a few dozen small kernels and launch-bound (time flat in N);
     # torch.compile fuses them
@@ -205,6 +211,8 @@ def bench_entropy(n, compile_mode=None):
     # the same value as the materialised 2^18 table of the official code (exact logs, fp32)
     with torch.no_grad():
         codes = quantizer.indices_to_codes(torch.arange(2 ** 18, device='cuda'), 18)  # (2^18, 18)
+        # softmax(-||z - c||^2 / t) = softmax(2 z.c / t): ||z||^2 and ||c||^2 = K are the same for
+        # every code
         probs = torch.softmax(2 * z[:2048] @ codes.T / 0.01, dim=1)  # (2048, 2^18): ~2 GB
         table = (-(probs * probs.clamp_min(1e-30).log()).sum(1).mean(),
                  -(probs.mean(0) * probs.mean(0).clamp_min(1e-30).log()).sum())
@@ -235,6 +243,8 @@ def bench_encode(batch, compile_model):
 
 
 def bench_gpt_step(batch, peak, compile_model, encode_with=None):
+    """One train_gpt.train_step of GPT-B on random tokens (encode_with: a tokenizer that encodes
+    random images first, as on the fly). Returns images/s, tokens/s, MFU and peak GiB."""
     model = gpt_module.GPT.from_preset('B', num_classes=1000).cuda()
     optimizer = model.configure_optimizers(0.05, 3e-4, (0.9, 0.95), 'cuda')
     step_model = torch.compile(model) if compile_model else model
@@ -306,6 +316,7 @@ def bench_attention():
             results[name] = cuda_time(fn)[0]
     q = torch.randn(512, 16, 1, 64, device='cuda', dtype=torch.bfloat16)
     k, v = (torch.randn(512, 16, 256, 64, device='cuda', dtype=torch.bfloat16) for _ in range(2))
+    # the cache is read up to a multiple of 32 slots or in full: does a shorter read pay off?
     for slots in (224, 256):
         # (1, slots): the last two are stale
         visible = torch.arange(slots, device='cuda')[None] < slots - 2
@@ -341,6 +352,7 @@ def bench_sampling(model, batch, variant, decoder=None):
                 for chunk in indices.split(64):
                     decoder.decode_indices(chunk)
     times = []
+    # run 0 compiles and captures; the median of runs 1-3 is the speed
     for _ in range(4):
         torch.cuda.synchronize()
         start = time.perf_counter()
@@ -494,6 +506,7 @@ def main():
     if 'fid' in rows:
         weights = os.path.join(weights_dir, 'inception.pth')
         on, off = bench_fid_features(True, weights), bench_fid_features(False, weights)
+        # how far TF32 moves the features, relative to their largest value
         diff = ((on['pool'] - off['pool']).abs().max() / off['pool'].abs().max()).item()
         report('fid_features_tf32', on['images_per_s'], 'img/s', fp32_img_per_s=off['images_per_s'],
                max_rel_feature_diff=diff)
