@@ -8,15 +8,14 @@ guided-diffusion/evaluations). Both tools run the TF "inception-2015-12-05" Ince
 the pytorch-fid port, whose weight file pt_inception-2015-12-05-6726825d.pth loads unchanged (strict
 state dict). No TensorFlow needed.
 
-    FID  = |mu_1 - mu_2|^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)) on the 2048-d pool features     (Heusel et al. 2017)
-    sFID = the same on TF node mixed_6/conv (Mixed_6d.branch1x1 after ReLU):
-    first 7 channels x 17 x 17,
-           flattened (H, W, C) as ADM -> 2023-d                                                (Nash et al. 2021)
-    IS   = exp(E_x KL(p(y|x) || p(y))), mean over parts of 5,000 samples (ADM's rule),
-           softmax of the 1008 logits without bias                          (Salimans et al. 2016)
-    precision/recall: share of samples inside the union of the references'
-    k=3-NN balls, and vice versa
-                                                                                        (Kynkaanniemi et al. 2019)
+    FID  = |mu_1 - mu_2|^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)) on the 2048-d pool features
+           (Heusel et al. 2017)
+    sFID = the same on TF node mixed_6/conv (Mixed_6d.branch1x1 after ReLU): first 7 channels
+           x 17 x 17, flattened (H, W, C) as ADM -> 2023-d (Nash et al. 2021)
+    IS   = exp(E_x KL(p(y|x) || p(y))), mean over parts of 5,000 samples (ADM's rule), softmax of
+           the 1008 logits without bias (Salimans et al. 2016)
+    precision/recall: share of samples inside the union of the references' k=3-NN balls, and
+           vice versa (Kynkaanniemi et al. 2019)
 
 Resizing to 299 (images come as (N, 3, H, W) floats in [0, 1], or uint8):
   'tf'       default, for gFID, sFID, IS, precision, recall. ADM feeds 0..255 floats to the TF graph, which resizes
@@ -24,9 +23,8 @@ Resizing to 299 (images come as (N, 3, H, W) floats in [0, 1], or uint8):
              - 128) / 128. The paper's gFID compares with ADM's reference batch
              (VIRTUAL_imagenet256_labeled.npz), whose mu/sigma were made this way, so samples must
              take the same path (torch-fidelity does the same).
-  'bilinear' for rFID (`--resize bilinear`, train_tok.evaluate). pytorch-fid:
-  F.interpolate(bilinear,
-             align_corners=False) on [0, 1] floats, then 2x - 1. The official Open-MAGVIT2
+  'bilinear' for rFID (`--resize bilinear`, train_tok.evaluate). pytorch-fid: F.interpolate(
+             bilinear, align_corners=False) on [0, 1] floats, then 2x - 1. The official Open-MAGVIT2
              evaluation feeds (x + 1) / 2 of originals and clamped reconstructions (no uint8
              rounding) to pytorch-fid; train_tok.evaluate does the same.
   The two resizes sample different pixels: never mix statistics made with different ones (saved
@@ -206,14 +204,14 @@ class InceptionE(nn.Module):
 
 def tf1_resize(x, size):
     """(N, C, H, W) float -> (N, C, size, size) as TF1's resize_bilinear(align_corners=False):
-    source coordinate
-    = dst * (in / out) in float32 (no half-pixel offset); interpolate along x on the two rows, then
-    along y."""
+    source coordinate = dst * (in / out) in float32 (no half-pixel offset); interpolate along x on
+    the two rows, then along y."""
     def grid(in_size):
         # float32, as TF's CalculateResizeScale
         scale = torch.tensor(in_size, dtype=torch.float32) / size
         src = torch.arange(size, dtype=torch.float32) * scale
         lo = src.floor().long()
+        # the last row / column repeats at the edge, as TF's
         hi = (lo + 1).clamp(max=in_size - 1)
         return lo.to(x.device), hi.to(x.device), (src - lo).to(x.device, x.dtype)
     y_lo, y_hi, y_frac = grid(x.shape[2])
@@ -221,6 +219,7 @@ def tf1_resize(x, size):
     top, bottom = x[:, :, y_lo], x[:, :, y_hi]  # (N, C, size, W)
     top = top[..., x_lo] + (top[..., x_hi] - top[..., x_lo]) * x_frac  # (N, C, size, size)
     bottom = bottom[..., x_lo] + (bottom[..., x_hi] - bottom[..., x_lo]) * x_frac
+    # y_frac (size,) -> (size, 1): one weight per output row
     return top + (bottom - top) * y_frac[:, None]
 
 
@@ -273,8 +272,8 @@ class InceptionV3(nn.Module):
         x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, stride=2)  # (N, 192, 35, 35)
         x = self.Mixed_6a(self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x))))  # (N, 768, 17, 17)
         x = self.Mixed_6c(self.Mixed_6b(x))
-        # sFID's TF node mixed_6/conv is Mixed_6d's 1x1 branch; recomputing it here costs < 0.5% of
-        # the forward
+        # sFID's TF node mixed_6/conv is Mixed_6d's 1x1 branch: recomputed here (one 1x1 conv)
+        # rather than hooked out of Mixed_6d
         spatial = self.Mixed_6d.branch1x1(x)[:, :7]  # (N, 7, 17, 17)
         x = self.Mixed_6e(self.Mixed_6d(x))
         x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))  # (N, 2048, 8, 8)
@@ -330,7 +329,7 @@ def load_inception(weights=None, device='cpu', allow_unverified=None):
     decides). model.weights_verified says which it was."""
     path = find_weights(weights)
     with open(path, 'rb') as f:
-        digest = hashlib.file_digest(f, 'sha256').hexdigest()  # ~0.2 s for the 95 MB file
+        digest = hashlib.file_digest(f, 'sha256').hexdigest()
     verified = digest == WEIGHTS_SHA256
     if allow_unverified is None:
         allow_unverified = os.environ.get(ALLOW_UNVERIFIED_ENV) == '1'
@@ -361,6 +360,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f'fid: statistics of different sizes (mu {mu1.shape} vs {mu2.shape}, '
                          f'sigma {sigma1.shape} vs {sigma2.shape}): make both with one network')
+    # (S1 S2)^(1/2): the product is not symmetric, so scipy's general sqrtm, which may go complex
     covmean = linalg.sqrtm(sigma1 @ sigma2)
     # near-singular product: the standard fix adds eps to both diagonals
     if not np.isfinite(covmean).all():
@@ -381,6 +381,7 @@ def compute_statistics(features, device='cpu'):
     feats = torch.as_tensor(features).to(device, torch.float64)
     mu = feats.mean(0)
     centred = feats - mu
+    # (D, D) in float64, as np.cov in pytorch-fid and ADM
     sigma = centred.T @ centred / (len(feats) - 1)
     return mu.cpu().numpy(), sigma.cpu().numpy()
 
@@ -395,6 +396,7 @@ def inception_score(logits, split_size=5000):
     scores = []
     for part in log_p.split(split_size):  # (split_size, C) parts, the last one shorter
         log_marginal = part.exp().mean(0).log()  # (C,) log p(y) over this split
+        # KL(p(y|x) || p(y)) per sample (N,), averaged, exp: this part's score
         scores.append((part.exp() * (part - log_marginal)).sum(1).mean().exp().item())
     return float(np.mean(scores))
 
@@ -466,6 +468,7 @@ def read_images(path, batch_size):
         archive.close()
         return 0, iter(())
     array = archive.open('arr_0.npy')
+    # only the header: the pixels are streamed below, a batch at a time
     version = np.lib.format.read_magic(array)
     read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     shape, fortran_order, dtype = read_header(array)
@@ -476,6 +479,8 @@ def read_images(path, batch_size):
         with archive, array:
             for start in range(0, shape[0], batch_size):
                 n = min(batch_size, shape[0] - start)
+                # n images of H x W x 3 bytes -> (n, H, W, 3) uint8; bytearray: a writable copy for
+                # torch
                 yield np.frombuffer(bytearray(array.read(n * shape[1] * shape[2] * 3)),
                                     np.uint8).reshape(n, *shape[1:])
     return shape[0], npz_batches()
@@ -491,6 +496,7 @@ def extract_features(model, batches, resize='tf'):
         if isinstance(batch, np.ndarray):
             # uint8 stays uint8: exact 0..255 for 'tf'
             batch = torch.from_numpy(batch).permute(0, 3, 1, 2)
+        # pool (B, 2048), logits (B, 1008), spatial (B, 2023)
         for name, value in model(batch.to(device), resize).items():
             outputs[name].append(value.float().cpu())
     return {name: torch.cat(values).numpy() for name, values in outputs.items()}
