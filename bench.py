@@ -348,7 +348,7 @@ def bench_sampling(model, batch, variant, decoder=None):
                 pre, post = model.generate_fast(labels, compile=compile_step, **settings)
             if decoder is not None:
                 indices = quantizer.merge_indices(pre, post).view(batch, 16, 16)
-                # 256px decoding of 256 images at once needs > 100 GB
+                # 256 images at 256px do not fit in one decode: chunks of 64
                 for chunk in indices.split(64):
                     decoder.decode_indices(chunk)
     times = []
