@@ -20,7 +20,8 @@ def read_curve(path):
     with open(path, newline='') as f:
         rows = [r for r in csv.DictReader(f) if r.get('psnr')]
     if not rows or 'minutes' not in rows[0]:
-        raise SystemExit(f"{path}: no evaluation rows with a 'minutes' column (a train_tok.py log.csv?)")
+        raise SystemExit(f"{path}: no evaluation rows with a 'minutes' column "
+                         "(is it a train_tok.py log.csv?)")
     return [(float(r['minutes']), float(r['psnr'])) for r in rows]
 
 
@@ -57,14 +58,17 @@ def plot(curves, path, size=(900, 560), margin=(70, 30, 30, 60)):
             draw.line(points, fill=colour, width=3)
         for px, py in points:
             draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
-        draw.line([(left + 16, top + 16 + 18 * i), (left + 40, top + 16 + 18 * i)], fill=colour, width=3)
-        draw.text((left + 46, top + 10 + 18 * i), label, fill='black')
+        # the legend: one short line and the label per curve, top left inside the axes
+        legend_y = top + 16 + 18 * i
+        draw.line([(left + 16, legend_y), (left + 40, legend_y)], fill=colour, width=3)
+        draw.text((left + 46, legend_y - 6), label, fill='black')
     img.save(path)
     return path
 
 
 if __name__ == '__main__':
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('logs', nargs='+', help="log.csv files, each optionally followed by :LABEL")
     parser.add_argument('--out', default='psnr_vs_minutes.png')
     args = parser.parse_args()
