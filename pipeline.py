@@ -68,6 +68,10 @@ TOKENIZER_RECIPE = ['--preset', 'imagenet128', '--image-size', '64', '--perceptu
                     '--eval-every', '250', '--eval-images', '2000']
 GPT_RECIPE = ['--preset', 'B', '--compile']
 CODES_RECIPE = ['--image-size', '64', '--compile']
+# one view of the training images: the random crop of a 64px image at 64px is the whole image (and
+# the official AR pipeline has no flips), so further views would be copies of the first; with
+# larger images, more views are more augmentation
+VIEWS = 1
 SAMPLE_RECIPE = []  # the B preset's cfg scale and temperature
 
 # --tiny: the CPU quick-start models (32px -> 8x8 tokens) and their presets' settings
@@ -75,10 +79,6 @@ TINY_TOKENIZER_RECIPE = ['--preset', 'tiny', '--device', 'cpu', '--eval-images',
 TINY_GPT_RECIPE = ['--preset', 'tiny', '--device', 'cpu']
 TINY_CODES_RECIPE = ['--image-size', '32', '--device', 'cpu', '--batch-size', '64',
                      '--num-workers', '0']
-# one view of the training images: the random crop of a 64px image at 64px is the whole image (and
-# the official AR pipeline has no flips), so further views would be copies of the first; with
-# larger images, more views are more augmentation
-VIEWS = 1
 TINY_SAMPLE_RECIPE = ['--device', 'cpu', '--cfg-scale', '4,4']
 
 # shares of --minutes: the tokenizer's is a hard limit (train_tok.py --max-minutes); extracting
