@@ -1,0 +1,50 @@
+"""pipeline.py --tiny on CPU: the four stages run in turn on a small .npz, the figures come back,
+the .npz of samples has the ADM layout, and a rerun skips every finished stage."""
+import numpy as np
+
+import data
+import pipeline
+
+# labels with gaps, like Tiny-ImageNet's ImageNet-1k indices: 10 class slots, 4 of them present
+PRESENT = [3, 5, 8, 9]
+
+
+def write_npz(path, n, seed):
+    shapes = data.SyntheticShapes(n=n, size=32, num_classes=len(PRESENT), seed=seed)
+    images = np.stack([np.asarray(shapes.load(i)) for i in range(n)])  # (n, 32, 32, 3) uint8
+    np.savez(path, images=images, labels=np.array(PRESENT)[shapes.labels])
+    return str(path)
+
+
+def test_tiny_pipeline_runs_and_reruns(tmp_path, capsys, monkeypatch):
+    # 128 images: 4 generator steps per epoch at the tiny preset's batch of 32
+    train, val = write_npz(tmp_path / 'train.npz', 128, 0), write_npz(tmp_path / 'val.npz', 32, 1)
+    out = tmp_path / 'run'
+    argv = ['--tiny', '--data', train, '--val-data', val, '--out', str(out), '--minutes', '0.3',
+            '--num-per-class', '4']
+    stages = pipeline.main(argv)
+    printed = capsys.readouterr().out
+
+    for key in ('psnr', 'codebook_usage'):
+        assert np.isfinite(stages['tokenizer'][key])
+    assert 0 < stages['tokenizer']['codebook_usage'] <= 1
+    gpt = stages['gpt']
+    assert gpt['epochs'] >= 1 and gpt['step'] == gpt['epochs'] * gpt['steps_per_epoch']
+    for key in ('val_ce_pre', 'val_ce_post', 'val_bits_pre', 'val_bits_post'):
+        assert np.isfinite(gpt[key]) and gpt[key] > 0
+    assert stages['sample']['images_per_s'] > 0
+    for line in ('held-out PSNR', 'codebook usage', 'held-out NLL', 'img/s', 'wall time'):
+        assert line in printed
+
+    with np.load(out / 'samples.npz') as samples:
+        images, labels = samples['arr_0'], samples['arr_1']
+    assert images.shape == (16, 32, 32, 3) and images.dtype == np.uint8
+    # only the classes of the training data, each --num-per-class times
+    assert sorted(labels.tolist()) == sorted(PRESENT * 4)
+    assert (out / 'samples.png').exists()
+
+    # a rerun of the same command finds every stage done and runs nothing
+    def no_run(script, flags):
+        raise AssertionError(f"{script} ran again")
+    monkeypatch.setattr(pipeline, 'run', no_run)
+    assert pipeline.main(argv) == stages
