@@ -22,11 +22,11 @@ test: $(STAMP)
 	$(BIN)/python -m pytest tests -q
 
 # shorter than the tiny presets (500 tokenizer steps, 7 generator epochs), so that a fresh clone
-# finishes within minutes on two cores
+# finishes within minutes on two cores; --overwrite: a second `make demo` starts the demo again
 demo: $(STAMP)
-	$(BIN)/python train_tok.py --preset tiny --device cpu --max-steps 300 --out out/demo_tok
+	$(BIN)/python train_tok.py --preset tiny --device cpu --max-steps 300 --overwrite --out out/demo_tok
 	$(BIN)/python train_gpt.py --preset tiny --device cpu --epochs 4 --tokenizer out/demo_tok/ckpt.pt \
-		--out out/demo_gpt
+		--overwrite --out out/demo_gpt
 	$(BIN)/python sample.py --gpt out/demo_gpt/ckpt.pt --tokenizer out/demo_tok/ckpt.pt --device cpu \
 		--classes 0,1,2,3,4,5,6,7,8,9 --num-per-class 8 --cfg-scale 4,4 --out out/demo_samples.png --check-classes synthetic
 
