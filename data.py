@@ -5,8 +5,8 @@ rank-sharded resumable sampler, token extraction (extract_codes) and the dataset
 Every dataset returns (image (3, H, W) float in [-1, 1], label int64) and takes a spec string:
     'synthetic'                     built-in class-conditional shapes, no files (the quick start and the tests)
     /path/to/imagenet/train         an ImageNet-style folder root/<class>/<image>, classes in sorted order
-    a.npz[,b.npz,...]               image archives as in shared/data/README.md: `images` uint8 (N,H,W,3), or packed
-                                    JPEG bytes (`jpeg` + `offsets`), with `labels`
+    a.npz[,b.npz,...]               image archives: `images` uint8 (N,H,W,3), or packed JPEG bytes
+                                    (`jpeg` 1-D uint8 + `offsets` (N+1,)), with `labels` (N,)
 
 Augmentation is a pure function of (seed, epoch, index): the sampler yields (epoch, index) pairs, so
 a resumed run, any number of DataLoader workers and the token extraction below all see exactly the
@@ -138,8 +138,8 @@ class ImageFolder(_Base):
 
 
 class NpzImages(_Base):
-    """One or more .npz archives (comma-separated): raw `images` or packed JPEG bytes, see
-    shared/data/README.md."""
+    """One or more .npz archives (comma-separated): raw `images` or packed JPEG bytes (image i is
+    jpeg[offsets[i]:offsets[i + 1]]); docs/tinyimagenet_to_npz.py writes the second kind."""
 
     def __init__(self, paths, size, train=True, seed=0, hflip=False):
         super().__init__(size, train, seed, hflip)
