@@ -66,14 +66,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TOKENIZER_RECIPE = ['--preset', 'imagenet128', '--image-size', '64', '--perceptual-weight', '0',
                     '--gan-weight', '0', '--batch-size', '128', '--lr', '1e-3',
                     '--warmup-steps', '100', '--cooldown', '0.3', '--compile', '--channels-last',
-                    '--eval-every', '250', '--eval-images', '2000']
+                    '--eval-every', '250', '--eval-images', '2000', '--num-workers', '8',
+                    '--log-every', '25']
 GPT_RECIPE = ['--preset', 'B', '--compile']
 CODES_RECIPE = ['--image-size', '64', '--compile']
 # one view of the training images: the random crop of a 64px image at 64px is the whole image (and
 # the official AR pipeline has no flips), so further views would be copies of the first; with
 # larger images, more views are more augmentation
 VIEWS = 1
-SAMPLE_RECIPE = []  # the B preset's cfg scale and temperature
+# the B preset's cfg scale and temperature; 250 images per CUDA graph: the per-position cost is
+# nearly flat in the batch (python bench.py --rows sampling), so large batches give the throughput
+SAMPLE_RECIPE = ['--batch-size', '250']
 
 # --tiny: the CPU quick-start models (32px -> 8x8 tokens) and their presets' settings
 TINY_TOKENIZER_RECIPE = ['--preset', 'tiny', '--device', 'cpu', '--eval-images', '50']
