@@ -48,3 +48,28 @@ def test_tiny_pipeline_runs_and_reruns(tmp_path, capsys, monkeypatch):
         raise AssertionError(f"{script} ran again")
     monkeypatch.setattr(pipeline, 'run', no_run)
     assert pipeline.main(argv) == stages
+
+
+def test_gpu_recipes_are_valid_flags_of_each_script():
+    """The GPU path runs only on a GPU: its flags must at least parse, with the values meant."""
+    import extract_codes
+    import sample
+    import train_gpt
+    import train_tok
+    tok = train_tok.get_args(pipeline.TOKENIZER_RECIPE + ['--data', 'a.npz', '--val-data', 'b.npz',
+                                                          '--out', 'o', '--max-minutes', '6.75'])
+    assert (tok.model, tok.image_size, tok.batch_size, tok.lr, tok.gan_weight) == \
+        ('imagenet128', 64, 128, 1e-3, 0)
+    assert tok.perceptual_weight == 0 and tok.cooldown == 0.3 and tok.compile
+    codes = extract_codes.get_args(pipeline.CODES_RECIPE + ['--views', str(pipeline.VIEWS),
+                                                            '--tokenizer', 't', '--codes', 'c',
+                                                            '--data', 'a.npz'])
+    assert codes.image_size == 64 and codes.views == pipeline.VIEWS
+    gpt = train_gpt.get_args(pipeline.GPT_RECIPE + ['--codes', 'c', '--tokenizer', 't',
+                                                    '--val-codes', 'v', '--out', 'o',
+                                                    '--epochs', '3'])
+    assert gpt.model == 'B' and gpt.compile and gpt.epochs == 3
+    samples, _ = sample.get_args(pipeline.SAMPLE_RECIPE + ['--gpt', 'g', '--classes', '1,2',
+                                                            '--num-per-class', '50',
+                                                            '--out', 's.npz'])
+    assert samples.batch_size == 250
