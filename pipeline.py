@@ -40,7 +40,6 @@ inputs.
 """
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -52,7 +51,7 @@ import time
 
 import numpy as np
 
-from utils import save_image_grid
+from utils import read_log, save_image_grid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -133,12 +132,6 @@ def run(script, flags):
         sys.exit(f"{script} failed (exit status {process.returncode}); the same pipeline "
                  "command continues from the stages that finished")
     return ''.join(lines)
-
-
-def read_log(path, column):
-    """The rows of a trainer's log.csv in which `column` is filled (its evaluation rows)."""
-    with open(path, newline='') as f:
-        return [row for row in csv.DictReader(f) if row.get(column)]
 
 
 class Record:

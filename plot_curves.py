@@ -8,17 +8,17 @@ run started, compile included), the y axis the `psnr` column of the evaluation r
 """
 
 import argparse
-import csv
 
 from PIL import Image, ImageDraw
+
+from utils import read_log
 
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
 
 
 def read_curve(path):
     """log.csv -> [(minutes, psnr)] of its evaluation rows, in order."""
-    with open(path, newline='') as f:
-        rows = [r for r in csv.DictReader(f) if r.get('psnr')]
+    rows = read_log(path, 'psnr')
     if not rows or 'minutes' not in rows[0]:
         raise SystemExit(f"{path}: no evaluation rows with a 'minutes' column "
                          "(is it a train_tok.py log.csv?)")

@@ -348,6 +348,13 @@ class CSVLog:
                 csv.DictWriter(f, self.fields, restval='').writerow(row)
 
 
+def read_log(path, column=None):
+    """The rows of a log.csv (CSVLog's) as dicts of strings; with `column`, only the rows where it
+    is filled (e.g. 'psnr': the evaluation rows of train_tok.py)."""
+    with open(path, newline='') as f:
+        return [row for row in csv.DictReader(f) if column is None or row.get(column)]
+
+
 # -----------------------------------------------------------------------------
 # images
 

@@ -1,7 +1,6 @@
 """Shared test helpers: the top-level modules made importable, few CPU threads, random weight
 files, small checkpoints in our and the official layout, and the slow obviously-correct twins of
 the evaluation's streamed metrics (codebook usage, rFID)."""
-import csv
 import os
 import socket
 import sys
@@ -15,6 +14,7 @@ import fid  # noqa: E402
 from bench import write_random_inception, write_random_lpips  # noqa: E402, F401 (re-exported)
 from gpt import PRESETS  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
+import utils  # noqa: E402
 from utils import save_checkpoint  # noqa: E402
 
 # small CPU tests: one thread degrades gently when cores are shared
@@ -38,8 +38,7 @@ def free_port():
 
 def read_log(out):
     """The rows of a trainer's OUT/log.csv, as dicts of strings."""
-    with open(os.path.join(out, 'log.csv')) as f:
-        return list(csv.DictReader(f))
+    return utils.read_log(os.path.join(out, 'log.csv'))
 
 
 def save_tokenizer(path, seed=0, **overrides):
