@@ -74,11 +74,9 @@ PRESETS = {
     # built-in shapes at 32px, minutes on a CPU. No LPIPS (its VGG weights are 528 MB); a higher
     # lr; a weak GAN: at 32px the PatchGAN judges 2x2 patches, and the paper's 0.1 costs PSNR in a
     # short run; a stronger LeCAM, which is meant for small datasets like this one
-    'tiny': dict(model='tiny', data='synthetic', image_size=32, batch_size=16,
-                 max_steps=500, lr=4e-4,
-                 perceptual_weight=0.0, gan_weight=0.01, lecam_weight=0.1, eval_every=250,
-                 ckpt_every=250,
-                 log_every=10),
+    'tiny': dict(model='tiny', data='synthetic', image_size=32, batch_size=16, max_steps=500,
+                 lr=4e-4, perceptual_weight=0.0, gan_weight=0.01, lecam_weight=0.1,
+                 eval_every=250, ckpt_every=250, log_every=10),
 }
 # the flags that may differ on --resume (utils.check_resume): where and how fast the run goes, how
 # often it logs, evaluates and saves, when it stops (--max-steps, --max-minutes) (the lr drops are
@@ -100,7 +98,7 @@ def get_args(argv=None):
     parser.add_argument('--data', default='synthetic',
                         help="'synthetic', an image folder, or .npz file(s)")
     parser.add_argument('--val-data',
-                        help="held-out images for evaluation (default: the held-out split of --data)")
+                        help="held-out images (default: --data center-cropped; synthetic: its own)")
     parser.add_argument('--out', default='out/tok',
                         help="folder for ckpt.pt, log.csv and the image grids")
     parser.add_argument('--device', default='cuda', choices=utils.DEVICES)
@@ -132,11 +130,11 @@ def get_args(argv=None):
     parser.add_argument('--warmup-steps', type=int, default=0,
                         help="linear lr warm-up (the paper has none)")
     parser.add_argument('--cooldown', type=float, default=0.0,
-                        help="fraction of the run (of --max-steps, or of "
-                        "--max-minutes) at the end over which lr decays linearly to 0 (the paper: none)")
+                        help="fraction of the run (of --max-steps, or of --max-minutes) at the "
+                        "end over which lr decays linearly to 0 (the paper: none)")
     parser.add_argument('--max-minutes', type=float, default=0,
-                        help="wall-clock budget from the start, compile "
-                        "included: stop in time for the final evaluation and checkpoint (0: no limit)")
+                        help="wall-clock budget from the start, compile included: stop in time "
+                        "for the final evaluation and checkpoint (0: no limit)")
     parser.add_argument('--ema-decay', type=float, default=0.999)
     # loss weights (L1 has weight 1)
     parser.add_argument('--perceptual-weight', type=float, default=1.0,
@@ -296,8 +294,8 @@ def evaluate(ema, val_set, args, dist, step, num_images=None):
     first), rFID when Inception weights are found, and a grid of reconstructions. num_images: how
     many held-out images (default --eval-images; 0 means all). Every rank evaluates its share of the
     images; sums are reduced over ranks, so memory does not grow with N."""
-    # rFID only with the weights at hand (never downloaded here: a training run must not stall on
-    # the network) a given path that is missing is an error
+    # rFID only with the weights at hand: never downloaded here, a training run must not stall on
+    # the network (a --inception-weights path that is missing is an error)
     inception_weights = args.inception_weights or fid.local_weights()
     inception = fid.load_inception(inception_weights, dist.device) if inception_weights else None
     num_images = args.eval_images if num_images is None else num_images
@@ -326,12 +324,14 @@ def evaluate(ema, val_set, args, dist, step, num_images=None):
         bits = (indices_to_codes(indices.flatten(), num_bits) > 0).double()
         ones += torch.cat([bits.sum(0), bits.new_tensor([len(bits)])])
         # PSNR on the uint8 images, as the official evaluation: (B, H, W, 3) in 0..255
-        real, fake = torch.from_numpy(utils.to_uint8(x)).double(), torch.from_numpy(utils.to_uint8(x_rec)).double()
+        real = torch.from_numpy(utils.to_uint8(x)).double()
+        fake = torch.from_numpy(utils.to_uint8(x_rec)).double()
         mse = (real - fake).pow(2).mean((1, 2, 3))  # (B,) on 0..255 values
         # PSNR per image = 10 log10(255^2 / MSE), summed; clamp: an exact copy is finite
         sums += torch.tensor([(10 * torch.log10(255 ** 2 / mse.clamp_min(1e-10))).sum(), len(x)],
                              device=dist.device)
-        # as fid.rfid: pytorch-fid's bilinear resize of (x + 1) / 2, no uint8 rounding
+        # rFID as the official evaluation: pytorch-fid's bilinear resize of (x + 1) / 2, no uint8
+        # rounding (tests/conftest.py's rfid computes it directly, for the test)
         if inception is not None:
             for name, images01 in (('real', (x + 1) / 2), ('fake', (x_rec + 1) / 2)):
                 pool = inception(images01, resize='bilinear')['pool'].double()  # (B, 2048)
@@ -360,8 +360,8 @@ def evaluate(ema, val_set, args, dist, step, num_images=None):
             stats += [mu.cpu().numpy(), sigma.cpu().numpy()]
         metrics['rfid'] = fid.frechet_distance(*stats)
     else:
-        utils.print0(f"rFID skipped (no Inception weights: put {fid.WEIGHTS_NAME} from {fid.WEIGHTS_URL} in "
-                     f"{utils.CACHE_DIR} or pass --inception-weights PATH)")
+        utils.print0(f"rFID skipped (no Inception weights: put {fid.WEIGHTS_NAME} from "
+                     f"{fid.WEIGHTS_URL} in {utils.CACHE_DIR} or pass --inception-weights PATH)")
     utils.print0(f"eval step {step} ({n} held-out images, EMA weights): "
                  + ', '.join(f"{k} {v:.4g}" for k, v in metrics.items() if not k.startswith('bit')))
     utils.print0("  share of +1 per bit: " + ' '.join(f"{share:.2f}" for share in bit_share))
@@ -396,7 +396,8 @@ def main(argv=None):
         return metrics
     t = build(args, dist)
     if args.init_from and not args.resume:  # fine-tuning: weights only (the docstring says which)
-        init = utils.load_checkpoint(args.init_from)  # open-magvit2:PATH loads a released file in full
+        # open-magvit2:PATH loads a released file in full
+        init = utils.load_checkpoint(args.init_from)
         raw = tokenizer.Tokenizer.from_checkpoint(init, ema=False)
         try:
             ema = tokenizer.Tokenizer.from_checkpoint(init, ema=True)  # ours without 'ema': raw
@@ -431,7 +432,8 @@ def main(argv=None):
         # a budget (--max-minutes) goes on where it stopped
         start_time -= ckpt.get('elapsed_s', 0.0)
         utils.set_rng_state(ckpt['rng'])
-        utils.print0(f"resumed from {ckpt_path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
+        utils.print0(f"resumed from {ckpt_path} at step {step} (epoch {epoch}, "
+                     f"batch {batch_in_epoch})")
         del ckpt
 
     # data: a rank-sharded order that can start mid-epoch (augmentation is a function of (seed,
@@ -440,7 +442,8 @@ def main(argv=None):
     val_set = build_dataset(args.val_data or args.data, args.image_size, train=False,
                             seed=args.seed)
     if args.data != 'synthetic' and not args.val_data:
-        utils.print0("warning: no --val-data, so the evaluation uses center crops of the training images")
+        utils.print0("warning: no --val-data, so the evaluation uses center crops of the "
+                     "training images")
     sampler = EpochSampler(len(train_set), dist.rank, dist.world_size, seed=args.seed)
     loader = torch.utils.data.DataLoader(train_set, batch_size=micro_batch, sampler=sampler,
                                          drop_last=True, num_workers=args.num_workers,
@@ -450,17 +453,19 @@ def main(argv=None):
     # full global batches only (drop_last)
     steps_per_epoch = len(train_set) // args.batch_size
     max_steps = args.max_steps or args.epochs * steps_per_epoch
-    utils.print0(f"tokenizer {args.model}: {sum(p.numel() for p in t.raw_model.parameters()) / 1e6:.2f}M params, "
-                 f"discriminator {sum(p.numel() for p in t.raw_disc.parameters()) / 1e6:.2f}M; {len(train_set)} "
-                 f"training images at {args.image_size}px; global batch {args.batch_size} = "
+    millions = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (t.raw_model, t.raw_disc)]
+    utils.print0(f"tokenizer {args.model}: {millions[0]:.2f}M params, discriminator "
+                 f"{millions[1]:.2f}M; {len(train_set)} training images at {args.image_size}px; "
+                 f"global batch {args.batch_size} = "
                  f"{micro_batch} per process x {dist.world_size}; {steps_per_epoch} steps/epoch, "
                  f"{max_steps} steps")
 
     num_bits = t.raw_model.config.num_bits
-    fields = ['step', 'epoch', 'minutes', 'lr', 'recon', 'lpips', 'g_gan', 'per_sample_entropy',
-              'codebook_entropy',
-              'commit', 'd_loss', 'd_hinge', 'd_lecam', 'logits_real', 'logits_fake', 'img_per_s',
-              'peak_mem_gib', 'bad_images',
+    fields = ['step', 'epoch', 'minutes', 'lr',  # training rows: the means since the last one
+              'recon', 'lpips', 'g_gan', 'per_sample_entropy', 'codebook_entropy', 'commit',
+              'd_loss', 'd_hinge', 'd_lecam', 'logits_real', 'logits_fake',
+              'img_per_s', 'peak_mem_gib', 'bad_images',
+              # evaluation rows: held-out metrics and the share of +1 of each bit
               'psnr', 'codebook_usage', 'rfid', 'dead_bits'] + [f'bit{k}' for k in range(num_bits)]
     csv_log = utils.CSVLog(os.path.join(args.out, 'log.csv'), fields, dist.is_main,
                            resume_step=step if args.resume else None)
@@ -473,25 +478,22 @@ def main(argv=None):
             utils.save_checkpoint(ckpt_path, {
                 'kind': 'tokenizer', 'config': config, 'train_args': vars(args),
                 'model': t.raw_model.state_dict(), 'ema': t.ema.state_dict(),
-                'disc': t.raw_disc.state_dict(),
-                'lecam': t.lecam.state_dict(), 'opt_g': t.opt_g.state_dict(),
-                'opt_d': t.opt_d.state_dict(),
+                'disc': t.raw_disc.state_dict(), 'lecam': t.lecam.state_dict(),
+                'opt_g': t.opt_g.state_dict(), 'opt_d': t.opt_d.state_dict(),
                 'step': step, 'epoch': epoch, 'batch_in_epoch': batch_in_epoch,
-                'rng': utils.rng_state(),
-                'world_size': dist.world_size, 'elapsed_s': time.time() - start_time})
+                'rng': utils.rng_state(), 'world_size': dist.world_size,
+                'elapsed_s': time.time() - start_time})  # the budget used so far
 
-    eval_s = time.time()
-    if step == 0:
-        # the "before" numbers
+    eval_start = time.time()
+    if step == 0:  # the "before" numbers
         log_row({'step': 0, 'epoch': 0, **evaluate(t.ema, val_set, args, dist, 0)})
+    eval_s = time.time() - eval_start if step == 0 else 30.0  # on resume: a guess
     # --max-minutes: the run ends when the budget, less a reserve for the last evaluation (every
     # held-out image) and checkpoint, is spent. Every rank must stop at the same step and use the
     # same lr, so the end is planned in steps: at each log line rank 0 turns the time left and the
     # measured step rate into planned_steps
     budget_s, planned_steps = args.max_minutes * 60, max_steps
     if budget_s:
-        # the first evaluation's time, or a guess on resume
-        eval_s = time.time() - eval_s if step == 0 else 30.0
         # the last evaluation sees every held-out image; the margin covers the checkpoint and a log
         # interval
         eval_images = min(args.eval_images or len(val_set), len(val_set))
@@ -536,7 +538,8 @@ def main(argv=None):
                 names = list(sums)
                 # one all-reduce and one host sync per log line: the means over the interval and the
                 # ranks
-                means = utils.all_reduce_mean(torch.stack([sums[k] for k in names]) / num_summed).tolist()
+                means = utils.all_reduce_mean(torch.stack([sums[k] for k in names]) / num_summed)
+                means = means.tolist()
                 row = {'step': step, 'epoch': epoch, 'lr': lr, **dict(zip(names, means)),
                        'bad_images': num_bad,
                        'img_per_s': images_seen * dist.world_size / (time.time() - t0),
@@ -571,10 +574,11 @@ def main(argv=None):
     if num_bad:
         utils.print0(f"skipped {num_bad} unreadable images of {num_seen} (see the warnings above)")
     memory = f"; peak memory {utils.peak_memory_gib(dist.device_type):.2f} GiB on rank 0"
-    utils.print0(f"done: {step} steps in {(time.time() - start_time) / 60:.1f} minutes, checkpoint {ckpt_path}"
-                 + (memory if dist.device_type != 'cpu' else ''))
+    utils.print0(f"done: {step} steps in {(time.time() - start_time) / 60:.1f} minutes, "
+                 f"checkpoint {ckpt_path}" + (memory if dist.device_type != 'cpu' else ''))
     # every rank prints its own: equal checksums show that DDP kept the generators bit-identical
-    print(f"rank {dist.rank}: generator weights sha256 {utils.weights_checksum(t.raw_model)}", flush=True)
+    print(f"rank {dist.rank}: generator weights sha256 {utils.weights_checksum(t.raw_model)}",
+          flush=True)
     utils.cleanup()
     t.num_bad = num_bad
     return t
