@@ -406,8 +406,8 @@ def precision_recall(real, fake, k=3, device='cpu', batch_size=4096):
     set's manifold if it lies within the k-th-neighbour radius of one of its points. precision =
     fake inside real's manifold, recall = real inside fake's. The rule is ADM's; the distances are
     fp32 on `device`. A deliberate difference: ADM's shipped evaluator computes the distances in
-    float16 (fp32 only where that overflows), which rounds them and reads about 0.1-0.2 points
-    higher than the exact distances used here."""
+    float16 (fp32 only where that overflows), which rounds them, so its figures can differ slightly
+    from those of the exact distances used here."""
     real = torch.as_tensor(real).to(device, torch.float32)
     fake = torch.as_tensor(fake).to(device, torch.float32)
 
