@@ -425,8 +425,8 @@ def main():
     def report(key, value, unit, **extra):
         results[key] = dict(value=value, unit=unit, **extra)
         official = f"  official {OFFICIAL[key]:g}" if key in OFFICIAL else ''
-        more = ' '.join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k,
-                        v in extra.items())
+        more = ' '.join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in extra.items())
         if dist.is_main:  # (under torchrun for the allreduce row: one table)
             print(f"{key:24s} {value:10.3f} {unit:6s} {more}{official}", flush=True)
             # after every row: a run cut short keeps what it measured

@@ -98,8 +98,8 @@ class _Base(torch.utils.data.Dataset):
         # whenever image i is read
         rng = np.random.default_rng((self.seed, epoch, i)) if self.train else None
         try:
-            return crop_image(self.load(i), self.size, self.train, rng,
-                              self.hflip), int(self.labels[i])
+            image = crop_image(self.load(i), self.size, self.train, rng, self.hflip)
+            return image, int(self.labels[i])
         except Exception as e:  # corrupt file, truncated JPEG, permission error, ...
             print(f"warning: skipping unreadable image {self.describe(i)}: {e}",
                   file=sys.stderr, flush=True)
@@ -219,8 +219,8 @@ class SyntheticShapes(_Base):
             mask = (dy ** 2 + dx ** 2 < 1) & (dy ** 2 + dx ** 2 > 0.36)
         else:
             mask = ((abs(dy) < 0.25) | (abs(dx) < 0.25)) & (abs(dy) < 1) & (abs(dx) < 1)
-        background = rng.uniform(0, 90,
-                                 size=3).astype(np.float32) + 20 * rng.standard_normal((s, s, 1))
+        background = rng.uniform(0, 90, size=3).astype(np.float32)  # (3,) a dark colour
+        background = background + 20 * rng.standard_normal((s, s, 1))  # (s, s, 3) with noise
         colour = self.PALETTE[c // 5] * rng.uniform(0.8, 1.0)
         # (s, s, 3): the shape over the background, plus pixel noise
         img = np.where(mask[..., None], colour, background) + 6 * rng.standard_normal((s, s, 3))
@@ -269,8 +269,8 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.n // self.world_size - self.start
 
     def __iter__(self):
-        order = torch.randperm(self.n,
-                               generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=generator).tolist()
         # drop the tail so every rank gets as many, then rank r takes every world-th: step k of all
         # ranks together is the slice order[k * global_batch:(k + 1) * global_batch] whatever the
         # world size

@@ -293,8 +293,8 @@ class GPT(nn.Module):
         dim = state_dict['norm.weight'].shape[0]
         depth = (sum(k.endswith('attn_norm.weight') and k.startswith('inter') for k in state_dict),
                  sum(k.endswith('attn_norm.weight') and k.startswith('intra') for k in state_dict))
-        names = [n for n,
-                 p in PRESETS.items() if (p['dim'], p['n_inter'], p['n_intra']) == (dim, *depth)]
+        names = [n for n, p in PRESETS.items()
+                 if (p['dim'], p['n_inter'], p['n_intra']) == (dim, *depth)]
         if not names:
             raise ValueError(f"no preset with dim={dim}, n_inter={depth[0]}, n_intra={depth[1]}: build "
                              f"GPT(GPTConfig(...)) yourself and load_state_dict(convert_official_gpt(...))")
@@ -555,8 +555,8 @@ def convert_official_gpt(state_dict):
     expected = {'pre_emb.weight', 'post_emb.weight', 'class_emb.embedding_table.weight',
                 'norm.weight',
                 'head.0.weight', 'head.1.weight'}
-    expected |= {f'{stack}.{i}.{k}' for stack,
-                 n in depth.items() for i in range(n) for k in block_keys}
+    expected |= {f'{stack}.{i}.{k}'
+                 for stack, n in depth.items() for i in range(n) for k in block_keys}
     missing, unexpected = sorted(expected - official.keys()), sorted(official.keys() - expected)
     if missing or unexpected or depth['spatial_blocks'] == 0:
         raise KeyError(f"not an Open-MAGVIT2 AR checkpoint we can load: missing keys {missing}, "

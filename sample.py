@@ -135,13 +135,13 @@ def check_class_consistency(images, labels, tokenizer, epochs=3, seed=0):
 
     def images_and_labels(dataset):  # (N, 3, H, W) in [-1, 1], (N,)
         items = [dataset[i] for i in range(len(dataset))]
-        return torch.stack([image for image,
-                            _ in items]), torch.tensor([label for _, label in items])
+        images, labels = zip(*items)
+        return torch.stack(images), torch.tensor(labels)
 
     size = images.shape[1]
     train = data.build_dataset('synthetic', size, train=True)
-    (x, y), (x_held,
-             y_held) = images_and_labels(train), images_and_labels(data.build_dataset('synthetic', size, False))
+    x, y = images_and_labels(train)
+    x_held, y_held = images_and_labels(data.build_dataset('synthetic', size, False))
     # a four-stage CNN: enough to tell the shapes and colours apart, trained in seconds
     conv = lambda c_in, c_out: [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
                                 nn.BatchNorm2d(c_out), nn.ReLU()]

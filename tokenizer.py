@@ -275,11 +275,12 @@ class Tokenizer(nn.Module):
         ckpt = path_or_state
         if isinstance(ckpt, str):
             ckpt = load_checkpoint(ckpt)
-        if not isinstance(ckpt,
-                          dict) or ('state_dict' not in ckpt and ckpt.get('kind') != 'tokenizer'):
+        ours = isinstance(ckpt, dict) and ckpt.get('kind') == 'tokenizer'
+        if not (ours or isinstance(ckpt, dict) and 'state_dict' in ckpt):
             kind = ckpt.get('kind') if isinstance(ckpt, dict) else type(ckpt).__name__
-            raise ValueError(f"not a tokenizer checkpoint (kind {kind!r}): expected ours (kind 'tokenizer') "
-                             f"or an official Open-MAGVIT2 Lightning checkpoint (with 'state_dict')")
+            raise ValueError(f"not a tokenizer checkpoint (kind {kind!r}): expected ours (kind "
+                             "'tokenizer') or an official Open-MAGVIT2 Lightning checkpoint "
+                             "(with 'state_dict')")
         if ckpt.get('kind') == 'tokenizer':
             model = cls(TokenizerConfig(**ckpt['config']))
             state = ckpt['ema'] if ema and ckpt.get('ema') is not None else ckpt['model']

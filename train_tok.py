@@ -383,17 +383,16 @@ def main(argv=None):
                          f"{dist.world_size} processes: pass a multiple of {dist.world_size} (the "
                          "official runs: 256 = 32 GPUs x 8), or run on a number of GPUs that "
                          "divides it")
-    if not args.eval_only:  # before any work: a fresh run must not overwrite the one in --out
-        ckpt_path = utils.prepare_run_folder(args.out, args.resume, args.overwrite, dist.is_main)
     # PSNR / usage / rFID of a finished tokenizer, e.g. the released 256px one (rFID 1.17)
     if args.eval_only:
         model = tokenizer.Tokenizer.from_checkpoint(args.eval_only).to(dist.device).eval()
         os.makedirs(args.out, exist_ok=True)
-        metrics = evaluate(model,
-                           build_dataset(args.val_data or args.data, args.image_size, train=False),
-                           args, dist, step='_eval_only')
+        val_set = build_dataset(args.val_data or args.data, args.image_size, train=False)
+        metrics = evaluate(model, val_set, args, dist, step='_eval_only')
         utils.cleanup()
         return metrics
+    # before any work: a fresh run must not overwrite the one in --out
+    ckpt_path = utils.prepare_run_folder(args.out, args.resume, args.overwrite, dist.is_main)
     t = build(args, dist)
     if args.init_from and not args.resume:  # fine-tuning: weights only (the docstring says which)
         # open-magvit2:PATH loads a released file in full
