@@ -143,7 +143,7 @@ def count_flops(fn):
 
 
 def bench_tokenizer_step(preset, image_size, batch, dist, weights_dir, compile_model, peak,
-                         perceptual=True):
+                         perceptual=True, name=None):
     """One train_tok.train_step (G + D + LPIPS, Adam steps, EMA) on random images. Returns a dict:
     img/s, peak GiB, TFLOP per image (counted on the eager step), MFU against the datasheet peak,
     and with compile_model the compile time (first compiled step minus an eager one) and the first
@@ -186,7 +186,7 @@ def bench_tokenizer_step(preset, image_size, batch, dist, weights_dir, compile_m
     def run():
         step[0] += 1
         train_tok.train_step(x, t, args, step[0])
-    name = f'tok_step_{image_size}_b{batch}'
+    name = name or f'tok_step_{image_size}_b{batch}'
     ms, mem = cuda_time(run, iters=10, warmup=3, name=name)
     result.update(img_per_s=batch / (ms / 1e3), peak_gib=mem, tflop_per_image=flops / batch / 1e12,
                   mfu=flops / (ms / 1e3) / peak if peak else float('nan'))
@@ -488,18 +488,21 @@ def main():
                 ms, mem = cuda_time(lambda: encoder.decode(z), name='decode_b50')
             report('decode_b50', 50 / (ms / 1e3), 'img/s', peak_gib=mem)
     if any(r.startswith('tok') for r in rows):
-        # (preset, image size, batch, LPIPS): the paper's two runs at batch 8 and 32 per GPU, and
-        # the 128px model at 64px (Tiny-ImageNet's size) without LPIPS, as the time-limited recipe
-        for preset, size, batch, perceptual in (('imagenet256', 256, 8, True),
-                                                ('imagenet256', 256, 32, True),
-                                                ('imagenet128', 128, 8, True),
-                                                ('imagenet128', 64, 128, False)):
-            if not any(f"tok_step_{size}_b{batch}".startswith(r) for r in rows):
+        # (row, train_tok preset, image size, batch, LPIPS): the paper's two runs at batch 8 and
+        # 32 per GPU; the 128px model at 64px (Tiny-ImageNet's size, 8x8 tokens) without LPIPS;
+        # the 64px recipe's own step (the tin64 run: 16x16 tokens, no LPIPS, no D)
+        for name, preset, size, batch, perceptual in (
+                ('tok_step_256_b8', 'imagenet256', 256, 8, True),
+                ('tok_step_256_b32', 'imagenet256', 256, 32, True),
+                ('tok_step_128_b8', 'imagenet128', 128, 8, True),
+                ('tok_step_64_b128', 'imagenet128', 64, 128, False),
+                ('tok_step_64_b128_tin64', 'tin64', 64, 128, False)):
+            if not any(name.startswith(r) for r in rows):
                 continue
             try:
                 r = bench_tokenizer_step(preset, size, batch, dist, weights_dir, args.compile,
-                                         peak, perceptual)
-                report(f"tok_step_{size}_b{batch}", r.pop('img_per_s'), 'img/s', **r)
+                                         peak, perceptual, name)
+                report(name, r.pop('img_per_s'), 'img/s', **r)
             except torch.cuda.OutOfMemoryError:
                 print(f"tok_step {preset} {size}px batch {batch}: out of memory")
             torch.cuda.empty_cache()

@@ -1,7 +1,7 @@
 """
 The whole pipeline on one GPU within a wall-clock budget, one stage after another, each the command
 that its docstring shows (printed before it runs):
-    1. train_tok.py      the tokenizer, with the 64px recipe below, for 45% of --minutes
+    1. train_tok.py      the tokenizer, train_tok.py's tin64 run, for 47% of --minutes (7 of 15)
     2. extract_codes.py  its tokens of the training images and of the held-out images
     3. train_gpt.py      the B generator on those tokens, for what is left of 85% of --minutes
     4. sample.py         --num-per-class samples of every class into an ADM .npz, and a PNG grid
@@ -58,15 +58,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # -----------------------------------------------------------------------------
 # the recipes: every flag the pipeline passes, in one place
 
-# Stage 1 at 64px: the 128px architecture (64px -> 8x8 tokens); LPIPS and the GAN off (a run of
-# minutes is judged on held-out PSNR, which the L1 term trains for, and each costs step time); a
-# 10x higher lr than the paper's, with a short warm-up and a linear cooldown over the last 30% of
-# the time budget; evaluations on 2000 held-out images (the last one on all of them)
-TOKENIZER_RECIPE = ['--preset', 'imagenet128', '--image-size', '64', '--perceptual-weight', '0',
-                    '--gan-weight', '0', '--batch-size', '128', '--lr', '1e-3',
-                    '--warmup-steps', '100', '--cooldown', '0.3', '--compile', '--channels-last',
-                    '--eval-every', '250', '--eval-images', '2000', '--num-workers', '8',
-                    '--log-every', '25']
+# Stage 1 at 64px: train_tok.py's tin64 run (16x16 tokens, the paper's grid; its settings and why
+# they depart from the paper are beside its preset), compiled, with 8 loader workers
+TOKENIZER_RECIPE = ['--preset', 'tin64', '--compile', '--channels-last', '--num-workers', '8']
 GPT_RECIPE = ['--preset', 'B', '--compile']
 CODES_RECIPE = ['--image-size', '64', '--compile']
 # one view of the training images: the random crop of a 64px image at 64px is the whole image (and
@@ -87,7 +81,7 @@ TINY_SAMPLE_RECIPE = ['--device', 'cpu', '--cfg-scale', '4,4']
 # shares of --minutes: the tokenizer's is a hard limit (train_tok.py --max-minutes); extracting
 # the codes has no limit of its own; the generator gets its share plus what the first two stages
 # left of theirs; sampling and the grid take the rest
-TOKENIZER_SHARE, CODES_SHARE, GPT_SHARE = 0.45, 0.05, 0.35
+TOKENIZER_SHARE, CODES_SHARE, GPT_SHARE = 0.47, 0.05, 0.33
 PROBE_STEPS, PROBE_LOG_EVERY = 15, 5  # the probe's time per step: its steps 5 -> 15
 WARMUP_FRACTION = 6 / 300  # the paper's warm-up: 6 of 300 epochs
 GRID_CLASSES, GRID_PER_CLASS = 8, 8  # the PNG: rows of classes spread over the sampled ones

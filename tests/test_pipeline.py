@@ -57,10 +57,11 @@ def test_gpu_recipes_are_valid_flags_of_each_script():
     import train_gpt
     import train_tok
     tok = train_tok.get_args(pipeline.TOKENIZER_RECIPE + ['--data', 'a.npz', '--val-data', 'b.npz',
-                                                          '--out', 'o', '--max-minutes', '6.75'])
+                                                          '--out', 'o', '--max-minutes', '7'])
     assert (tok.model, tok.image_size, tok.batch_size, tok.lr, tok.gan_weight) == \
-        ('imagenet128', 64, 128, 1e-3, 0)
+        ('tin64', 64, 128, 1e-3, 0)
     assert tok.perceptual_weight == 0 and tok.cooldown == 0.3 and tok.compile
+    assert tok.warmup_steps == 100 and tok.eval_images == 2000 and tok.num_workers == 8
     codes = extract_codes.get_args(pipeline.CODES_RECIPE + ['--views', str(pipeline.VIEWS),
                                                             '--tokenizer', 't', '--codes', 'c',
                                                             '--data', 'a.npz'])
