@@ -61,7 +61,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Stage 1 at 64px: train_tok.py's tin64 run (16x16 tokens, the paper's grid; its settings and why
 # they depart from the paper are beside its preset), compiled, with 8 loader workers
 TOKENIZER_RECIPE = ['--preset', 'tin64', '--compile', '--channels-last', '--num-workers', '8']
-GPT_RECIPE = ['--preset', 'B', '--compile']
+# batch 256, not the B preset's 768: with 16x16 tokens, 768 sequences of 256 do not fit in 141 GB
+GPT_RECIPE = ['--preset', 'B', '--compile', '--batch-size', '256']
 CODES_RECIPE = ['--image-size', '64', '--compile']
 # one view of the training images: the random crop of a 64px image at 64px is the whole image (and
 # the official AR pipeline has no flips), so further views would be copies of the first; with
@@ -287,7 +288,7 @@ def main(argv=None):
           f"{tok['codebook_usage']:.2%} (step {tok['step']})")
     print(f"generator: held-out NLL pre {gpt['val_ce_pre']:.4f} + post {gpt['val_ce_post']:.4f} "
           f"nats = {gpt['val_bits_pre']:.3f} + {gpt['val_bits_post']:.3f} bits per token "
-          f"(step {gpt['step']}, {gpt['epochs']} epochs)")
+          f"(step {gpt['step']}, epochs {gpt['epochs']})")
     rate = f"{smp['images_per_s']:.1f} img/s" if 'images_per_s' in smp else "rate not measured"
     print(f"samples: {smp['images']} images {'x'.join(map(str, smp['image_shape']))} ({rate}) "
           f"in {path('samples.npz')}, grid {path('samples.png')}")

@@ -69,7 +69,7 @@ def test_gpu_recipes_are_valid_flags_of_each_script():
     gpt = train_gpt.get_args(pipeline.GPT_RECIPE + ['--codes', 'c', '--tokenizer', 't',
                                                     '--val-codes', 'v', '--out', 'o',
                                                     '--epochs', '3'])
-    assert gpt.model == 'B' and gpt.compile and gpt.epochs == 3
+    assert gpt.model == 'B' and gpt.compile and gpt.epochs == 3 and gpt.batch_size == 256
     samples, _ = sample.get_args(pipeline.SAMPLE_RECIPE + ['--gpt', 'g', '--classes', '1,2',
                                                             '--num-per-class', '50',
                                                             '--out', 's.npz'])
