@@ -80,12 +80,16 @@ def depth_to_space(x):
     """(B, 4C, H, W) -> (B, C, 2H, 2W) in the official (TensorFlow "DCR") channel order: input
     channel (i*2 + j)*C + c lands at output pixel (2h + i, 2w + j), channel c. nn.PixelShuffle uses
     c*4 + i*2 + j instead, which would scramble the released upsampler weights, hence this function.
-    reshape (not view) so that channels_last inputs work; the result is a fresh contiguous
-    tensor."""
+    The result has the memory layout of the input (NCHW or channels_last)."""
     B, C4, H, W = x.shape
-    x = x.reshape(B, 2, 2, C4 // 4, H, W)  # (B, i, j, C, H, W)
-    x = x.permute(0, 3, 4, 1, 5, 2)  # (B, C, H, i, W, j)
-    return x.reshape(B, C4 // 4, 2 * H, 2 * W)
+    y = x.reshape(B, 2, 2, C4 // 4, H, W)  # (B, i, j, C, H, W)
+    y = y.permute(0, 3, 4, 1, 5, 2)  # (B, C, H, i, W, j)
+    y = y.reshape(B, C4 // 4, 2 * H, 2 * W)  # a copy, NCHW-contiguous
+    # a channels_last network fed NCHW activations would convert them back at every later conv,
+    # forward and backward (and compile one more variant of each block); compiled, the two copies
+    # are one kernel
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return y.contiguous(memory_format=torch.channels_last) if channels_last else y
 
 
 class Upsampler(nn.Module):

@@ -141,7 +141,29 @@ def test_depth_to_space_official_order():
             for c in range(C):
                 assert torch.equal(out[:, c, i::2, j::2], x[:, (i * 2 + j) * C + c])
     assert not torch.equal(out, F.pixel_shuffle(x, 2))  # PixelShuffle's order differs
-    assert torch.equal(depth_to_space(x.contiguous(memory_format=torch.channels_last)), out)
+    cl = depth_to_space(x.contiguous(memory_format=torch.channels_last))
+    assert torch.equal(cl, out)
+    assert cl.is_contiguous(memory_format=torch.channels_last) and not cl.is_contiguous()
+    assert out.is_contiguous()  # NCHW in, NCHW out
+
+
+def test_channels_last_network_keeps_its_layout():
+    """Every 4-d activation of a channels_last tokenizer is channels_last: an NCHW one in between
+    (as depth_to_space's reshape makes) would be converted back at every later convolution."""
+    model = Tokenizer.from_preset('tiny').eval().to(memory_format=torch.channels_last)
+    seen = []
+
+    def record(module, inputs, output):
+        outputs = output if isinstance(output, tuple) else (output,)
+        seen.extend((type(module).__name__, t) for t in outputs
+                    if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[1] > 1)
+    for module in model.modules():
+        module.register_forward_hook(record)
+    with torch.no_grad():
+        model(torch.rand(2, 3, 32, 32).contiguous(memory_format=torch.channels_last))
+    assert {name for name, _ in seen} >= {'Upsampler', 'AdaptiveGroupNorm', 'ResBlock', 'Conv2d'}
+    nchw = [name for name, t in seen if not t.is_contiguous(memory_format=torch.channels_last)]
+    assert not nchw, f"NCHW activations after {sorted(set(nchw))}"
 
 
 # -----------------------------------------------------------------------------
