@@ -7,7 +7,7 @@ one, 4 for the 64px one) and back.
 The network is the official v2 one (Open-MAGVIT2 `improved_model.py`, `lfqgan.py`), module for
 module and with the same parameter names, so the released checkpoints load with an almost-identity
 mapping (`convert_official_tokenizer`). No attention anywhere; 115.13M parameters at 256px,
-112.02M at 128px.
+112.02M at 128px, 36.16M in the 64px tin64 (not a released model).
 
 Quick look at a reconstruction on one GPU (writes input | reconstruction side by side):
     python tokenizer.py --reconstruct photo.jpg --ckpt out/tok.pt --out rec.png   # our checkpoint
