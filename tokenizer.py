@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx.experimental import _config as fx_config
 
 from quantizer import LFQ, indices_to_codes
 
@@ -333,14 +334,22 @@ class Tokenizer(nn.Module):
 
 def compile_blocks(model, **compile_options):
     """torch.compile each repeated block of a Tokenizer in place (ResBlock, AdaptiveGroupNorm,
-    Upsampler, the LFQ loss). Blocks of the same shape share one compiled graph, so a preset
+    Upsampler, the LFQ loss). Blocks of one structure share one compiled graph, so a preset
     compiles in a handful of graphs instead of one graph of the whole network (minutes). Within a
     block, Inductor fuses GroupNorm, swish and the casts around the cuDNN convolutions.
     compile_options go to torch.compile (the tests capture the same graphs with backend='aot_eager';
     bench.py compares the compiled step's losses with the eager ones)."""
-    # one ResBlock.forward serves every block, and each (shape, dtype) of its input is one more
-    # compiled variant: about 15 in a 256px tokenizer, over Dynamo's default limit of 8 (past which
-    # it falls back to eager)
+    # dynamic=True: batch and spatial sizes are symbols (widths are fixed by the weights), so one
+    # graph of a block serves every batch and resolution: another batch size or image size in
+    # the same process compiles nothing more. Without it Dynamo compiles each block for its first
+    # shape, then again with the sizes that changed as symbols, and again for each new batch size
+    compile_options = {'dynamic': True, **compile_options}
+    # no duck sizing: by default sizes of equal value share one symbol, so a 128-wide block at 128px
+    # ties its height to its width in channels, which the weights fix, and compiles for 128px only
+    fx_config.use_duck_shape = False
+    # one ResBlock.forward serves every block; each variant it needs (with or without the 1x1
+    # shortcut, fp32 or bf16 input) counts towards Dynamo's limit of 8 per function, past which it
+    # falls back to eager
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for module in model.modules():
         if isinstance(module, (ResBlock, AdaptiveGroupNorm, Upsampler, LFQ)):

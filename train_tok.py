@@ -234,12 +234,13 @@ def compile_step_modules(model, disc, lpips=None):
     """torch.compile, in place, what one iteration runs: the tokenizer's repeated blocks
     (tokenizer.compile_blocks), the discriminator and LPIPS. Compiling the blocks rather than the
     whole tokenizer is what keeps compile time short: the 40-odd ResBlocks come in a handful of
-    shapes, and blocks of one shape share one compiled graph. Inside each graph Inductor fuses
+    structures, and blocks of one structure share one compiled graph. Inside each graph Inductor fuses
     GroupNorm + swish + the bf16 casts around the convolutions."""
     tokenizer.compile_blocks(model)
-    disc.compile()
+    # dynamic as the blocks: one graph for every batch and resolution
+    disc.compile(dynamic=True)
     if lpips is not None:
-        lpips.compile()
+        lpips.compile(dynamic=True)
 
 
 def train_step(x, t, args, step):
