@@ -15,7 +15,8 @@ One GPU:
         --val-data /data/imagenet/val --out runs/tok128
 Tiny-ImageNet at 64px in 7 minutes on one GPU, compile included (README, "Results"):
     python train_tok.py --preset tin64 --data train_part0.npz,train_part1.npz,train_part2.npz \
-        --val-data val.npz --compile --channels-last --num-workers 8 --max-minutes 7 --out runs/tin64
+        --val-data val.npz --compile --channels-last --num-workers 8 --max-minutes 7 \
+        --out runs/tin64
 One node, 8 GPUs:
     torchrun --standalone --nproc_per_node=8 train_tok.py --preset imagenet256 \
         --data /data/imagenet/train --val-data /data/imagenet/val --out runs/tok256
@@ -234,8 +235,8 @@ def compile_step_modules(model, disc, lpips=None):
     """torch.compile, in place, what one iteration runs: the tokenizer's repeated blocks
     (tokenizer.compile_blocks), the discriminator and LPIPS. Compiling the blocks rather than the
     whole tokenizer is what keeps compile time short: the 40-odd ResBlocks come in a handful of
-    structures, and blocks of one structure share one compiled graph. Inside each graph Inductor fuses
-    GroupNorm + swish + the bf16 casts around the convolutions."""
+    structures, and blocks of one structure share one compiled graph. Inside each graph Inductor
+    fuses GroupNorm + swish + the bf16 casts around the convolutions."""
     tokenizer.compile_blocks(model)
     # dynamic as the blocks: one graph for every batch and resolution
     disc.compile(dynamic=True)

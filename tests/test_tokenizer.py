@@ -59,6 +59,16 @@ def test_channels_last_matches():
     assert torch.equal(idx, ref_idx) and torch.allclose(out, ref, atol=1e-4)
 
 
+def test_tin64_makes_the_papers_token_grid_at_64px():
+    """tin64: 64px -> 16x16 tokens (4x downsampling), 36.16M parameters, as its preset says."""
+    model = Tokenizer.from_preset('tin64')
+    assert model.downsample == 4 and model.config.image_size == 64
+    assert abs(n_params(model) / 1e6 - 36.16) < 0.01
+    with torch.no_grad():
+        z_q, indices, _ = model.encode(torch.rand(1, 3, 64, 64) * 2 - 1)
+    assert indices.shape == (1, 16, 16) and z_q.shape == (1, 18, 16, 16)
+
+
 @pytest.mark.parametrize('name, total, enc, dec', [('imagenet256', 115.13, 49.75, 65.38),
                                                    ('imagenet128', 112.02, 48.42, 63.60)])
 def test_official_parameter_counts(name, total, enc, dec):
