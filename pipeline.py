@@ -10,10 +10,10 @@ held-out NLL of the generator, the sampling throughput and the wall time of ever
 
 Tiny-ImageNet (200 classes at 64px; docs/tinyimagenet_to_npz.py packs the official zip into
 data/tin/train_part0..4.npz of 20,000 images each and data/tin/val.npz, the 10,000 held-out images),
-15 minutes on four of the parts:
+15 minutes on three of the parts (the README shows what it prints on one H200):
     T=data/tin/train_part
     python pipeline.py --minutes 15 --out runs/tin64 \\
-        --data ${T}0.npz,${T}1.npz,${T}2.npz,${T}3.npz --val-data data/tin/val.npz
+        --data ${T}0.npz,${T}1.npz,${T}2.npz --val-data data/tin/val.npz
 Another dataset: other --data / --val-data, in any form train_tok.py --data takes (.npz archives,
 an ImageNet-style folder). CPU smoke run of the same chain with the tiny models:
     python pipeline.py --tiny --minutes 1 --out out/pipeline_tiny
