@@ -532,8 +532,16 @@ def main(argv=None):
                                       labels.to(device, non_blocking=True)))
             # a function of the global step alone: the same on every rank and after a resume
             lr = get_lr(step, total_steps, warmup_steps, peak_lr)
-            loss_pre, loss_post = train_step(model, optimizer, micro_batches, lr, device_type,
-                                             args.grad_clip)
+            try:
+                loss_pre, loss_post = train_step(model, optimizer, micro_batches, lr, device_type,
+                                                 args.grad_clip)
+            except torch.OutOfMemoryError:
+                raise SystemExit(
+                    f"out of {device_type} memory at step {step} with {micro_batch} sequences per "
+                    f"process and pass (--batch-size {args.batch_size} over {dist.world_size} "
+                    f"processes and --grad-accum {args.grad_accum}): pass --grad-accum "
+                    f"{2 * args.grad_accum} (the same training, half the sequences per pass) or a "
+                    "smaller --batch-size") from None
             step, batch_in_epoch = step + 1, batch_in_epoch + 1
             progress.update()
 

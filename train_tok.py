@@ -540,7 +540,13 @@ def main(argv=None):
             x = images.to(dist.device, non_blocking=True)
             if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            losses = train_step(x, t, args, step)
+            try:
+                losses = train_step(x, t, args, step)
+            except torch.OutOfMemoryError:
+                raise SystemExit(
+                    f"out of {dist.device_type} memory at step {step} with {micro_batch} images "
+                    f"per process (--batch-size {args.batch_size} over {dist.world_size} "
+                    "processes): pass a smaller --batch-size, or run on more GPUs") from None
             step, batch_in_epoch, images_seen = step + 1, batch_in_epoch + 1, images_seen + len(x)
             pbar.update(1)
             # summed on the device: no host sync until the next log line

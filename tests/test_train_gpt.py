@@ -271,6 +271,15 @@ def test_clear_errors_for_bad_paths_and_mismatches(files, tmp_path):
         train_gpt.main(argv(files, tmp_path / 'd', '--image-size', '18'))
 
 
+def test_out_of_memory_names_the_flags_to_change(files, tmp_path, monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 768.00 MiB")
+    monkeypatch.setattr(train_gpt, 'train_step', no_memory)
+    with pytest.raises(SystemExit, match=r'out of cpu memory at step 0 with \d+ sequences.*'
+                                         r'--batch-size \d+ .*--grad-accum 2 .*smaller --batch-size'):
+        train_gpt.main(argv(files, tmp_path / 'a'))
+
+
 def test_held_out_loss_is_logged_and_equals_a_direct_computation(files, tmp_path, capsys):
     out = tmp_path / 'images'
     model = train_gpt.main(argv(files, out, '--epochs', '1', '--eval-every', '2',

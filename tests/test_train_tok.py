@@ -111,6 +111,15 @@ def test_rerun_without_resume_refuses_and_overwrite_starts_again(tiny_run, tmp_p
     assert utils.load_checkpoint(os.path.join(run, 'ckpt.pt'))['step'] == 1
 
 
+def test_out_of_memory_names_the_flag_to_change(tmp_path, monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 768.00 MiB")
+    monkeypatch.setattr(train_tok, 'train_step', no_memory)
+    with pytest.raises(SystemExit, match=r'out of cpu memory at step 0 with 16 images per process '
+                                         r'\(--batch-size 16 .*smaller --batch-size'):
+        train_tok.main(['--preset', 'tiny', '--device', 'cpu', '--out', str(tmp_path / 'a')])
+
+
 def test_global_batch_must_split_over_the_processes(monkeypatch):
     three = utils.Dist(torch.device('cpu'), 'cpu', world_size=3)
     monkeypatch.setattr(utils, 'setup', lambda device: three)
