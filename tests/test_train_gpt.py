@@ -275,8 +275,8 @@ def test_out_of_memory_names_the_flags_to_change(files, tmp_path, monkeypatch):
     def no_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 768.00 MiB")
     monkeypatch.setattr(train_gpt, 'train_step', no_memory)
-    with pytest.raises(SystemExit, match=r'out of cpu memory at step 0 with \d+ sequences.*'
-                                         r'--batch-size \d+ .*--grad-accum 2 .*smaller --batch-size'):
+    message = r'out of cpu memory at step 0 with \d+ sequences.*--grad-accum 2 .*smaller --batch-size'
+    with pytest.raises(SystemExit, match=message):
         train_gpt.main(argv(files, tmp_path / 'a'))
 
 
