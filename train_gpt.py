@@ -42,6 +42,10 @@ Resume:      the same command plus --resume (model, optimizer, step, data order 
              longer fits). Without --resume the same command refuses to touch the run; --overwrite
              deletes it and starts again.
              --max-steps N stops at step N of the full schedule, with a checkpoint to --resume from.
+Time budget: --max-minutes M ends the run within M minutes of wall clock, compilation included,
+             with a checkpoint: the last step is planned from the measured step rate at each log
+             line, and the lr schedule (warm-up, plateau, linear decay) ends there. A short run
+             wants a short --warmup-epochs. --epochs stays the upper bound.
 Fine-tune:   --init-from CKPT starts a new run (step 0, fresh AdamW state, the full lr schedule)
              from the weights of our GPT checkpoint or a released one (open-magvit2:AR_256_B.ckpt);
              the network built here (--preset, the data's classes and token grid) must match.
@@ -251,12 +255,12 @@ PRESETS = {
 }
 # the flags that may differ on --resume (utils.check_resume): where and how fast the run goes
 # (--grad-accum splits the same global batch), how often it logs and samples, where it stops
-# (--max-steps keeps the schedule of --epochs). Every other flag (--tokenizer, --data, --codes,
-# --batch-size...) changes what is trained. A preset is only a name: the values it sets are
-# compared one by one.
+# (--max-steps keeps the schedule of --epochs; --max-minutes plans a new end from its budget).
+# Every other flag (--tokenizer, --data, --codes, --batch-size...) changes what is trained. A
+# preset is only a name: the values it sets are compared one by one.
 RESUME_MAY_CHANGE = {'resume', 'overwrite', 'device', 'out', 'num_workers', 'compile',
-                     'grad_accum', 'max_steps', 'eval_every', 'log_every', 'sample_classes',
-                     'preset'}
+                     'grad_accum', 'max_steps', 'max_minutes', 'eval_every', 'log_every',
+                     'sample_classes', 'preset'}
 
 
 def get_args(argv=None):
@@ -291,6 +295,9 @@ def get_args(argv=None):
     parser.add_argument('--max-steps', type=int, default=0,
                         help="stop (and checkpoint) at this step, keeping the "
                         "schedule of --epochs; continue later with --resume (0: run all epochs)")
+    parser.add_argument('--max-minutes', type=float, default=0,
+                        help="wall-clock budget from the start, compile included: the run ends in "
+                        "time (lr schedule and all) with a checkpoint; 0: none")
     parser.add_argument('--eval-every', type=int, default=5000,
                         help="steps between sample grids and checkpoints")
     parser.add_argument('--log-every', type=int, default=50)
@@ -320,6 +327,7 @@ def get_args(argv=None):
 
 
 def main(argv=None):
+    begin = time.time()  # --max-minutes counts from here
     args = get_args(argv)
     dist = setup(args.device)
     device, device_type = dist.device, dist.device_type
@@ -504,9 +512,16 @@ def main(argv=None):
     num_bad = num_seen = 0
     # --max-steps ends the run early; the lr schedule stays that of --epochs
     stop_step = min(args.max_steps or total_steps, total_steps)
+    schedule_steps = total_steps  # the step where get_lr's decay ends
     progress = tqdm(total=stop_step, initial=step, disable=not dist.is_main, dynamic_ncols=True)
+    held_out_start = time.time()
     if val is not None and step == 0:
         log_held_out()  # the "before" number (from scratch: log 64 and log 4096, zero heads)
+    # --max-minutes: the run ends when the budget, less a reserve for the last held-out loss, grid
+    # and checkpoint, is spent. At each log line rank 0 turns the time left and the step rate of
+    # the interval into the last step, which every rank takes; the lr decay ends there
+    budget_s = args.max_minutes * 60
+    reserve_s = 1.5 * (time.time() - held_out_start) + min(30.0, 0.05 * budget_s)
     start_time = last_time = time.time()
     last_step = step
     while step < stop_step:
@@ -531,7 +546,7 @@ def main(argv=None):
                 micro_batches.append((tokens.to(device, non_blocking=True),
                                       labels.to(device, non_blocking=True)))
             # a function of the global step alone: the same on every rank and after a resume
-            lr = get_lr(step, total_steps, warmup_steps, peak_lr)
+            lr = get_lr(step, schedule_steps, warmup_steps, peak_lr)
             try:
                 loss_pre, loss_post = train_step(model, optimizer, micro_batches, lr, device_type,
                                                  args.grad_clip)
@@ -550,6 +565,13 @@ def main(argv=None):
                 loss_pre, loss_post = all_reduce_mean(torch.stack([loss_pre, loss_post])).tolist()
                 now = time.time()
                 tokens_per_s = (step - last_step) * tokens_per_step / (now - last_time)
+                if budget_s:  # re-plan the end from this interval's step rate
+                    left_s = budget_s - reserve_s - (now - begin)
+                    plan = step + max(0.0, left_s) * (step - last_step) / (now - last_time)
+                    plan = all_reduce_sum(torch.tensor(plan if dist.is_main else 0.0,
+                                                       dtype=torch.float64, device=device))
+                    stop_step = schedule_steps = min(total_steps, max(step, int(plan.item())))
+                    progress.total = stop_step
                 # per chip: estimate_mfu compares with the peak of one
                 mfu = raw_model.estimate_mfu(tokens_per_s / dist.world_size,
                                              peak) if peak else float('nan')

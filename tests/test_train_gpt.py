@@ -8,6 +8,7 @@ weights or data and skips unreadable images; --init-from copies weights."""
 import io
 import os
 import shutil
+import time
 from dataclasses import asdict
 
 import numpy as np
@@ -269,6 +270,23 @@ def test_clear_errors_for_bad_paths_and_mismatches(files, tmp_path):
         train_gpt.main(argv(files, tmp_path / 'c', '--codes', str(codes), '--tokenizer', tok16))
     with pytest.raises(ValueError, match='not a multiple'):
         train_gpt.main(argv(files, tmp_path / 'd', '--image-size', '18'))
+
+
+def test_max_minutes_stops_in_time_with_the_lr_decayed(files, tmp_path):
+    """A 6-second budget on a run of 400 planned steps: it stops in time with a checkpoint at its
+    last logged step, and the lr decay was planned to end there."""
+    out = tmp_path / 'budget'
+    start = time.time()
+    train_gpt.main(argv(files, out, '--epochs', '100', '--warmup-epochs', '0.5',
+                        '--max-minutes', '0.1'))
+    took = time.time() - start
+    rows = read_log(out)
+    last = int(rows[-1]['step'])
+    assert 4 < last < 400 and took < 6 + 15, (last, took)  # the reserve covers grid and checkpoint
+    assert load_checkpoint(out / 'ckpt.pt', 'gpt')['step'] == last
+    lrs = [float(r['lr']) for r in rows]
+    # the schedule's end: 0.1 x peak at the planned last step (peak 1e-3)
+    assert max(lrs) == pytest.approx(1e-3) and lrs[-1] < 0.3e-3, lrs[-5:]
 
 
 def test_out_of_memory_names_the_flags_to_change(files, tmp_path, monkeypatch):
