@@ -142,12 +142,12 @@ def count_flops(fn):
     return counter.get_total_flops()
 
 
-def bench_tokenizer_step(preset, image_size, batch, dist, weights_dir, compile_model, peak,
-                         perceptual=True, name=None):
+def bench_tokenizer_step(name, preset, image_size, batch, dist, weights_dir, compile_model, peak,
+                         perceptual=True):
     """One train_tok.train_step (G + D + LPIPS, Adam steps, EMA) on random images. Returns a dict:
     img/s, peak GiB, TFLOP per image (counted on the eager step), MFU against the datasheet peak,
     and with compile_model the compile time (first compiled step minus an eager one) and the first
-    step's losses compiled vs. eager."""
+    step's losses compiled vs. eager. name: the row, as in the table and the profile."""
     argv = ['--preset', preset, '--device', 'cuda', '--batch-size', str(batch), '--image-size',
             str(image_size),
             '--channels-last', '--vgg-weights', os.path.join(weights_dir, 'vgg16.pth'),
@@ -186,7 +186,6 @@ def bench_tokenizer_step(preset, image_size, batch, dist, weights_dir, compile_m
     def run():
         step[0] += 1
         train_tok.train_step(x, t, args, step[0])
-    name = name or f'tok_step_{image_size}_b{batch}'
     ms, mem = cuda_time(run, iters=10, warmup=3, name=name)
     result.update(img_per_s=batch / (ms / 1e3), peak_gib=mem, tflop_per_image=flops / batch / 1e12,
                   mfu=flops / (ms / 1e3) / peak if peak else float('nan'))
@@ -500,8 +499,8 @@ def main():
             if not any(name.startswith(r) for r in rows):
                 continue
             try:
-                r = bench_tokenizer_step(preset, size, batch, dist, weights_dir, args.compile,
-                                         peak, perceptual, name)
+                r = bench_tokenizer_step(name, preset, size, batch, dist, weights_dir,
+                                         args.compile, peak, perceptual)
                 report(name, r.pop('img_per_s'), 'img/s', **r)
             except torch.cuda.OutOfMemoryError:
                 print(f"tok_step {preset} {size}px batch {batch}: out of memory")

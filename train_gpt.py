@@ -77,7 +77,7 @@ from tokenizer import Tokenizer
 from utils import (DEVICES, OFFICIAL_PREFIX, CSVLog, all_reduce_mean, all_reduce_sum,
                    autocast, barrier,
                    check_config, check_kind, check_resume, cleanup, load_checkpoint, peak_flops,
-                   peak_memory_gib,
+                   peak_memory_gib, plan_last_step,
                    prepare_run_folder, print0, rng_state, save_checkpoint, save_image_grid,
                    set_rng_state, setup, weights_checksum)
 
@@ -512,7 +512,6 @@ def main(argv=None):
     num_bad = num_seen = 0
     # --max-steps ends the run early; the lr schedule stays that of --epochs
     stop_step = min(args.max_steps or total_steps, total_steps)
-    schedule_steps = total_steps  # the step where get_lr's decay ends
     progress = tqdm(total=stop_step, initial=step, disable=not dist.is_main, dynamic_ncols=True)
     held_out_start = time.time()
     if val is not None and step == 0:
@@ -546,7 +545,8 @@ def main(argv=None):
                 micro_batches.append((tokens.to(device, non_blocking=True),
                                       labels.to(device, non_blocking=True)))
             # a function of the global step alone: the same on every rank and after a resume
-            lr = get_lr(step, schedule_steps, warmup_steps, peak_lr)
+            # with --max-minutes the decay ends at the planned last step, else at --epochs' end
+            lr = get_lr(step, stop_step if budget_s else total_steps, warmup_steps, peak_lr)
             try:
                 loss_pre, loss_post = train_step(model, optimizer, micro_batches, lr, device_type,
                                                  args.grad_clip)
@@ -567,10 +567,8 @@ def main(argv=None):
                 tokens_per_s = (step - last_step) * tokens_per_step / (now - last_time)
                 if budget_s:  # re-plan the end from this interval's step rate
                     left_s = budget_s - reserve_s - (now - begin)
-                    plan = step + max(0.0, left_s) * (step - last_step) / (now - last_time)
-                    plan = all_reduce_sum(torch.tensor(plan if dist.is_main else 0.0,
-                                                       dtype=torch.float64, device=device))
-                    stop_step = schedule_steps = min(total_steps, max(step, int(plan.item())))
+                    rate = (step - last_step) / (now - last_time)  # steps per second
+                    stop_step = plan_last_step(step, left_s, rate, total_steps, dist)
                     progress.total = stop_step
                 # per chip: estimate_mfu compares with the peak of one
                 mfu = raw_model.estimate_mfu(tokens_per_s / dist.world_size,

@@ -572,11 +572,7 @@ def main(argv=None):
                 if budget_s:  # re-plan the end of the run from the step rate of this log interval
                     left_s = budget_s - reserve_s - (time.time() - start_time)
                     rate = num_summed / (time.time() - t0)  # steps per second
-                    # rank 0 plans, the sum hands its plan to every rank: all stop at the same step
-                    plan = step + max(0.0, left_s) * rate if dist.is_main else 0.0
-                    plan = torch.tensor(plan, dtype=torch.float64, device=dist.device)
-                    plan = utils.all_reduce_sum(plan)
-                    planned_steps = min(max_steps, int(plan.item()))
+                    planned_steps = utils.plan_last_step(step, left_s, rate, max_steps, dist)
                 sums, num_summed, images_seen, t0 = {}, 0, 0, time.time()
             last = step >= planned_steps
             t_pause = time.time()  # evaluation and checkpoints do not count in img/s

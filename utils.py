@@ -110,6 +110,16 @@ def all_reduce_sum(x):
     return x
 
 
+def plan_last_step(step, seconds_left, steps_per_s, max_steps, dist):
+    """A wall-clock budget as a step: rank 0's estimate of the step the run reaches in
+    seconds_left at steps_per_s, handed to every rank (the sum over ranks of rank 0's value and
+    zeros), so that all stop at the same step with the same lr. Never below step nor above
+    max_steps. Both trainers' --max-minutes call it at each log line."""
+    plan = step + max(0.0, seconds_left) * steps_per_s if dist.is_main else 0.0
+    plan = all_reduce_sum(torch.tensor(plan, dtype=torch.float64, device=dist.device))
+    return min(max_steps, max(step, int(plan.item())))
+
+
 def all_reduce_mean(x):
     """Average a tensor over ranks (no-op without DDP): logged losses."""
     if dist.is_available() and dist.is_initialized():

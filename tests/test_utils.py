@@ -99,3 +99,12 @@ def test_prepare_run_folder_refuses_a_run_and_removes_stale_temporary_files(tmp_
     assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.csv']  # the killed write's tmp: gone
     utils.prepare_run_folder(out, resume=False, overwrite=True, is_main=True)
     assert os.listdir(out) == []
+
+
+def test_plan_last_step_is_clamped_between_now_and_the_cap():
+    from types import SimpleNamespace
+    from utils import plan_last_step
+    single = SimpleNamespace(is_main=True, device=torch.device('cpu'))  # no process group
+    assert plan_last_step(10, 5.0, 2.0, 100, single) == 20  # 10 s at 2 steps/s
+    assert plan_last_step(10, -3.0, 2.0, 100, single) == 10  # over budget: stop now
+    assert plan_last_step(10, 50.0, 2.0, 15, single) == 15  # never past --max-steps / --epochs
