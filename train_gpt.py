@@ -511,7 +511,7 @@ def main(argv=None):
     # unreadable images so far: data.check_bad_fraction stops the run past 1%
     num_bad = num_seen = 0
     # --max-steps ends the run early; the lr schedule stays that of --epochs
-    stop_step = min(args.max_steps or total_steps, total_steps)
+    stop_step = max_stop = min(args.max_steps or total_steps, total_steps)
     progress = tqdm(total=stop_step, initial=step, disable=not dist.is_main, dynamic_ncols=True)
     held_out_start = time.time()
     if val is not None and step == 0:
@@ -568,7 +568,7 @@ def main(argv=None):
                 if budget_s:  # re-plan the end from this interval's step rate
                     left_s = budget_s - reserve_s - (now - begin)
                     rate = (step - last_step) / (now - last_time)  # steps per second
-                    stop_step = plan_last_step(step, left_s, rate, total_steps, dist)
+                    stop_step = plan_last_step(step, left_s, rate, max_stop, dist)
                     progress.total = stop_step
                 # per chip: estimate_mfu compares with the peak of one
                 mfu = raw_model.estimate_mfu(tokens_per_s / dist.world_size,

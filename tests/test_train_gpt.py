@@ -287,6 +287,10 @@ def test_max_minutes_stops_in_time_with_the_lr_decayed(files, tmp_path):
     lrs = [float(r['lr']) for r in rows]
     # the schedule's end: 0.1 x peak at the planned last step (peak 1e-3)
     assert max(lrs) == pytest.approx(1e-3) and lrs[-1] < 0.3e-3, lrs[-5:]
+    # with --max-steps as well, the earlier end wins
+    train_gpt.main(argv(files, tmp_path / 'both', '--epochs', '100', '--max-minutes', '0.1',
+                        '--max-steps', '3'))
+    assert int(read_log(tmp_path / 'both')[-1]['step']) == 3
 
 
 def test_out_of_memory_names_the_flags_to_change(files, tmp_path, monkeypatch):
