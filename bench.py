@@ -332,8 +332,8 @@ def bench_sampling(model, batch, variant, decoder=None):
     """GPT sampling of batch images (2 * batch rows with CFG) under bf16 autocast, the paper's B
     settings. variant: 'loop' (GPT.generate), 'graph' (GPT.generate_fast) or 'compiled'
     (generate_fast(compile=True)). Returns a dict: images_per_s (median of 3 runs after a first
-    one, which compiles and captures), first_run_s, and for the graph variants ms_per_position
-    (the replays alone) and, compiled, compile_s (first run minus a later one)."""
+    one, which compiles and captures), first_run_s, ms_per_position (a run over its positions)
+    and, compiled, compile_s (first run minus a later one)."""
     labels = torch.arange(batch, device='cuda') % 1000
     settings = dict(cfg_scale=(1.9, 2.0), temperature=(1.0, 1.0), top_k=0, top_p=1.0,
                     generator=torch.Generator(device='cuda').manual_seed(0))
@@ -362,28 +362,15 @@ def bench_sampling(model, batch, variant, decoder=None):
     result = dict(images_per_s=batch / later, first_run_s=times[0])
     if compile_step:
         result['compile_s'] = times[0] - later
-    if decoder is not None or variant == 'loop':
+    # the average over a run's positions: every window's warm-up, capture and replays included
+    result['ms_per_position'] = later / model.config.block_size * 1e3
+    if decoder is not None or variant == 'loop' or not PROFILE:
         return result
-    # ms per position: generate_fast's graph alone, 3 x 50 replays (every position reads the whole
-    # cache, so the cost is the same at each); one autocast region around warm-up, capture and
-    # replays, as in sampling, so that the weights are cast to bf16 once and not inside the graph
+    # --profile: the kernels of one position that reads the whole cache (the last window's)
     T = model.config.block_size
     with torch.no_grad(), utils.autocast('cuda'):
         step, _, _ = model.decode_step(labels, compile=compile_step, **settings)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up on a side stream, as in GPT.generate_fast
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        profile(step, f"sample_B_b{batch}_{variant}_one_position")  # one position, not a whole run
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        replays = 50  # x (1 warm-up + 3 timed): with the 3 positions above, stays inside the T
-        assert 3 + 4 * replays <= T
-        ms = cuda_time(lambda: [graph.replay() for _ in range(replays)], iters=3, warmup=1)[0]
-    result['ms_per_position'] = ms / replays
+        profile(lambda: step(T), f"sample_B_b{batch}_{variant}_one_position")
     return result
 
 
