@@ -143,7 +143,7 @@ def count_flops(fn):
 
 
 def bench_tokenizer_step(name, preset, image_size, batch, dist, weights_dir, compile_model, peak,
-                         perceptual=True):
+                         perceptual=True, cuda_graph=False):
     """One train_tok.train_step (G + D + LPIPS, Adam steps, EMA) on random images. Returns a dict:
     img/s, peak GiB, TFLOP per image (counted on the eager step), MFU against the datasheet peak,
     and with compile_model the compile time (first compiled step minus an eager one) and the first
@@ -153,6 +153,7 @@ def bench_tokenizer_step(name, preset, image_size, batch, dist, weights_dir, com
             '--channels-last', '--vgg-weights', os.path.join(weights_dir, 'vgg16.pth'),
             '--lpips-weights', os.path.join(weights_dir, 'lin.pth')] + ([] if perceptual else
                                                                           ['--perceptual-weight', '0'])
+    argv += ['--cuda-graph'] if cuda_graph else []  # steps 0-2 eager, then replays
     args = train_tok.get_args(argv)
     x = torch.rand(batch, 3, image_size, image_size, device='cuda') * 2 - 1
     x = x.contiguous(memory_format=torch.channels_last)
@@ -476,21 +477,28 @@ def main():
     if any(r.startswith('tok') for r in rows):
         # (row, train_tok preset, image size, batch, LPIPS): the paper's two runs at batch 8 and
         # 32 per GPU; the 128px model at 64px (Tiny-ImageNet's size, 8x8 tokens) without LPIPS;
-        # the 64px recipe's own step (the tin64 run: 16x16 tokens, no LPIPS, no D)
+        # the 64px recipe's own step (the tin64 run: 16x16 tokens, no LPIPS, no D). '_graph':
+        # the same step replayed as a CUDA graph (train_tok.py --cuda-graph)
         for name, preset, size, batch, perceptual in (
                 ('tok_step_256_b8', 'imagenet256', 256, 8, True),
                 ('tok_step_256_b32', 'imagenet256', 256, 32, True),
                 ('tok_step_128_b8', 'imagenet128', 128, 8, True),
                 ('tok_step_64_b128', 'imagenet128', 64, 128, False),
-                ('tok_step_64_b128_tin64', 'tin64', 64, 128, False)):
+                ('tok_step_64_b128_tin64', 'tin64', 64, 128, False),
+                ('tok_step_256_b8_graph', 'imagenet256', 256, 8, True),
+                ('tok_step_128_b8_graph', 'imagenet128', 128, 8, True),
+                ('tok_step_64_b128_tin64_graph', 'tin64', 64, 128, False)):
             if not any(name.startswith(r) for r in rows):
                 continue
             try:
                 r = bench_tokenizer_step(name, preset, size, batch, dist, weights_dir,
-                                         args.compile, peak, perceptual)
+                                         args.compile, peak, perceptual,
+                                         cuda_graph=name.endswith('_graph'))
                 report(name, r.pop('img_per_s'), 'img/s', **r)
             except torch.cuda.OutOfMemoryError:
                 print(f"tok_step {preset} {size}px batch {batch}: out of memory")
+            except RuntimeError as e:  # e.g. a capture that fails: the other rows still run
+                print(f"{name}: failed: {type(e).__name__}: {str(e)[:300]}")
             torch.cuda.empty_cache()
     if 'fid' in rows:
         weights = os.path.join(weights_dir, 'inception.pth')

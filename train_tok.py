@@ -100,7 +100,8 @@ PRESETS = {
 RESUME_MAY_CHANGE = {'resume', 'overwrite', 'eval_only', 'device', 'out', 'num_workers',
                      'compile', 'channels_last', 'epochs', 'max_steps', 'eval_every',
                      'eval_images', 'ckpt_every', 'log_every', 'val_data', 'vgg_weights',
-                     'lpips_weights', 'inception_weights', 'preset', 'max_minutes'}
+                     'lpips_weights', 'inception_weights', 'preset', 'max_minutes',
+                     'cuda_graph'}
 
 
 def get_args(argv=None):
@@ -175,6 +176,10 @@ def get_args(argv=None):
                         "discriminator and LPIPS (compile_step_modules)")
     parser.add_argument('--channels-last', action='store_true',
                         help="NHWC memory layout (faster convs on GPUs)")
+    parser.add_argument('--cuda-graph', action='store_true',
+                        help="replay G's and D's updates as one CUDA graph (GraphedUpdate): for "
+                        "small batches, where launching kernels is slower than running them; "
+                        "one GPU, one process")
     args = parser.parse_args(argv)
     if args.preset:  # preset values replace the defaults; flags given on the command line still win
         parser.set_defaults(**PRESETS[args.preset])
@@ -192,6 +197,9 @@ def build(args, dist):
     """Tokenizer (G), its EMA, PatchGAN (D), LeCAM state, LPIPS and both optimisers, wrapped for DDP
     / compile. `model` and `disc` are what the step calls; `raw_model` and `raw_disc` hold the
     weights (for checkpoints)."""
+    if args.cuda_graph and (dist.device_type != 'cuda' or dist.ddp):
+        raise SystemExit("--cuda-graph needs one CUDA GPU in one process (--device cuda, no "
+                         "torchrun): leave it out")
     torch.manual_seed(args.seed)  # every rank builds the same initial weights
     raw_model = tokenizer.Tokenizer.from_preset(args.model,
                                                 image_size=args.image_size).to(dist.device)
@@ -222,13 +230,27 @@ def build(args, dist):
     # one DDP forward, which broadcasts once)
     disc = DDP(raw_disc, device_ids=device_ids, broadcast_buffers=False) if dist.ddp else raw_disc
     # fused Adam on CUDA: one kernel for all 112M parameters instead of a dozen per-tensor-group
-    # launches
-    adam = dict(lr=args.lr, betas=(0.5, 0.9), fused=dist.device_type == 'cuda')
-    return SimpleNamespace(
+    # launches. capturable: its step count stays on the GPU, as a CUDA graph needs
+    adam = dict(lr=args.lr, betas=(0.5, 0.9), fused=dist.device_type == 'cuda',
+                capturable=args.cuda_graph)
+    t = SimpleNamespace(
         model=model, raw_model=raw_model, ema=ema, disc=disc, raw_disc=raw_disc,
         lecam=LeCAM().to(dist.device),
         lpips=lpips, opt_g=torch.optim.Adam(raw_model.parameters(), **adam),
         opt_d=torch.optim.Adam(raw_disc.parameters(), **adam), device_type=dist.device_type)
+    t.graphed = GraphedUpdate(t, args) if args.cuda_graph else None
+    return t
+
+
+def set_lr(t, lr):
+    """The learning rate of both optimisers. With --cuda-graph the graph reads it from one GPU
+    tensor, filled in place (an asynchronous copy, no host sync); a float otherwise."""
+    if t.graphed is not None:
+        t.graphed.lr.fill_(lr)
+    for opt in (t.opt_g, t.opt_d):
+        for group in opt.param_groups:
+            # (the tensor also replaces the float a resumed optimiser state brings)
+            group['lr'] = lr if t.graphed is None else t.graphed.lr
 
 
 def compile_step_modules(model, disc, lpips=None):
@@ -245,8 +267,22 @@ def compile_step_modules(model, disc, lpips=None):
 
 
 def train_step(x, t, args, step):
-    """One iteration on x (B, 3, H, W) in [-1, 1]: G step, D step, EMA update. Returns the detached
-    losses. With --gan-weight 0 there is no D: neither its term in G's loss nor its own step."""
+    """One iteration on x (B, 3, H, W) in [-1, 1]: G step, D step (update_g_and_d, replayed as a
+    CUDA graph with --cuda-graph), EMA update. Returns the detached losses."""
+    losses = update_g_and_d(x, t, args) if t.graphed is None else t.graphed(x)
+    # --- EMA of the generator, in fp32. The decay ramps up as the official LitEma, min(decay,
+    # (1+n)/(10+n)), so that early (and short) runs evaluate a useful average instead of the random
+    # initialisation
+    decay = min(args.ema_decay, (1 + step) / (10 + step))
+    # ema += (1 - decay) (raw - ema), all parameters in one fused call; the buffers are not averaged
+    torch._foreach_lerp_(list(t.ema.parameters()), list(t.raw_model.parameters()), 1 - decay)
+    return losses
+
+
+def update_g_and_d(x, t, args):
+    """G's and D's losses and Adam steps on x (B, 3, H, W). Returns the detached losses. With
+    --gan-weight 0 there is no D: neither its term in G's loss nor its own step. No host syncs:
+    GraphedUpdate records this function as it is."""
     use_gan = args.gan_weight > 0
     # --- generator. D only judges here: frozen, so no weight gradients and no DDP hooks; its raw
     # module is called because a DDP forward without a matching gradient all-reduce would break the
@@ -283,18 +319,49 @@ def train_step(x, t, args, step):
         t.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         t.opt_d.step()
-
-    # --- EMA of the generator, in fp32. The decay ramps up as the official LitEma, min(decay,
-    # (1+n)/(10+n)), so that early (and short) runs evaluate a useful average instead of the random
-    # initialisation
-    decay = min(args.ema_decay, (1 + step) / (10 + step))
-    # ema += (1 - decay) (raw - ema), all parameters in one fused call; the buffers are not averaged
-    torch._foreach_lerp_(list(t.ema.parameters()), list(t.raw_model.parameters()), 1 - decay)
     return {'recon': recon, 'lpips': perceptual, 'g_gan': g_gan,
             'commit': quantizer_losses['commitment_loss'],
             'per_sample_entropy': quantizer_losses['per_sample_entropy'],
             'codebook_entropy': quantizer_losses['codebook_entropy'], 'd_loss': loss_d,
             **d_parts}  # d_hinge, d_lecam (D's two terms), logits_real, logits_fake
+
+
+class GraphedUpdate:
+    """--cuda-graph: update_g_and_d recorded once as a CUDA graph, then replayed for every batch
+    of the same shape. At batch 8 an iteration is ~2,000 kernel launches and the host needs longer
+    to issue them than the GPU to run them (bench.py --rows tok_step_256_b8 --profile); a replay
+    issues them all in one call. The recorded kernels read fixed memory, so the batch is copied
+    into one input buffer, the learning rate is a GPU tensor (set_lr) and Adam is capturable. The
+    first `warmup` calls run the plain step on a side stream, as capture requires (and compile
+    there); a batch of another shape (a short last batch) runs the plain step too."""
+
+    def __init__(self, t, args, warmup=3):
+        self.t, self.args, self.warmup = t, args, warmup
+        self.calls, self.graph, self.x, self.losses = 0, None, None, None
+        self.lr = torch.tensor(args.lr, device='cuda')  # both optimisers' (set_lr)
+
+    def __call__(self, x):
+        self.calls += 1
+        if self.calls <= self.warmup:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                losses = update_g_and_d(x, self.t, self.args)
+            torch.cuda.current_stream().wait_stream(side)
+            return losses
+        if self.graph is None:  # record: runs nothing, the replay below does the step
+            self.x = x.clone()  # (B, 3, H, W), x's memory format
+            self.t.opt_g.zero_grad(set_to_none=True)  # the gradients get the graph's memory
+            self.t.opt_d.zero_grad(set_to_none=True)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.losses = update_g_and_d(self.x, self.t, self.args)
+        if x.shape != self.x.shape or x.stride() != self.x.stride():
+            return update_g_and_d(x, self.t, self.args)
+        self.x.copy_(x)
+        self.graph.replay()
+        # copies: the next replay overwrites the graph's outputs, and the caller sums these
+        return {k: v.clone() for k, v in self.losses.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -529,9 +596,7 @@ def main(argv=None):
             if args.cooldown:
                 # 1 until the last --cooldown fraction, then linearly to 0 at planned_steps
                 lr *= min(1.0, (1 - step / planned_steps) / args.cooldown)
-            for opt in (t.opt_g, t.opt_d):
-                for group in opt.param_groups:
-                    group['lr'] = lr
+            set_lr(t, lr)
             num_bad, num_seen = num_bad + dropped, num_seen + dropped + len(images)
             # a few unreadable files are skipped, many stop the run
             check_bad_fraction(num_bad, num_seen)

@@ -371,3 +371,39 @@ def test_init_from_copies_the_weights_with_fresh_optimizers(tiny_run, tmp_path, 
     with pytest.raises(ValueError, match='num_bits: checkpoint 16 vs. now 18'):
         train_tok.main(FAST + ['--init-from', str(tmp_path / 'tok16.pt'),
                                '--out', str(tmp_path / 'c')])
+
+
+def test_cuda_graph_flag_names_what_it_needs():
+    args = train_tok.get_args(['--preset', 'tiny', '--device', 'cpu', '--cuda-graph'])
+    with pytest.raises(SystemExit, match='--cuda-graph needs one CUDA GPU'):
+        train_tok.build(args, utils.setup('cpu'))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_update_equals_the_plain_one(tmp_path):
+    """--cuda-graph: three eager warm-up steps, then replays, and a short batch falls back to the
+    plain step; losses and weights follow the plain run's (the same kernels, fused Adam both)."""
+    weights = str(tmp_path)
+    write_random_lpips(weights)
+    runs = []
+    for graph in (False, True):
+        args = train_tok.get_args(
+            ['--preset', 'tiny', '--device', 'cuda', '--batch-size', '4', '--lr', '1e-3',
+             '--vgg-weights', os.path.join(weights, 'vgg16.pth'),
+             '--lpips-weights', os.path.join(weights, 'lin.pth')]
+            + (['--cuda-graph'] if graph else []))
+        t = train_tok.build(args, utils.setup('cuda'))
+        g = torch.Generator(device='cuda').manual_seed(0)
+        losses = []
+        for step in range(8):  # steps 0-2 warm up, 3 records and replays, 6 is a short batch
+            train_tok.set_lr(t, 1e-3 * (0.9 ** step))  # a schedule the graph must follow
+            x = torch.rand(2 if step == 6 else 4, 3, 32, 32, device='cuda', generator=g) * 2 - 1
+            losses.append(train_tok.train_step(x, t, args, step))
+        runs.append((losses, t))
+    (plain, t_plain), (graphed, t_graph) = runs
+    assert t_graph.graphed.graph is not None
+    for a, b in zip(plain, graphed):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    for p, q in zip(t_plain.ema.parameters(), t_graph.ema.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
