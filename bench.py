@@ -460,7 +460,8 @@ def main():
         # the plain loop (batch 50), generate_fast's CUDA graph, and the graph of the compiled step
         model = gpt_module.GPT.from_preset('B', num_classes=1000).cuda().eval()
         for batch in [int(b) for b in args.sample_batches.split(',')]:
-            for variant in ('loop', 'graph', 'compiled') if batch == 50 else ('graph', 'compiled'):
+            variants = ('loop', 'graph') if batch == 50 else ('graph',)
+            for variant in variants + (('compiled',) if args.compile else ()):
                 result = bench_sampling(model, batch, variant)
                 if variant == 'graph' and encoder is not None:  # tokens to images, as sample.py
                     result['with_decode'] = bench_sampling(model, batch, variant,

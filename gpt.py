@@ -494,7 +494,8 @@ class GPT(nn.Module):
         step, pre, post = self.decode_step(labels, generator, cfg_scale, temperature, top_k, top_p,
                                            compile)
         T = self.config.block_size
-        pool = torch.cuda.graph_pool_handle() if labels.is_cuda else None  # shared by the graphs
+        # one memory pool for all windows' graphs; they stay alive until the end, as their pool
+        pool, graphs = (torch.cuda.graph_pool_handle() if labels.is_cuda else None), []
         for start in range(0, T, window):
             slots = min(start + window, T)  # positions start .. slots-1 read slots 0 .. slots-1
             if not labels.is_cuda:
@@ -511,11 +512,11 @@ class GPT(nn.Module):
                     step(slots)
             torch.cuda.current_stream().wait_stream(side)
             if slots - start > warm:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):  # records the next position, not run
+                graphs.append(torch.cuda.CUDAGraph())
+                with torch.cuda.graph(graphs[-1], pool=pool):  # records the next position, not run
                     step(slots)
                 for _ in range(slots - start - warm):
-                    graph.replay()
+                    graphs[-1].replay()
         self.train(was_training)
         return pre, post
 

@@ -260,10 +260,9 @@ def compile_step_modules(model, disc, lpips=None):
     structures, and blocks of one structure share one compiled graph. Inside each graph Inductor
     fuses GroupNorm + swish + the bf16 casts around the convolutions."""
     tokenizer.compile_blocks(model)
-    # dynamic as the blocks: one graph for every batch and resolution
-    disc.compile(dynamic=True)
+    disc.compile()  # as the blocks: fixed sizes first, symbols after a change
     if lpips is not None:
-        lpips.compile(dynamic=True)
+        lpips.compile()
 
 
 def train_step(x, t, args, step):
