@@ -333,8 +333,8 @@ def bench_sampling(model, batch, variant, decoder=None):
     """GPT sampling of batch images (2 * batch rows with CFG) under bf16 autocast, the paper's B
     settings. variant: 'loop' (GPT.generate), 'graph' (GPT.generate_fast) or 'compiled'
     (generate_fast(compile=True)). Returns a dict: images_per_s (median of 3 runs after a first
-    one, which compiles and captures), first_run_s, ms_per_position (a run over its positions)
-    and, compiled, compile_s (first run minus a later one)."""
+    one, which compiles and captures), first_run_s, and for the graph variants ms_per_position
+    (the replays alone) and, compiled, compile_s (first run minus a later one)."""
     labels = torch.arange(batch, device='cuda') % 1000
     settings = dict(cfg_scale=(1.9, 2.0), temperature=(1.0, 1.0), top_k=0, top_p=1.0,
                     generator=torch.Generator(device='cuda').manual_seed(0))
@@ -363,15 +363,28 @@ def bench_sampling(model, batch, variant, decoder=None):
     result = dict(images_per_s=batch / later, first_run_s=times[0])
     if compile_step:
         result['compile_s'] = times[0] - later
-    # the average over a run's positions: every window's warm-up, capture and replays included
-    result['ms_per_position'] = later / model.config.block_size * 1e3
-    if decoder is not None or variant == 'loop' or not PROFILE:
+    if decoder is not None or variant == 'loop':
         return result
-    # --profile: the kernels of one position that reads the whole cache (the last window's)
+    # ms per position: generate_fast's graph alone, 3 x 50 replays (every position reads the whole
+    # cache, so the cost is the same at each); one autocast region around warm-up, capture and
+    # replays, as in sampling, so that the weights are cast to bf16 once and not inside the graph
     T = model.config.block_size
     with torch.no_grad(), utils.autocast('cuda'):
         step, _, _ = model.decode_step(labels, compile=compile_step, **settings)
-        profile(lambda: step(T), f"sample_B_b{batch}_{variant}_one_position")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a side stream, as in GPT.generate_fast
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        profile(step, f"sample_B_b{batch}_{variant}_one_position")  # one position, not a whole run
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        replays = 50  # x (1 warm-up + 3 timed): with the 3 positions above, stays inside the T
+        assert 3 + 4 * replays <= T
+        ms = cuda_time(lambda: [graph.replay() for _ in range(replays)], iters=3, warmup=1)[0]
+    result['ms_per_position'] = ms / replays
     return result
 
 
@@ -480,17 +493,24 @@ def main():
         # 32 per GPU; the 128px model at 64px (Tiny-ImageNet's size, 8x8 tokens) without LPIPS;
         # the 64px recipe's own step (the tin64 run: 16x16 tokens, no LPIPS, no D). '_graph':
         # the same step replayed as a CUDA graph (train_tok.py --cuda-graph)
+        shape = None
         for name, preset, size, batch, perceptual in (
                 ('tok_step_256_b8', 'imagenet256', 256, 8, True),
+                ('tok_step_256_b8_graph', 'imagenet256', 256, 8, True),
                 ('tok_step_256_b32', 'imagenet256', 256, 32, True),
                 ('tok_step_128_b8', 'imagenet128', 128, 8, True),
+                ('tok_step_128_b8_graph', 'imagenet128', 128, 8, True),
                 ('tok_step_64_b128', 'imagenet128', 64, 128, False),
                 ('tok_step_64_b128_tin64', 'tin64', 64, 128, False),
-                ('tok_step_256_b8_graph', 'imagenet256', 256, 8, True),
-                ('tok_step_128_b8_graph', 'imagenet128', 128, 8, True),
                 ('tok_step_64_b128_tin64_graph', 'tin64', 64, 128, False)):
             if not any(name.startswith(r) for r in rows):
                 continue
+            if (preset, size, batch) != shape:
+                # each row compiles for its own sizes, as a training run does: a graph that has
+                # seen another size would recompile with symbolic sizes, and those kernels are
+                # slower (tokenizer.compile_blocks). The '_graph' rows reuse their plain row's
+                shape = (preset, size, batch)
+                torch._dynamo.reset()
             try:
                 r = bench_tokenizer_step(name, preset, size, batch, dist, weights_dir,
                                          args.compile, peak, perceptual,

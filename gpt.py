@@ -15,8 +15,8 @@ sees (pre, post), both int64 (B, T).
   - loss = CE(pre) + CE(post), each a mean over tokens (Eq. 7; a sum of the
   two, as the official code).
 Generation decodes one position at a time with static KV caches and classifier-free guidance per
-sub-token: `generate` is the plain loop, `generate_fast` the same tokens from a step replayed
-as a CUDA graph, reading only the cache slots filled so far (in windows of 32 positions).
+sub-token: `generate` is the plain loop, `generate_fast` the same tokens from one step replayed
+as a CUDA graph.
 `convert_official_gpt` loads the released Open-MAGVIT2 AR checkpoints (AR_256_B/L/XL.ckpt).
 
 Not a script: train_gpt.py trains it and sample.py samples from it. Typical use:
@@ -112,8 +112,8 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, cache=None, pos=None, bias=None):
         """x (B, S, C), rope (S, hs/2, 2) -> (B, S, C). Training: causal over the S positions.
-        Decoding: cache = (k, v) buffers (B, nh, L, hs), pos (1,) the slot written, bias (1, n) the
-        additive mask (GPT.decode_bias) over the first n <= L slots, the only ones read."""
+        Decoding: cache = (k, v) buffers (B, nh, L, hs), pos (1,) the slot written, bias (1, L) the
+        additive mask (GPT.decode_bias)."""
         B, S, C = x.shape
         # each (B, S, nh, hs)
         q, k, v = self.qkv(x).view(B, S, 3, self.n_head, C // self.n_head).unbind(2)
@@ -121,15 +121,13 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, S, hs)
         if cache is not None:
             # decoding one position (S = 1) at slot pos ((1,) int64) of the (B, nh, L, hs) buffers,
-            # attending to the first n slots with bias -inf after pos (stale values): the same
-            # shapes at every position of a window of n, so one step can be captured in a CUDA
-            # graph and replayed
+            # attending to all L slots with bias -inf after pos (stale values): the same shapes at
+            # every position, so one step can be captured in a CUDA graph and replayed
             k_cache, v_cache = cache
             k_cache.index_copy_(2, pos, k.to(k_cache.dtype))
             v_cache.index_copy_(2, pos, v.to(v_cache.dtype))
-            n = bias.shape[-1]
-            # (B, nh, n, hs) views, no copy when the dtypes agree
-            k, v = k_cache[:, :, :n].to(q.dtype), v_cache[:, :, :n].to(q.dtype)
+            # (B, nh, L, hs), no copy when the dtypes agree
+            k, v = k_cache.to(q.dtype), v_cache.to(q.dtype)
         if k.shape[2] == 2:  # the intra blocks' sequences of two, [h_t, pre_t]: see pair_attention
             y = pair_attention(q, k, v, bias)
         elif bias is None:  # training / full forward: flash attention where the backend has it
@@ -356,16 +354,14 @@ class GPT(nn.Module):
         in training."""
         self.inter_cache, self.intra_cache = [], []
 
-    def decode_pre(self, x, pos, slots=None):
+    def decode_pre(self, x, pos):
         """First half of a decoding step. x (2B, 1, C) is the input at sequence position pos, a
         (1,) int64 tensor (the class embedding at 0, e_{t-1} at t). The inter blocks write
-        their caches at slot pos and attend to the first `slots` slots (default all; pos <
-        slots), then intra position 0 runs. Returns logits_pre (2B, 64) of token t = pos, in at
-        least fp32 (CFG subtracts them)."""
+        their caches at slot pos, then intra position 0 runs. Returns logits_pre (2B, 64) of
+        token t = pos, in at least fp32 (CFG subtracts them)."""
         dtype = self.inter_cache[0][0].dtype  # bf16 under autocast, as q: SDPA's mask matches q
         rope = self.rope.index_select(0, pos)  # (1, hs/2, 2)
-        # (1, slots): for all inter blocks
-        bias = decode_bias(pos, slots or self.config.block_size, dtype)
+        bias = decode_bias(pos, self.config.block_size, dtype)  # (1, L): for all inter blocks
         for block, cache in zip(self.inter_blocks, self.inter_cache):
             x = block(x, rope, cache, pos, bias)
         zero = pos.new_zeros(1)
@@ -445,23 +441,21 @@ class GPT(nn.Module):
 
     def decode_step(self, labels, generator=None, cfg_scale=None, temperature=None, top_k=0,
                     top_p=1.0, compile=False):
-        """generate's loop body on fixed tensors: returns (step, pre, post). Each step(slots)
-        samples the next position as generate does, attending to the first `slots` cache slots,
-        and writes it into pre, post (B, T) in place. The position is a (1,) tensor that step
-        advances, so every call with the same slots runs the same kernels on the same memory and
-        can be replayed as a CUDA graph. compile=True: torch.compile the step to fuse its
-        element-wise kernels: three graphs, for the first slots value, for the later ones (slots
-        then becomes a symbolic size) and for the whole cache (its view is contiguous). The
-        caller sets eval mode and no_grad."""
+        """generate's loop body on fixed tensors: returns (step, pre, post). Each step()
+        samples the next position as generate does and writes it into pre, post (B, T) in
+        place. The position is a (1,) tensor that step advances, so every call runs the same
+        kernels on the same memory and can be replayed as a CUDA graph. compile=True:
+        torch.compile the step (once per batch size and settings) to fuse its element-wise
+        kernels. The caller sets eval mode and no_grad."""
         settings = self.sampling_settings(cfg_scale, temperature, top_k, top_p)
         cfg_scale, temperature, top_k, top_p = settings  # (pre, post) pairs
         x, uniforms = self.start_generation(labels, generator)  # (2B, 1, C), (2, T, B)
         pre, post = (labels.new_zeros(labels.shape[0], self.config.block_size) for _ in range(2))
         pos = labels.new_zeros(1)
 
-        def step(slots):
+        def step():
             u = uniforms.index_select(1, pos)[:, 0]  # (2, B): this position's, pre and post
-            cond, uncond = self.decode_pre(x, pos, slots).chunk(2)
+            cond, uncond = self.decode_pre(x, pos).chunk(2)
             guided = uncond + cfg_scale[0] * (cond - uncond)
             pre_t = sample_from_logits(guided, temperature[0], top_k[0], top_p[0], u[0])
             cond, uncond = self.decode_post(pre_t.repeat(2)).chunk(2)
@@ -472,51 +466,37 @@ class GPT(nn.Module):
             post.index_copy_(1, pos, post_t[:, None])
             pos.add_(1)
 
-        # fullgraph: all or an error; a new batch size or setting builds a new step (and compile)
-        return (torch.compile(step, fullgraph=True) if compile else step), pre, post
+        # dynamic=False: one specialised compilation per batch size; fullgraph: all or an error
+        return (torch.compile(step, dynamic=False, fullgraph=True) if compile else step), pre, post
 
     @torch.no_grad()
     def generate_fast(self, labels, cfg_scale=None, temperature=None, top_k=0, top_p=1.0,
-                      generator=None, compile=False, window=32):
-        """generate's tokens for the same seed (tests/test_gpt.py checks), from decode_step.
-
-        Positions run in windows of `window`: those of window w attend to the first
-        (w + 1) * window cache slots instead of all T. Reading the KV cache is most of a
-        position's memory traffic at large batch, and the plain loop reads all of it, stale
-        slots included, so that every position has the same shapes; windows read 44% less at
-        T = 256, window 32. On CUDA each window's step is recorded once as a CUDA graph and
-        replayed: a position is ~400 small kernels, and launching them one by one bounds the
-        plain loop at small batch. Elsewhere the same steps run eagerly. compile=True compiles
-        the step first; the tokens then agree up to the rounding of the fused kernels.
-        Speed: python bench.py --rows sampling."""
+                      generator=None, compile=False):
+        """generate's tokens for the same seed (tests/test_gpt.py checks), from decode_step. On
+        CUDA the step is recorded once as a CUDA graph and replayed: a position is ~400 small
+        kernels, and launching them one by one bounds the plain loop at small batch. Elsewhere
+        the same step runs eagerly. compile=True compiles the step first; the tokens then agree
+        up to the rounding of the fused kernels. Speed: python bench.py --rows sampling."""
         was_training = self.training
         self.eval()
         step, pre, post = self.decode_step(labels, generator, cfg_scale, temperature, top_k, top_p,
                                            compile)
         T = self.config.block_size
-        # one memory pool for all windows' graphs; they stay alive until the end, as their pool
-        pool, graphs = (torch.cuda.graph_pool_handle() if labels.is_cuda else None), []
-        for start in range(0, T, window):
-            slots = min(start + window, T)  # positions start .. slots-1 read slots 0 .. slots-1
-            if not labels.is_cuda:
-                for _ in range(start, slots):
-                    step(slots)
-                continue
-            # capture wants a warm-up on a side stream: two positions in the first window (cuBLAS
-            # and cuDNN set-up), one in each later one (its attention length is new)
-            warm = min(2 if start == 0 else 1, slots - start)
-            side = torch.cuda.Stream()
+        if not labels.is_cuda:
+            for _ in range(T):
+                step()
+        else:
+            side = torch.cuda.Stream()  # capture wants a warm-up on a side stream: positions 0, 1
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                for _ in range(warm):
-                    step(slots)
+                for _ in range(2):
+                    step()
             torch.cuda.current_stream().wait_stream(side)
-            if slots - start > warm:
-                graphs.append(torch.cuda.CUDAGraph())
-                with torch.cuda.graph(graphs[-1], pool=pool):  # records the next position, not run
-                    step(slots)
-                for _ in range(slots - start - warm):
-                    graphs[-1].replay()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # records position 2 without running it
+                step()
+            for _ in range(T - 2):  # positions 2 .. T-1
+                graph.replay()
         self.train(was_training)
         return pre, post
 
