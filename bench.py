@@ -58,14 +58,19 @@ def profile(fn, name):
         return
     from torch.profiler import ProfilerActivity
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                                record_shapes=True) as prof:
         fn()
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by='self_device_time_total', row_limit=15,
                                       max_name_column_width=70)
+    # the same time by PyTorch op and input shapes: which layer a kernel comes from
+    by_shape = prof.key_averages(group_by_input_shape=True).table(
+        sort_by='self_device_time_total', row_limit=25, max_name_column_width=40,
+        max_shapes_column_width=100)
     print(f"--- profile of {name}\n{table}", flush=True)
     with open(PROFILE['path'], 'a') as f:  # row by row: a run cut short keeps the profiles it made
-        f.write(f"--- {name}\n{table}\n")
+        f.write(f"--- {name}\n{table}\n--- {name}, by op and input shapes\n{by_shape}\n")
 
 
 def cuda_time(fn, iters=10, warmup=3, name=None):
