@@ -193,6 +193,8 @@ def bench_tokenizer_step(name, preset, image_size, batch, dist, weights_dir, com
         step[0] += 1
         train_tok.train_step(x, t, args, step[0])
     ms, mem = cuda_time(run, iters=10, warmup=3, name=name)
+    # a CUDA graph's intermediates sit in its private pool: reserved, but not counted as allocated
+    result['reserved_gib'] = torch.cuda.max_memory_reserved() / 2 ** 30
     result.update(img_per_s=batch / (ms / 1e3), peak_gib=mem, tflop_per_image=flops / batch / 1e12,
                   mfu=flops / (ms / 1e3) / peak if peak else float('nan'))
     t = None

@@ -13,6 +13,9 @@ Quick start, CPU, built-in synthetic data (minutes):
 One GPU:
     python train_tok.py --preset imagenet128 --data /data/imagenet/train \
         --val-data /data/imagenet/val --out runs/tok128
+    (with a small batch, e.g. --batch-size 8, the paper's per-GPU batch, add --compile
+    --channels-last --cuda-graph: the step replays as a CUDA graph, 1.7x faster at 256px and 3.5x
+    at 128px; bench.py --rows tok --compile)
 Tiny-ImageNet at 64px in 7 minutes on one GPU, compile included (README, "Results"):
     python train_tok.py --preset tin64 --data train_part0.npz,train_part1.npz,train_part2.npz \
         --val-data val.npz --compile --channels-last --num-workers 8 --max-minutes 7 \
@@ -327,9 +330,9 @@ def update_g_and_d(x, t, args):
 
 class GraphedUpdate:
     """--cuda-graph: update_g_and_d recorded once as a CUDA graph, then replayed for every batch
-    of the same shape. At batch 8 an iteration is ~2,000 kernel launches and the host needs longer
-    to issue them than the GPU to run them (bench.py --rows tok_step_256_b8 --profile); a replay
-    issues them all in one call. The recorded kernels read fixed memory, so the batch is copied
+    of the same shape. At batch 8 the host needs longer to launch an iteration's kernels one by one
+    than the GPU to run them (bench.py --rows tok_step_256_b8 --profile); a replay launches them
+    all in one call. The recorded kernels read fixed memory, so the batch is copied
     into one input buffer, the learning rate is a GPU tensor (set_lr) and Adam is capturable. The
     first `warmup` calls run the plain step on a side stream, as capture requires (and compile
     there); a batch of another shape (a short last batch) runs the plain step too."""
