@@ -341,15 +341,15 @@ class GraphedUpdate:
         self.t, self.args, self.warmup = t, args, warmup
         self.calls, self.graph, self.x, self.losses = 0, None, None, None
         self.lr = torch.tensor(args.lr, device='cuda')  # both optimisers' (set_lr)
+        self.side = torch.cuda.Stream()
 
     def __call__(self, x):
         self.calls += 1
         if self.calls <= self.warmup:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
                 losses = update_g_and_d(x, self.t, self.args)
-            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.current_stream().wait_stream(self.side)
             return losses
         if self.graph is None:  # record: runs nothing, the replay below does the step
             self.x = x.clone()  # (B, 3, H, W), x's memory format
@@ -358,6 +358,8 @@ class GraphedUpdate:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.losses = update_g_and_d(self.x, self.t, self.args)
+            # the warm-ups' freed activations stay cached for the side stream only: release them
+            torch.cuda.empty_cache()
         if x.shape != self.x.shape or x.stride() != self.x.stride():
             return update_g_and_d(x, self.t, self.args)
         self.x.copy_(x)
