@@ -3,17 +3,16 @@ The stage-2 generator of Open-MAGVIT2 (paper Sec. 2.3, Eq. 4-7, Table 1): a Llam
 over asymmetrically factorized tokens with "next sub-token prediction".
 
 An 18-bit LFQ index is split into a 6-bit `pre` and a 12-bit `post` sub-token
-(quantizer.split_indices: pre = idx & 63, post = idx >> 6). This file only ever
-sees (pre, post), both int64 (B, T).
+(quantizer.split_indices: pre = idx & 63, post = idx >> 6). This file only ever sees (pre, post),
+both int64 (B, T).
   - the token at position t is embedded as e_t = pre_emb[pre_t] + post_emb[post_t];
   - N "inter" blocks run causally over [class, e_0, ..., e_{T-2}] and give one context vector h_t
-  per position;
-  - L "intra" blocks run on the length-2 sequence [h_t, pre_emb[pre_t]]: intra
-  position 0 predicts pre_t, position 1
-    predicts post_t given the true pre_t (teacher forcing), i.e. p(pre_t | <t) p(post_t | pre_t, <t)
-    ("next sub-token prediction");
-  - loss = CE(pre) + CE(post), each a mean over tokens (Eq. 7; a sum of the
-  two, as the official code).
+    per position;
+  - L "intra" blocks run on the length-2 sequence [h_t, pre_emb[pre_t]]: intra position 0
+    predicts pre_t, position 1 predicts post_t given the true pre_t (teacher forcing), i.e.
+    p(pre_t | <t) p(post_t | pre_t, <t) ("next sub-token prediction");
+  - loss = CE(pre) + CE(post), each a mean over tokens (Eq. 7; a sum of the two, as the official
+    code).
 Generation decodes one position at a time with static KV caches and classifier-free guidance per
 sub-token: `generate` is the plain loop, `generate_fast` the same tokens from one step replayed
 as a CUDA graph.
