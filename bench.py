@@ -505,6 +505,7 @@ def main():
                 ('tok_step_256_b8', 'imagenet256', 256, 8, True),
                 ('tok_step_256_b8_graph', 'imagenet256', 256, 8, True),
                 ('tok_step_256_b32', 'imagenet256', 256, 32, True),
+                ('tok_step_256_b32_graph', 'imagenet256', 256, 32, True),
                 ('tok_step_128_b8', 'imagenet128', 128, 8, True),
                 ('tok_step_128_b8_graph', 'imagenet128', 128, 8, True),
                 ('tok_step_64_b128', 'imagenet128', 64, 128, False),
