@@ -341,8 +341,8 @@ def compile_blocks(model, **compile_options):
     bench.py compares the compiled step's losses with the eager ones)."""
     # Dynamo's default: each block compiles for its first shape with fixed sizes, and a new batch
     # or image size recompiles it once with the sizes that changed as symbols, which then serve
-    # every later size. dynamic=True (symbols from the start) compiles fewer graphs, but its
-    # kernels ran 40% slower at 64px and 8% at 256px (python bench.py --rows tok --compile)
+    # every later size. Fixed sizes let Inductor pick its GroupNorm reductions for the exact
+    # H x W x C/32 they reduce over; a training run sees one size, so it gets those kernels
     # no duck sizing: by default sizes of equal value share one symbol, so a 128-wide block at 128px
     # ties its height to its width in channels, which the weights fix, and its recompile with
     # symbols stays for 128px only

@@ -334,18 +334,19 @@ class GraphedUpdate:
     than the GPU to run them (bench.py --rows tok_step_256_b8 --profile); a replay launches them
     all in one call. The recorded kernels read fixed memory, so the batch is copied
     into one input buffer, the learning rate is a GPU tensor (set_lr) and Adam is capturable. The
-    first `warmup` calls run the plain step on a side stream, as capture requires (and compile
+    first WARMUP calls run the plain step on a side stream, as capture requires (and compile
     there); a batch of another shape (a short last batch) runs the plain step too."""
+    WARMUP = 3
 
-    def __init__(self, t, args, warmup=3):
-        self.t, self.args, self.warmup = t, args, warmup
+    def __init__(self, t, args):
+        self.t, self.args = t, args
         self.calls, self.graph, self.x, self.losses = 0, None, None, None
         self.lr = torch.tensor(args.lr, device='cuda')  # both optimisers' (set_lr)
         self.side = torch.cuda.Stream()
 
     def __call__(self, x):
         self.calls += 1
-        if self.calls <= self.warmup:
+        if self.calls <= self.WARMUP:
             self.side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.side):
                 losses = update_g_and_d(x, self.t, self.args)
