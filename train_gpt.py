@@ -74,12 +74,11 @@ from gpt import PRESETS as GPT_PRESETS
 from quantizer import split_indices
 from sample import generate_images
 from tokenizer import Tokenizer
-from utils import (DEVICES, OFFICIAL_PREFIX, CSVLog, all_reduce_mean, all_reduce_sum,
-                   autocast, barrier,
-                   check_config, check_kind, check_resume, cleanup, load_checkpoint, peak_flops,
-                   peak_memory_gib, plan_last_step,
-                   prepare_run_folder, print0, rng_state, save_checkpoint, save_image_grid,
-                   set_rng_state, setup, weights_checksum)
+from utils import (DEVICES, OFFICIAL_PREFIX, CSVLog, all_reduce_mean, all_reduce_sum, autocast,
+                   barrier, check_config, check_kind, check_resume, cleanup, load_checkpoint,
+                   peak_flops, peak_memory_gib, plan_last_step, prepare_run_folder, print0,
+                   rng_state, save_checkpoint, save_image_grid, set_rng_state, setup,
+                   weights_checksum)
 
 # -----------------------------------------------------------------------------
 # the learning-rate schedule and one optimisation step
@@ -218,7 +217,7 @@ def init_from(model, path):
     """--init-from: copy the weights of our GPT checkpoint, or of a released Open-MAGVIT2 AR one
     (open-magvit2:PATH, or a Lightning file with 'state_dict'), into `model`. The file must hold
     the same network (ARCH_FIELDS): a difference is refused, naming the fields."""
-    official = path.startswith('open-magvit2:')
+    official = path.startswith(OFFICIAL_PREFIX)
     ckpt = load_checkpoint(path)  # open-magvit2:PATH loads a released file in full
     if official or (isinstance(ckpt, dict) and 'state_dict' in ckpt):
         # shapes give the sizes, the preset of that width and depth the head count; the token grid
