@@ -31,6 +31,33 @@ from quantizer import LFQ, indices_to_codes
 # building blocks
 
 
+def is_channels_last(x):
+    """True for an NHWC tensor that is not also NCHW-contiguous (1x1 images and 1 channel are
+    both)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that keeps a channels_last input channels_last, forward and backward.
+    On CUDA, F.group_norm returns NCHW whatever its input's layout, and so does its backward. In a
+    channels_last network each convolution next to a norm, and each convolution's backward, then
+    converts its input to NHWC first: an activation-sized copy per conv and step, outside what
+    torch.compile fuses (aten::copy_ under convolution_backward in bench.py --profile). For NHWC
+    input the norm is written out instead: splitting the channel dimension into groups is a view
+    in either layout, and element-wise ops keep it. Statistics in fp32 as F.group_norm; the result in
+    fp32 under autocast (as F.group_norm's on CUDA, on autocast's fp32 list), else in x's dtype."""
+
+    def forward(self, x):  # (B, C, H, W)
+        if not is_channels_last(x):
+            return super().forward(x)
+        g = x.float().unflatten(1, (self.num_groups, -1))  # (B, G, C/G, H, W), a view
+        var, mean = torch.var_mean(g, dim=(2, 3, 4), unbiased=False, keepdim=True)  # biased
+        y = ((g - mean) * torch.rsqrt(var + self.eps)).flatten(1, 2)  # (B, C, H, W), NHWC
+        if self.affine:
+            y = y * self.weight.float()[:, None, None] + self.bias.float()[:, None, None]
+        return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
+
+
 class ResBlock(nn.Module):
     """GroupNorm -> swish -> conv3x3 -> GroupNorm -> swish -> conv3x3, plus the input (1x1 conv if
     channels change). Convs have no bias: each is followed by a GroupNorm (or by the residual sum
@@ -38,9 +65,9 @@ class ResBlock(nn.Module):
 
     def __init__(self, in_ch, out_ch):
         super().__init__()
-        self.norm1 = nn.GroupNorm(32, in_ch, eps=1e-6)
+        self.norm1 = GroupNorm(32, in_ch, eps=1e-6)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)
-        self.norm2 = nn.GroupNorm(32, out_ch, eps=1e-6)
+        self.norm2 = GroupNorm(32, out_ch, eps=1e-6)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False)
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1,
                                       bias=False) if in_ch != out_ch else nn.Identity()
@@ -63,7 +90,7 @@ class AdaptiveGroupNorm(nn.Module):
 
     def __init__(self, z_channels, channels, eps=1e-6):
         super().__init__()
-        self.gn = nn.GroupNorm(32, channels, eps=eps, affine=False)
+        self.gn = GroupNorm(32, channels, eps=eps, affine=False)
         self.gamma = nn.Linear(z_channels, channels)
         self.beta = nn.Linear(z_channels, channels)
         self.eps = eps
@@ -81,16 +108,16 @@ def depth_to_space(x):
     """(B, 4C, H, W) -> (B, C, 2H, 2W) in the official (TensorFlow "DCR") channel order: input
     channel (i*2 + j)*C + c lands at output pixel (2h + i, 2w + j), channel c. nn.PixelShuffle uses
     c*4 + i*2 + j instead, which would scramble the released upsampler weights, hence this function.
-    The result has the memory layout of the input (NCHW or channels_last)."""
+    The result, and the gradient handed back to the conv before it, have the memory layout of the
+    input (NCHW or channels_last): otherwise that conv's backward converts its gradient first."""
     B, C4, H, W = x.shape
+    if is_channels_last(x):  # the same moves on the NHWC tensor (B, H, W, 4C)
+        y = x.permute(0, 2, 3, 1).reshape(B, H, W, 2, 2, C4 // 4)  # (B, H, W, i, j, C), a view
+        y = y.permute(0, 1, 3, 2, 4, 5).reshape(B, 2 * H, 2 * W, C4 // 4)  # (B, 2H, 2W, C), a copy
+        return y.permute(0, 3, 1, 2)  # (B, C, 2H, 2W), channels_last
     y = x.reshape(B, 2, 2, C4 // 4, H, W)  # (B, i, j, C, H, W)
     y = y.permute(0, 3, 4, 1, 5, 2)  # (B, C, H, i, W, j)
-    y = y.reshape(B, C4 // 4, 2 * H, 2 * W)  # a copy, NCHW-contiguous
-    # a channels_last network fed NCHW activations would convert them back at every later conv,
-    # forward and backward (and compile one more variant of each block); compiled, the two copies
-    # are one kernel
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return y.contiguous(memory_format=torch.channels_last) if channels_last else y
+    return y.reshape(B, C4 // 4, 2 * H, 2 * W)  # a copy, NCHW-contiguous
 
 
 class Upsampler(nn.Module):
@@ -126,7 +153,7 @@ class Encoder(nn.Module):
                 level['downsample'] = nn.Conv2d(in_ch, in_ch, 3, stride=2, padding=1)
             self.down.append(level)
         self.mid_block = nn.ModuleList([ResBlock(in_ch, in_ch) for _ in range(num_res_blocks)])
-        self.norm_out = nn.GroupNorm(32, in_ch, eps=1e-6)
+        self.norm_out = GroupNorm(32, in_ch, eps=1e-6)
         self.conv_out = nn.Conv2d(in_ch, z_channels, 1)
 
     def forward(self, x):
@@ -164,7 +191,7 @@ class Decoder(nn.Module):
                 level['upsample'] = Upsampler(in_ch)
             up.insert(0, level)
         self.up, self.adaptive = nn.ModuleList(up), nn.ModuleList(adaptive)
-        self.norm_out = nn.GroupNorm(32, in_ch, eps=1e-6)
+        self.norm_out = GroupNorm(32, in_ch, eps=1e-6)
         self.conv_out = nn.Conv2d(in_ch, 3, 3, padding=1)
 
     def forward(self, z_q):

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenizer import AdaptiveGroupNorm, Tokenizer, TokenizerConfig, convert_official_tokenizer, depth_to_space
+from tokenizer import (AdaptiveGroupNorm, GroupNorm, Tokenizer, TokenizerConfig, compile_blocks,
+                       convert_official_tokenizer, depth_to_space)
 from utils import save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,6 +141,29 @@ def test_adaptive_group_norm_reference():
     assert torch.allclose(out, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize('affine', [True, False])
+def test_group_norm_keeps_channels_last(affine):
+    """The written-out norm for NHWC input: F.group_norm's values and gradients, in NHWC."""
+    torch.manual_seed(0)
+    gn = GroupNorm(8, 32, eps=1e-6, affine=affine)
+    if affine:  # not the 1 / 0 of a fresh norm, so that a swapped weight and bias would show
+        torch.nn.init.normal_(gn.weight)
+        torch.nn.init.normal_(gn.bias)
+    x = (torch.randn(2, 32, 6, 5) * 3 + 1).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    x_ref = x.detach().contiguous().requires_grad_(True)  # NCHW: nn.GroupNorm's own path
+    y, y_ref = gn(x), F.group_norm(x_ref, 8, gn.weight, gn.bias, 1e-6)
+    grad = torch.randn_like(y)  # NHWC, as a convolution's backward hands it on
+    inputs = [x] + list(gn.parameters())  # the weight and bias too, when affine
+    grads = torch.autograd.grad(y, inputs, grad)
+    grads_ref = torch.autograd.grad(y_ref, [x_ref] + list(gn.parameters()), grad)
+    assert torch.allclose(y, y_ref, atol=1e-5)
+    assert all(torch.allclose(g, g_ref, atol=1e-4) for g, g_ref in zip(grads, grads_ref))
+    for t in (y, grads[0]):
+        assert t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    assert gn(x.detach().bfloat16()).dtype == torch.bfloat16  # x's dtype outside autocast
+
+
 def test_depth_to_space_official_order():
     B, C, H, W = 2, 3, 4, 5
     x = torch.randn(B, 4 * C, H, W)
@@ -174,6 +198,33 @@ def test_channels_last_network_keeps_its_layout():
     assert {name for name, _ in seen} >= {'Upsampler', 'AdaptiveGroupNorm', 'ResBlock', 'Conv2d'}
     nchw = [name for name, t in seen if not t.is_contiguous(memory_format=torch.channels_last)]
     assert not nchw, f"NCHW activations after {sorted(set(nchw))}"
+
+
+def test_channels_last_convolutions_get_nhwc_gradients():
+    """In the graphs that torch.compile records for the blocks, every convolution's backward gets
+    its gradient and input in channels_last, as its weight: anything else is converted inside
+    convolution_backward, a copy outside the fused kernels (depth_to_space's NCHW reshape did
+    that to the gradient of the upsampler's conv)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    layouts = []
+
+    def record(gm, example_inputs):  # an AOTAutograd compiler that only looks at the graph
+        for node in gm.graph.nodes:
+            if node.target is torch.ops.aten.convolution_backward.default:
+                grad_out, inp, weight = (a.meta['val'] for a in node.args[:3])
+                layouts.append([t.is_contiguous(memory_format=torch.channels_last)
+                                for t in (grad_out, inp, weight)])
+        return make_boxed_func(gm.forward)
+    torch._dynamo.reset()
+    model = Tokenizer.from_preset('tiny').to(memory_format=torch.channels_last)
+    compile_blocks(model, backend=aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward),
+                                               bw_compiler=record))
+    x_rec, _, losses = model(torch.rand(2, 3, 32, 32).contiguous(memory_format=torch.channels_last))
+    (x_rec.abs().mean() + losses['entropy_loss']).backward()
+    torch._dynamo.reset()
+    assert len(layouts) >= 10  # the ResBlocks' convs and the upsamplers' (tiny has 2)
+    assert all(all(l) for l in layouts), layouts
 
 
 # -----------------------------------------------------------------------------
