@@ -108,16 +108,15 @@ def depth_to_space(x):
     """(B, 4C, H, W) -> (B, C, 2H, 2W) in the official (TensorFlow "DCR") channel order: input
     channel (i*2 + j)*C + c lands at output pixel (2h + i, 2w + j), channel c. nn.PixelShuffle uses
     c*4 + i*2 + j instead, which would scramble the released upsampler weights, hence this function.
-    The result, and the gradient handed back to the conv before it, have the memory layout of the
-    input (NCHW or channels_last): otherwise that conv's backward converts its gradient first."""
+    The result has the memory layout of the input (NCHW or channels_last)."""
     B, C4, H, W = x.shape
-    if is_channels_last(x):  # the same moves on the NHWC tensor (B, H, W, 4C)
-        y = x.permute(0, 2, 3, 1).reshape(B, H, W, 2, 2, C4 // 4)  # (B, H, W, i, j, C), a view
-        y = y.permute(0, 1, 3, 2, 4, 5).reshape(B, 2 * H, 2 * W, C4 // 4)  # (B, 2H, 2W, C), a copy
-        return y.permute(0, 3, 1, 2)  # (B, C, 2H, 2W), channels_last
     y = x.reshape(B, 2, 2, C4 // 4, H, W)  # (B, i, j, C, H, W)
     y = y.permute(0, 3, 4, 1, 5, 2)  # (B, C, H, i, W, j)
-    return y.reshape(B, C4 // 4, 2 * H, 2 * W)  # a copy, NCHW-contiguous
+    y = y.reshape(B, C4 // 4, 2 * H, 2 * W)  # a copy, NCHW-contiguous
+    # a channels_last network fed NCHW activations would convert them back at every later conv,
+    # forward and backward (and compile one more variant of each block); compiled, the two copies
+    # are one kernel
+    return y.contiguous(memory_format=torch.channels_last) if is_channels_last(x) else y
 
 
 class Upsampler(nn.Module):

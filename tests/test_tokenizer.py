@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenizer import (AdaptiveGroupNorm, GroupNorm, Tokenizer, TokenizerConfig, compile_blocks,
-                       convert_official_tokenizer, depth_to_space)
+from tokenizer import (AdaptiveGroupNorm, GroupNorm, Tokenizer, TokenizerConfig, convert_official_tokenizer,
+                       depth_to_space)
 from utils import save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -198,33 +198,6 @@ def test_channels_last_network_keeps_its_layout():
     assert {name for name, _ in seen} >= {'Upsampler', 'AdaptiveGroupNorm', 'ResBlock', 'Conv2d'}
     nchw = [name for name, t in seen if not t.is_contiguous(memory_format=torch.channels_last)]
     assert not nchw, f"NCHW activations after {sorted(set(nchw))}"
-
-
-def test_channels_last_convolutions_get_nhwc_gradients():
-    """In the graphs that torch.compile records for the blocks, every convolution's backward gets
-    its gradient and input in channels_last, as its weight: anything else is converted inside
-    convolution_backward, a copy outside the fused kernels (depth_to_space's NCHW reshape did
-    that to the gradient of the upsampler's conv)."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-    layouts = []
-
-    def record(gm, example_inputs):  # an AOTAutograd compiler that only looks at the graph
-        for node in gm.graph.nodes:
-            if node.target is torch.ops.aten.convolution_backward.default:
-                grad_out, inp, weight = (a.meta['val'] for a in node.args[:3])
-                layouts.append([t.is_contiguous(memory_format=torch.channels_last)
-                                for t in (grad_out, inp, weight)])
-        return make_boxed_func(gm.forward)
-    torch._dynamo.reset()
-    model = Tokenizer.from_preset('tiny').to(memory_format=torch.channels_last)
-    compile_blocks(model, backend=aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward),
-                                               bw_compiler=record))
-    x_rec, _, losses = model(torch.rand(2, 3, 32, 32).contiguous(memory_format=torch.channels_last))
-    (x_rec.abs().mean() + losses['entropy_loss']).backward()
-    torch._dynamo.reset()
-    assert len(layouts) >= 10  # the ResBlocks' convs and the upsamplers' (tiny has 2)
-    assert all(all(l) for l in layouts), layouts
 
 
 # -----------------------------------------------------------------------------
