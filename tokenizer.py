@@ -368,10 +368,10 @@ def compile_blocks(model, **compile_options):
     # Dynamo's default: each block compiles for its first shape with fixed sizes, and a new batch
     # or image size recompiles it once with the sizes that changed as symbols, which then serve
     # every later size. Fixed sizes let Inductor pick its GroupNorm reductions for the exact
-    # H x W x C/32 they reduce over; a training run sees one size, so it gets those kernels
-    # no duck sizing: by default sizes of equal value share one symbol, so a 128-wide block at 128px
-    # ties its height to its width in channels, which the weights fix, and its recompile with
-    # symbols stays for 128px only
+    # H x W x C/32 they reduce over; a training run sees one size, so it gets those kernels.
+    # No duck sizing: by default sizes of equal value share one symbol, so a 128-wide block at
+    # 128px ties its height to its width in channels, which the weights fix, and its recompile
+    # with symbols stays for 128px only
     fx_config.use_duck_shape = False
     # one ResBlock.forward serves every block; each variant it needs (with or without the 1x1
     # shortcut, fp32 or bf16 input) counts towards Dynamo's limit of 8 per function, past which it
