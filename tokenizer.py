@@ -38,17 +38,19 @@ def is_channels_last(x):
 
 
 class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm that keeps a channels_last input channels_last, forward and backward.
-    On CUDA, F.group_norm returns NCHW whatever its input's layout, and so does its backward. In a
-    channels_last network each convolution next to a norm, and each convolution's backward, then
-    converts its input to NHWC first: an activation-sized copy per conv and step, outside what
-    torch.compile fuses (aten::copy_ under convolution_backward in bench.py --profile). For NHWC
-    input the norm is written out instead: splitting the channel dimension into groups is a view
-    in either layout, and element-wise ops keep it. Statistics in fp32 as F.group_norm; the result in
-    fp32 under autocast (as F.group_norm's on CUDA, on autocast's fp32 list), else in x's dtype."""
+    """nn.GroupNorm that keeps a channels_last input channels_last, forward and backward, when
+    compiled. On CUDA, F.group_norm returns NCHW whatever its input's layout, and so does its
+    backward. In a channels_last network each convolution next to a norm, and each convolution's
+    backward, then converts its input to NHWC first: an activation-sized copy per conv and step
+    that no compiled kernel absorbs (the aten::copy_ rows of bench.py --profile). Under
+    torch.compile the norm is therefore written out for NHWC input: splitting the channel dimension
+    into groups is a view in either layout, element-wise ops keep it, and Inductor fuses the whole
+    norm as it fuses F.group_norm. Eager, F.group_norm's own fused kernel runs (the written-out
+    form would launch and keep more). Statistics in fp32 as F.group_norm; the result in fp32 under
+    autocast (as F.group_norm's on CUDA, on autocast's fp32 list), else in x's dtype."""
 
     def forward(self, x):  # (B, C, H, W)
-        if not is_channels_last(x):
+        if not (torch.compiler.is_compiling() and is_channels_last(x)):
             return super().forward(x)
         g = x.float().unflatten(1, (self.num_groups, -1))  # (B, G, C/G, H, W), a view
         var, mean = torch.var_mean(g, dim=(2, 3, 4), unbiased=False, keepdim=True)  # biased

@@ -143,7 +143,8 @@ def test_adaptive_group_norm_reference():
 
 @pytest.mark.parametrize('affine', [True, False])
 def test_group_norm_keeps_channels_last(affine):
-    """The written-out norm for NHWC input: F.group_norm's values and gradients, in NHWC."""
+    """GroupNorm's written-out form (what torch.compile traces for NHWC input) gives F.group_norm's
+    values and gradients, in NHWC; eager, it is F.group_norm itself."""
     torch.manual_seed(0)
     gn = GroupNorm(8, 32, eps=1e-6, affine=affine)
     if affine:  # not the 1 / 0 of a fresh norm, so that a swapped weight and bias would show
@@ -151,17 +152,24 @@ def test_group_norm_keeps_channels_last(affine):
         torch.nn.init.normal_(gn.bias)
     x = (torch.randn(2, 32, 6, 5) * 3 + 1).contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
-    x_ref = x.detach().contiguous().requires_grad_(True)  # NCHW: nn.GroupNorm's own path
-    y, y_ref = gn(x), F.group_norm(x_ref, 8, gn.weight, gn.bias, 1e-6)
+    x_ref = x.detach().contiguous().requires_grad_(True)  # NCHW
+    graphs = []
+
+    def backend(gm, example_inputs):  # runs the traced graph as it is, no fusion
+        graphs.append(gm)
+        return gm.forward
+    torch._dynamo.reset()
+    y, y_ref = torch.compile(gn, backend=backend)(x), F.group_norm(x_ref, 8, gn.weight, gn.bias, 1e-6)
+    assert 'var_mean' in graphs[0].code and 'group_norm' not in graphs[0].code  # written out
     grad = torch.randn_like(y)  # NHWC, as a convolution's backward hands it on
-    inputs = [x] + list(gn.parameters())  # the weight and bias too, when affine
-    grads = torch.autograd.grad(y, inputs, grad)
+    grads = torch.autograd.grad(y, [x] + list(gn.parameters()), grad)  # weight, bias if affine
     grads_ref = torch.autograd.grad(y_ref, [x_ref] + list(gn.parameters()), grad)
+    torch._dynamo.reset()
     assert torch.allclose(y, y_ref, atol=1e-5)
     assert all(torch.allclose(g, g_ref, atol=1e-4) for g, g_ref in zip(grads, grads_ref))
     for t in (y, grads[0]):
         assert t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-    assert gn(x.detach().bfloat16()).dtype == torch.bfloat16  # x's dtype outside autocast
+    assert torch.equal(gn(x), F.group_norm(x, 8, gn.weight, gn.bias, 1e-6))  # eager
 
 
 def test_depth_to_space_official_order():
