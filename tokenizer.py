@@ -46,17 +46,18 @@ class GroupNorm(nn.GroupNorm):
     torch.compile the norm is therefore written out for NHWC input: splitting the channel dimension
     into groups is a view in either layout, element-wise ops keep it, and Inductor fuses the whole
     norm as it fuses F.group_norm. Eager, F.group_norm's own fused kernel runs (the written-out
-    form would launch and keep more). Statistics in fp32 as F.group_norm; the result in fp32 under
-    autocast (as F.group_norm's on CUDA, on autocast's fp32 list), else in x's dtype."""
+    form would launch and keep more). Statistics in at least fp32, as F.group_norm; the result in
+    fp32 under autocast (as F.group_norm's on CUDA, on autocast's fp32 list), else in x's dtype."""
 
     def forward(self, x):  # (B, C, H, W)
         if not (torch.compiler.is_compiling() and is_channels_last(x)):
             return super().forward(x)
-        g = x.float().unflatten(1, (self.num_groups, -1))  # (B, G, C/G, H, W), a view
+        dtype = torch.promote_types(x.dtype, torch.float32)  # bf16 -> fp32; fp64 stays
+        g = x.to(dtype).unflatten(1, (self.num_groups, -1))  # (B, G, C/G, H, W), a view
         var, mean = torch.var_mean(g, dim=(2, 3, 4), unbiased=False, keepdim=True)  # biased
         y = ((g - mean) * torch.rsqrt(var + self.eps)).flatten(1, 2)  # (B, C, H, W), NHWC
         if self.affine:
-            y = y * self.weight.float()[:, None, None] + self.bias.float()[:, None, None]
+            y = y * self.weight.to(dtype)[:, None, None] + self.bias.to(dtype)[:, None, None]
         return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
 
 
@@ -362,7 +363,8 @@ class Tokenizer(nn.Module):
 
 def compile_blocks(model, **compile_options):
     """torch.compile each repeated block of a Tokenizer in place (ResBlock, AdaptiveGroupNorm,
-    Upsampler, the LFQ loss). Blocks of one structure share one compiled graph, so a preset
+    Upsampler, the LFQ loss), and the encoder's and decoder's last GroupNorm (so that they, too,
+    run GroupNorm's channels_last form). Blocks of one structure share one compiled graph, so a preset
     compiles in a handful of graphs instead of one graph of the whole network (minutes). Within a
     block, Inductor fuses GroupNorm, swish and the casts around the cuDNN convolutions.
     compile_options go to torch.compile (the tests capture the same graphs with backend='aot_eager';
@@ -382,6 +384,8 @@ def compile_blocks(model, **compile_options):
     for module in model.modules():
         if isinstance(module, (ResBlock, AdaptiveGroupNorm, Upsampler, LFQ)):
             module.compile(**compile_options)
+    model.encoder.norm_out.compile(**compile_options)
+    model.decoder.norm_out.compile(**compile_options)
     return model
 
 
