@@ -459,6 +459,43 @@ def evaluate(ema, val_set, args, dist, step, num_images=None):
 # the training loop
 
 
+def init_from(t, path):
+    """--init-from: the weights of our tokenizer checkpoint or of a released one
+    (open-magvit2:PATH) into the new run `t`: raw weights to the generator, EMA weights to its EMA
+    (the raw ones if the file has none), and from our checkpoints D and LeCAM too. The file must
+    hold the architecture of --model (any training image size): a difference is refused."""
+    init = utils.load_checkpoint(path)  # open-magvit2:PATH loads a released file in full
+    raw = tokenizer.Tokenizer.from_checkpoint(init, ema=False)
+    try:
+        ema = tokenizer.Tokenizer.from_checkpoint(init, ema=True)  # ours without 'ema': raw
+    except KeyError:  # a released file without EMA entries
+        ema = raw
+    shape = [k for k in asdict(raw.config) if k != 'image_size']
+    utils.check_config({k: asdict(raw.config)[k] for k in shape},
+                       {k: asdict(t.raw_model.config)[k] for k in shape}, path)
+    t.raw_model.load_state_dict(raw.state_dict())
+    t.ema.load_state_dict(ema.state_dict())
+    if init.get('kind') == 'tokenizer' and init.get('disc') is not None:
+        t.raw_disc.load_state_dict(init['disc'])
+        t.lecam.load_state_dict(init['lecam'])  # the EMAs of this discriminator's logits
+
+
+def resume(t, ckpt_path, args):
+    """--resume: the run's own state back into `t` (weights, EMA, D, LeCAM, both Adams, RNG), after
+    utils.check_resume has compared the flags. Returns (step, epoch, batch_in_epoch, elapsed_s).
+    --batch-size is global, so 2 GPUs x 32 may resume as 1 GPU x 64 and back. The data order is
+    the same (EpochSampler gives each step the same global slice of the permutation at any world
+    size); what changes is only D's BatchNorm, whose statistics are per GPU as in the official
+    code."""
+    ckpt = utils.load_checkpoint(ckpt_path, expect_kind='tokenizer')
+    utils.check_resume(ckpt, asdict(t.raw_model.config), vars(args), RESUME_MAY_CHANGE, ckpt_path)
+    for module, key in ((t.raw_model, 'model'), (t.ema, 'ema'), (t.raw_disc, 'disc'),
+                        (t.lecam, 'lecam'), (t.opt_g, 'opt_g'), (t.opt_d, 'opt_d')):
+        module.load_state_dict(ckpt[key])
+    utils.set_rng_state(ckpt['rng'])
+    return ckpt['step'], ckpt['epoch'], ckpt['batch_in_epoch'], ckpt.get('elapsed_s', 0.0)
+
+
 def main(argv=None):
     # --max-minutes counts from here: building and compiling are part of the budget
     start_time = time.time()
@@ -481,46 +518,16 @@ def main(argv=None):
     # before any work: a fresh run must not overwrite the one in --out
     ckpt_path = utils.prepare_run_folder(args.out, args.resume, args.overwrite, dist.is_main)
     t = build(args, dist)
-    if args.init_from and not args.resume:  # fine-tuning: weights only (the docstring says which)
-        # open-magvit2:PATH loads a released file in full
-        init = utils.load_checkpoint(args.init_from)
-        raw = tokenizer.Tokenizer.from_checkpoint(init, ema=False)
-        try:
-            ema = tokenizer.Tokenizer.from_checkpoint(init, ema=True)  # ours without 'ema': raw
-        except KeyError:  # a released file without EMA entries
-            ema = raw
-        shape = [k for k in asdict(raw.config) if k != 'image_size']  # any training size is fine
-        utils.check_config({k: asdict(raw.config)[k] for k in shape},
-                           {k: asdict(t.raw_model.config)[k] for k in shape}, args.init_from)
-        t.raw_model.load_state_dict(raw.state_dict())
-        t.ema.load_state_dict(ema.state_dict())
-        if init.get('kind') == 'tokenizer' and init.get('disc') is not None:
-            t.raw_disc.load_state_dict(init['disc'])
-            t.lecam.load_state_dict(init['lecam'])  # the EMAs of this discriminator's logits
+    if args.init_from and not args.resume:  # fine-tuning: weights only, step 0, fresh Adam
+        init_from(t, args.init_from)
         utils.print0(f"initialised from the weights of {args.init_from}")
-        del init, raw, ema
     config = asdict(t.raw_model.config)
     step = epoch = batch_in_epoch = 0
     if args.resume:
-        ckpt = utils.load_checkpoint(ckpt_path, expect_kind='tokenizer')
-        # --batch-size is global, so 2 GPUs x 32 may resume as 1 GPU x 64 and back. The data order
-        # is the same (EpochSampler gives each step the same global slice of the permutation at any
-        # world size); what changes is only D's BatchNorm, whose statistics are per GPU as in the
-        # official code
-        utils.check_resume(ckpt, config, vars(args), RESUME_MAY_CHANGE, ckpt_path)
-        t.raw_model.load_state_dict(ckpt['model'])
-        t.ema.load_state_dict(ckpt['ema'])
-        t.raw_disc.load_state_dict(ckpt['disc'])
-        t.lecam.load_state_dict(ckpt['lecam'])
-        t.opt_g.load_state_dict(ckpt['opt_g'])
-        t.opt_d.load_state_dict(ckpt['opt_d'])
-        step, epoch, batch_in_epoch = ckpt['step'], ckpt['epoch'], ckpt['batch_in_epoch']
-        # a budget (--max-minutes) goes on where it stopped
-        start_time -= ckpt.get('elapsed_s', 0.0)
-        utils.set_rng_state(ckpt['rng'])
+        step, epoch, batch_in_epoch, elapsed_s = resume(t, ckpt_path, args)
+        start_time -= elapsed_s  # a budget (--max-minutes) goes on where it stopped
         utils.print0(f"resumed from {ckpt_path} at step {step} (epoch {epoch}, "
                      f"batch {batch_in_epoch})")
-        del ckpt
 
     # data: a rank-sharded order that can start mid-epoch (augmentation is a function of (seed,
     # epoch, index))
