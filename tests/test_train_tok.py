@@ -325,19 +325,17 @@ def test_compile_blocks_same_function(channels_last):
         x_rec, indices, losses = model(x)
         (x_rec.square().mean() + losses['entropy_loss'] + losses['commitment_loss']).backward()
         outputs.append((x_rec, indices, losses['entropy_loss'], model.encoder.conv_in.weight.grad))
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
     for a, b in zip(*outputs):
-        assert torch.allclose(a.double(), b.double(), rtol=1e-5 if dtype == torch.float32 else 1e-10,
-                              atol=1e-6 if dtype == torch.float32 else 1e-12)
-    if channels_last:
-        return
+        assert torch.allclose(a.double(), b.double(), **tol)
     # another batch and resolution recompile once with symbolic sizes; a third reuses those
     from torch._dynamo.utils import counters
     graphs = []
     for shape in ((3, 3, 48, 48), (4, 3, 40, 40)):
         graphs.append(counters['stats']['unique_graphs'])
-        x = torch.rand(*shape) * 2 - 1
+        x = (torch.rand(*shape, dtype=dtype) * 2 - 1).contiguous(memory_format=layout)
         (ref, ref_indices, _), (out, indices, _) = eager(x), compiled(x)
-        assert torch.equal(indices, ref_indices) and torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
+        assert torch.equal(indices, ref_indices) and torch.allclose(out, ref, **tol)
     assert counters['stats']['unique_graphs'] == graphs[1] > graphs[0]
 
 
