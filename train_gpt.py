@@ -325,6 +325,52 @@ def get_args(argv=None):
 # main
 
 
+def load_held_out(args, tokenizer, micro_batch, dist, num_bits, grid, num_classes):
+    """--val-data (images, encoded once here with the centre crop) or --val-codes (from
+    extract_codes.py --val) -> [tokens (n, h*w), labels (n,)], this rank's share; None without
+    either. The tokens must be of the training tokens' kind and the labels among its classes."""
+    val = None
+    if args.val_data:
+        if tokenizer is None:
+            raise ValueError("--val-data needs --tokenizer to encode it (or pass --val-codes)")
+        val_set = data.build_dataset(args.val_data, args.image_size, train=False, seed=args.seed)
+        val = encode_held_out(tokenizer, val_set, micro_batch, dist, args.num_workers)
+    elif args.val_codes:
+        *val, val_meta = held_out_codes(args.val_codes, dist.rank, dist.world_size)
+        if (val_meta['num_bits'], val_meta['grid']) != (num_bits, list(grid)):
+            raise ValueError(f"--val-codes {args.val_codes} holds {val_meta['num_bits']}-bit "
+                             f"tokens on a {val_meta['grid']} grid, the training tokens are "
+                             f"{num_bits}-bit on {list(grid)}")
+    if val is not None:
+        if len(val[1]) and val[1].max() >= num_classes:
+            raise ValueError(f"held-out labels go up to {val[1].max()}, the training data has "
+                             f"{num_classes} classes")
+        num_val = int(all_reduce_sum(torch.tensor(len(val[1]), device=dist.device)))
+        print0(f"held-out loss on {num_val} images")
+    return val
+
+
+def resume(model, optimizer, ckpt_path, args, tokenizer_fingerprint, dist):
+    """--resume: the run's weights, optimizer and RNG back, after checking that the model, the
+    training flags (RESUME_MAY_CHANGE lists the exceptions) and the tokenizer's weights are those
+    of the run (the same --tokenizer path may hold other weights now, retrained in place).
+    Returns (step, epoch, batch_in_epoch)."""
+    ckpt = load_checkpoint(ckpt_path, 'gpt')
+    check_resume(ckpt, asdict(model.config), vars(args), RESUME_MAY_CHANGE, ckpt_path)
+    check_config({'tokenizer_fingerprint': ckpt['tokenizer'].get('fingerprint')},
+                 {'tokenizer_fingerprint': tokenizer_fingerprint}, ckpt_path)
+    model.load_state_dict(ckpt['model'])
+    optimizer.load_state_dict(ckpt['optimizer'])
+    # one RNG state per rank: restored only when every rank has its own
+    if len(ckpt['rng']) == dist.world_size:
+        set_rng_state(ckpt['rng'][dist.rank])
+    else:
+        print0(f"note: checkpoint written by {len(ckpt['rng'])} ranks, now {dist.world_size}: each "
+               "step sees the same global batch as before, but the dropout noise differs from an "
+               "uninterrupted run")
+    return ckpt['step'], ckpt['epoch'], ckpt['batch_in_epoch']
+
+
 def main(argv=None):
     begin = time.time()  # --max-minutes counts from here
     args = get_args(argv)
@@ -385,25 +431,7 @@ def main(argv=None):
            f"{total_steps} steps, {warmup_steps} warmup; {len(dataset)} images, {dataset.num_classes} classes")
 
     # held-out tokens for the held-out loss, this rank's share, kept in memory: (n, h*w), (n,)
-    val = None
-    if args.val_data:
-        if tokenizer is None:
-            raise ValueError("--val-data needs --tokenizer to encode it (or pass --val-codes)")
-        val_set = data.build_dataset(args.val_data, args.image_size, train=False, seed=args.seed)
-        val = encode_held_out(tokenizer, val_set, micro_batch, dist, args.num_workers)
-    elif args.val_codes:
-        # val = [tokens, labels], as encode_held_out returns them
-        *val, val_meta = held_out_codes(args.val_codes, dist.rank, dist.world_size)
-        if (val_meta['num_bits'], val_meta['grid']) != (num_bits, list(grid)):
-            raise ValueError(f"--val-codes {args.val_codes} holds {val_meta['num_bits']}-bit "
-                             f"tokens on a {val_meta['grid']} grid, the training tokens are "
-                             f"{num_bits}-bit on {list(grid)}")
-    if val is not None:
-        if len(val[1]) and val[1].max() >= dataset.num_classes:
-            raise ValueError(f"held-out labels go up to {val[1].max()}, the training data has "
-                             f"{dataset.num_classes} classes")
-        num_val = int(all_reduce_sum(torch.tensor(len(val[1]), device=device)))
-        print0(f"held-out loss on {num_val} images")
+    val = load_held_out(args, tokenizer, micro_batch, dist, num_bits, grid, dataset.num_classes)
 
     # the model: same init on every rank (DDP also broadcasts rank 0's), then per-rank dropout
     # randomness
@@ -421,23 +449,9 @@ def main(argv=None):
     torch.manual_seed(args.seed + dist.rank)
     step, epoch, batch_in_epoch = 0, 0, 0
     if args.resume:
-        ckpt = load_checkpoint(ckpt_path, 'gpt')
-        # another model or other training flags are refused (RESUME_MAY_CHANGE lists the exceptions)
-        check_resume(ckpt, asdict(model.config), vars(args), RESUME_MAY_CHANGE, ckpt_path)
-        # the same --tokenizer path may hold other weights now (retrained in place)
-        check_config({'tokenizer_fingerprint': ckpt['tokenizer'].get('fingerprint')},
-                     {'tokenizer_fingerprint': tokenizer_fingerprint}, ckpt_path)
-        model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        step, epoch, batch_in_epoch = ckpt['step'], ckpt['epoch'], ckpt['batch_in_epoch']
-        # one RNG state per rank: restored only when every rank has its own
-        if len(ckpt['rng']) == dist.world_size:
-            set_rng_state(ckpt['rng'][dist.rank])
-        else:
-            print0(f"note: checkpoint written by {len(ckpt['rng'])} ranks, now {dist.world_size}: each step sees the "
-                   "same global batch as before, but the dropout noise differs from an uninterrupted run")
+        step, epoch, batch_in_epoch = resume(model, optimizer, ckpt_path, args,
+                                             tokenizer_fingerprint, dist)
         print0(f"resumed from {ckpt_path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
-        del ckpt
     raw_model = model  # sampling, checkpoints and the MFU estimate use the plain module
     if args.compile:  # fuses the fp32 RMSNorm / RoPE / SwiGLU element-wise work between the matmuls
         model = torch.compile(model)
