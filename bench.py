@@ -52,8 +52,9 @@ PROFILE = {}
 
 def profile(fn, name):
     """With --profile: run fn once more under torch.profiler and keep the table of the GPU kernels
-    that took the most time (self time, summed over the calls). This is how each row's limit is
-    found, not from estimates."""
+    that took the most time (self time, summed over the calls), the same by op and input shapes,
+    and the callers of aten::copy_ (copy_callers). This is how each row's limit is found, not from
+    estimates."""
     if not PROFILE or not any(p in name for p in PROFILE['names']):
         return
     from torch.profiler import ProfilerActivity
@@ -70,7 +71,29 @@ def profile(fn, name):
         max_shapes_column_width=100)
     print(f"--- profile of {name}\n{table}", flush=True)
     with open(PROFILE['path'], 'a') as f:  # row by row: a run cut short keeps the profiles it made
-        f.write(f"--- {name}\n{table}\n--- {name}, by op and input shapes\n{by_shape}\n")
+        f.write(f"--- {name}\n{table}\n--- {name}, by op and input shapes\n{by_shape}\n"
+                f"--- {name}, aten::copy_ by caller\n{copy_callers(prof)}\n")
+
+
+def copy_callers(prof, depth=3, rows=12):
+    """Where a profile's aten::copy_ calls come from: each call's chain of parent ops (e.g.
+    'aten::clone <- aten::contiguous <- aten::convolution_backward', a layout conversion inside a
+    conv's backward), with the number of calls and their GPU time, most first. An activation-sized
+    copy is memory traffic that no fused kernel absorbs; its callers say which layer to change."""
+    totals = {}  # chain -> [calls, GPU microseconds]
+    for event in prof.events():
+        if event.name != 'aten::copy_':
+            continue
+        chain, parent = [], event.cpu_parent
+        while parent is not None and len(chain) < depth:
+            chain.append(parent.name)
+            parent = parent.cpu_parent
+        entry = totals.setdefault(' <- '.join(chain) or '(called directly)', [0, 0.0])
+        entry[0] += 1
+        entry[1] += event.self_device_time_total
+    lines = [f"{us / 1e3:9.3f} ms {calls:5d} calls  {chain}"
+             for chain, (calls, us) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:rows]]
+    return '\n'.join(lines) or '(no aten::copy_: a replayed CUDA graph records kernels only)'
 
 
 def cuda_time(fn, iters=10, warmup=3, name=None):

@@ -1,0 +1,22 @@
+"""bench.py's helpers that run without a GPU: the caller table of --profile."""
+import torch
+from torch.profiler import ProfilerActivity
+
+import bench
+
+
+def test_copy_callers_names_each_copy_by_its_parent_ops():
+    x = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
+        x.contiguous()  # a layout conversion: aten::copy_ under aten::clone under aten::contiguous
+        x.to(torch.bfloat16)  # a cast: aten::copy_ under aten::_to_copy under aten::to
+        x.to(torch.bfloat16)
+    lines = bench.copy_callers(prof).splitlines()
+    assert len(lines) == 2
+    assert any(line.split('calls')[1].strip() == 'aten::clone <- aten::contiguous'
+               and ' 1 calls' in line for line in lines)
+    assert any(line.split('calls')[1].strip() == 'aten::_to_copy <- aten::to'
+               and ' 2 calls' in line for line in lines)
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
+        x.sum()
+    assert 'no aten::copy_' in bench.copy_callers(prof)
