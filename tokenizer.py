@@ -25,7 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.experimental import _config as fx_config
 
+from data import crop_image, open_image
 from quantizer import LFQ, indices_to_codes
+from utils import DEVICES, load_checkpoint, save_image_grid, setup
 
 # -----------------------------------------------------------------------------
 # building blocks
@@ -236,6 +238,91 @@ PRESETS = {
 }
 
 # -----------------------------------------------------------------------------
+# the tokenizer
+
+
+class Tokenizer(nn.Module):
+    """Encoder + LFQ + decoder. Images are (B, 3, H, W) in [-1, 1], H and W
+    multiples of `downsample`."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        args = (config.ch, tuple(config.ch_mult), config.num_res_blocks, config.num_bits)
+        self.encoder = Encoder(*args)
+        self.quantizer = LFQ(config.num_bits)
+        self.decoder = Decoder(*args)
+
+    @property
+    def downsample(self):
+        return 2 ** (len(self.config.ch_mult) - 1)
+
+    def encode(self, x):
+        """x (B, 3, H, W) -> z_q (B, K, H/f, W/f) in {-1, +1}, indices (B, H/f, W/f) int64, losses
+        (see LFQ)."""
+        f = self.downsample
+        if x.shape[-2] % f or x.shape[-1] % f:
+            raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of the downsampling factor {f}")
+        return self.quantizer(self.encoder(x))
+
+    def decode(self, z_q):
+        """z_q (B, K, h, w) -> images (B, 3, h*f, w*f), not clamped."""
+        return self.decoder(z_q)
+
+    def decode_indices(self, indices):
+        """indices (B, h, w) int64 -> images (B, 3, h*f, w*f): tokens to their +-1 code map, then
+        decode."""
+        z_q = indices_to_codes(indices, self.config.num_bits).permute(0, 3, 1, 2)  # (B, K, h, w)
+        z_q = z_q.contiguous()
+        return self.decode(z_q.to(self.decoder.conv_in.weight.dtype))
+
+    def forward(self, x):
+        z_q, indices, losses = self.encode(x)
+        return self.decode(z_q), indices, losses
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        if name not in PRESETS:
+            raise ValueError(f"unknown tokenizer preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(TokenizerConfig(**{**asdict(PRESETS[name]), **overrides}))
+
+    @classmethod
+    def from_checkpoint(cls, path_or_state, ema=True):
+        """Build from our checkpoint ({'kind': 'tokenizer', 'config', 'model', optional 'ema'}) or
+        from an official Open-MAGVIT2 one (a Lightning dict with 'state_dict'), given as a path or
+        as the loaded dict. Which of the two it is comes from its keys. ema=True takes the EMA
+        weights when the checkpoint has them. A released file that holds pickled Lightning objects
+        must be named 'open-magvit2:PATH': utils.load_checkpoint unpickles only such paths in
+        full."""
+        ckpt = path_or_state
+        if isinstance(ckpt, str):
+            ckpt = load_checkpoint(ckpt)
+        ours = isinstance(ckpt, dict) and ckpt.get('kind') == 'tokenizer'
+        if not (ours or isinstance(ckpt, dict) and 'state_dict' in ckpt):
+            kind = ckpt.get('kind') if isinstance(ckpt, dict) else type(ckpt).__name__
+            raise ValueError(f"not a tokenizer checkpoint (kind {kind!r}): expected ours (kind "
+                             "'tokenizer') or an official Open-MAGVIT2 Lightning checkpoint "
+                             "(with 'state_dict')")
+        if ckpt.get('kind') == 'tokenizer':
+            model = cls(TokenizerConfig(**ckpt['config']))
+            state = ckpt['ema'] if ema and ckpt.get('ema') is not None else ckpt['model']
+        else:
+            state = convert_official_tokenizer(ckpt['state_dict'], ema=ema)
+            # the architecture is read off the tensor shapes; both released models make 16x16 tokens
+            ch = state['encoder.conv_in.weight'].shape[0]
+            # keys look like encoder.down.{level}.block.{i}... and encoder.mid_block.{j}...: count
+            # the levels / blocks
+            levels = 1 + max(int(k.split('.')[2]) for k in state if k.startswith('encoder.down.'))
+            ch_mult = tuple(state[f'encoder.down.{i}.block.0.conv1.weight'].shape[0] // ch for i in range(levels))
+            blocks = len({k.split('.')[2] for k in state if k.startswith('encoder.mid_block.')})
+            model = cls(TokenizerConfig(ch, ch_mult, blocks,
+                                        state['encoder.conv_out.weight'].shape[0],
+                                        image_size=16 * 2 ** (levels - 1)))
+        model.load_state_dict(state, strict=True)  # lists any missing / unexpected keys
+        return model
+
+
+# -----------------------------------------------------------------------------
 # official checkpoints
 
 
@@ -275,98 +362,12 @@ def convert_official_tokenizer(state_dict, ema=True):
     return {k: state_dict[e] for k, e in ema_name.items()}
 
 
-# -----------------------------------------------------------------------------
-# the tokenizer
-
-
-class Tokenizer(nn.Module):
-    """Encoder + LFQ + decoder. Images are (B, 3, H, W) in [-1, 1], H and W
-    multiples of `downsample`."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        args = (config.ch, tuple(config.ch_mult), config.num_res_blocks, config.num_bits)
-        self.encoder = Encoder(*args)
-        self.quantizer = LFQ(config.num_bits)
-        self.decoder = Decoder(*args)
-
-    @property
-    def downsample(self):
-        return 2 ** (len(self.config.ch_mult) - 1)
-
-    @classmethod
-    def from_preset(cls, name, **overrides):
-        if name not in PRESETS:
-            raise ValueError(f"unknown tokenizer preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls(TokenizerConfig(**{**asdict(PRESETS[name]), **overrides}))
-
-    @classmethod
-    def from_checkpoint(cls, path_or_state, ema=True):
-        """Build from our checkpoint ({'kind': 'tokenizer', 'config', 'model', optional 'ema'}) or
-        from an official Open-MAGVIT2 one (a Lightning dict with 'state_dict'), given as a path or
-        as the loaded dict. Which of the two it is comes from its keys. ema=True takes the EMA
-        weights when the checkpoint has them. A released file that holds pickled Lightning objects
-        must be named 'open-magvit2:PATH': utils.load_checkpoint unpickles only such paths in
-        full."""
-        from utils import load_checkpoint
-        ckpt = path_or_state
-        if isinstance(ckpt, str):
-            ckpt = load_checkpoint(ckpt)
-        ours = isinstance(ckpt, dict) and ckpt.get('kind') == 'tokenizer'
-        if not (ours or isinstance(ckpt, dict) and 'state_dict' in ckpt):
-            kind = ckpt.get('kind') if isinstance(ckpt, dict) else type(ckpt).__name__
-            raise ValueError(f"not a tokenizer checkpoint (kind {kind!r}): expected ours (kind "
-                             "'tokenizer') or an official Open-MAGVIT2 Lightning checkpoint "
-                             "(with 'state_dict')")
-        if ckpt.get('kind') == 'tokenizer':
-            model = cls(TokenizerConfig(**ckpt['config']))
-            state = ckpt['ema'] if ema and ckpt.get('ema') is not None else ckpt['model']
-        else:
-            state = convert_official_tokenizer(ckpt['state_dict'], ema=ema)
-            # the architecture is read off the tensor shapes; both released models make 16x16 tokens
-            ch = state['encoder.conv_in.weight'].shape[0]
-            # keys look like encoder.down.{level}.block.{i}... and encoder.mid_block.{j}...: count
-            # the levels / blocks
-            levels = 1 + max(int(k.split('.')[2]) for k in state if k.startswith('encoder.down.'))
-            ch_mult = tuple(state[f'encoder.down.{i}.block.0.conv1.weight'].shape[0] // ch for i in range(levels))
-            blocks = len({k.split('.')[2] for k in state if k.startswith('encoder.mid_block.')})
-            model = cls(TokenizerConfig(ch, ch_mult, blocks,
-                                        state['encoder.conv_out.weight'].shape[0],
-                                        image_size=16 * 2 ** (levels - 1)))
-        model.load_state_dict(state, strict=True)  # lists any missing / unexpected keys
-        return model
-
-    def encode(self, x):
-        """x (B, 3, H, W) -> z_q (B, K, H/f, W/f) in {-1, +1}, indices (B, H/f, W/f) int64, losses
-        (see LFQ)."""
-        f = self.downsample
-        if x.shape[-2] % f or x.shape[-1] % f:
-            raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of the downsampling factor {f}")
-        return self.quantizer(self.encoder(x))
-
-    def decode(self, z_q):
-        """z_q (B, K, h, w) -> images (B, 3, h*f, w*f), not clamped."""
-        return self.decoder(z_q)
-
-    def decode_indices(self, indices):
-        """indices (B, h, w) int64 -> images (B, 3, h*f, w*f): tokens to their +-1 code map, then
-        decode."""
-        z_q = indices_to_codes(indices, self.config.num_bits).permute(0, 3, 1, 2)  # (B, K, h, w)
-        z_q = z_q.contiguous()
-        return self.decode(z_q.to(self.decoder.conv_in.weight.dtype))
-
-    def forward(self, x):
-        z_q, indices, losses = self.encode(x)
-        return self.decode(z_q), indices, losses
-
-
 def compile_blocks(model, **compile_options):
     """torch.compile each repeated block of a Tokenizer in place (ResBlock, AdaptiveGroupNorm,
     Upsampler, the LFQ loss), and the encoder's and decoder's last GroupNorm (so that they, too,
-    run GroupNorm's channels_last form). Blocks of one structure share one compiled graph, so a preset
-    compiles in a handful of graphs instead of one graph of the whole network (minutes). Within a
-    block, Inductor fuses GroupNorm, swish and the casts around the cuDNN convolutions.
+    run GroupNorm's channels_last form). Blocks of one structure share one compiled graph, so a
+    preset compiles in a handful of graphs instead of one graph of the whole network (minutes).
+    Within a block, Inductor fuses GroupNorm, swish and the casts around the cuDNN convolutions.
     compile_options go to torch.compile (the tests capture the same graphs with backend='aot_eager';
     bench.py compares the compiled step's losses with the eager ones)."""
     # Dynamo's default: each block compiles for its first shape with fixed sizes, and a new batch
@@ -406,10 +407,8 @@ if __name__ == '__main__':
     parser.add_argument('--size', type=int,
                         help="center crop and resize to this (default: the model's image_size)")
     parser.add_argument('--out', default='rec.png')
-    from utils import DEVICES, save_image_grid, setup
     parser.add_argument('--device', default='cuda', choices=DEVICES)
     args = parser.parse_args()
-    from data import crop_image, open_image
 
     dist = setup(args.device)
     if args.ckpt:
