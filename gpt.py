@@ -279,32 +279,6 @@ class GPT(nn.Module):
         nn.init.zeros_(self.head_post.weight)
         self.inter_cache, self.intra_cache = [], []  # static KV buffers, made by setup_caches
 
-    @classmethod
-    def from_preset(cls, name, **overrides):
-        return cls(GPTConfig(**{**PRESETS[name], **overrides}))
-
-    @classmethod
-    def from_official(cls, official_state_dict, **overrides):
-        """A GPT holding a released Open-MAGVIT2 AR checkpoint (the loaded .ckpt dict or its
-        state_dict). Sizes come from the tensor shapes, the head count from the preset of that width
-        and depth."""
-        state_dict = convert_official_gpt(official_state_dict)
-        dim = state_dict['norm.weight'].shape[0]
-        depth = (sum(k.endswith('attn_norm.weight') and k.startswith('inter') for k in state_dict),
-                 sum(k.endswith('attn_norm.weight') and k.startswith('intra') for k in state_dict))
-        names = [n for n, p in PRESETS.items()
-                 if (p['dim'], p['n_inter'], p['n_intra']) == (dim, *depth)]
-        if not names:
-            raise ValueError(f"no preset with dim={dim}, n_inter={depth[0]}, n_intra={depth[1]}: build "
-                             f"GPT(GPTConfig(...)) yourself and load_state_dict(convert_official_gpt(...))")
-        pre_bits = state_dict['pre_emb.weight'].shape[0].bit_length() - 1
-        sizes = dict(pre_bits=pre_bits,
-                     vocab_bits=pre_bits + state_dict['post_emb.weight'].shape[0].bit_length() - 1,
-                     num_classes=state_dict['class_emb.weight'].shape[0] - 1)
-        model = cls.from_preset(names[0], **{**sizes, **overrides})
-        model.load_state_dict(state_dict)  # strict: any leftover or missing key is an error
-        return model
-
     def forward(self, pre, post, labels):
         """pre, post (B, T) int64 with T <= block_size, labels (B,) int64 -> logits_pre (B, T, 64),
         logits_post (B, T, 4096), loss = CE(pre) + CE(post). Labels are dropped to the null class in
@@ -331,6 +305,32 @@ class GPT(nn.Module):
         loss = (F.cross_entropy(logits_pre.flatten(0, 1), pre.flatten())  # Eq. (7)
                 + F.cross_entropy(logits_post.flatten(0, 1), post.flatten()))
         return logits_pre, logits_post, loss
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        return cls(GPTConfig(**{**PRESETS[name], **overrides}))
+
+    @classmethod
+    def from_official(cls, official_state_dict, **overrides):
+        """A GPT holding a released Open-MAGVIT2 AR checkpoint (the loaded .ckpt dict or its
+        state_dict). Sizes come from the tensor shapes, the head count from the preset of that width
+        and depth."""
+        state_dict = convert_official_gpt(official_state_dict)
+        dim = state_dict['norm.weight'].shape[0]
+        depth = (sum(k.endswith('attn_norm.weight') and k.startswith('inter') for k in state_dict),
+                 sum(k.endswith('attn_norm.weight') and k.startswith('intra') for k in state_dict))
+        names = [n for n, p in PRESETS.items()
+                 if (p['dim'], p['n_inter'], p['n_intra']) == (dim, *depth)]
+        if not names:
+            raise ValueError(f"no preset with dim={dim}, n_inter={depth[0]}, n_intra={depth[1]}: build "
+                             f"GPT(GPTConfig(...)) yourself and load_state_dict(convert_official_gpt(...))")
+        pre_bits = state_dict['pre_emb.weight'].shape[0].bit_length() - 1
+        sizes = dict(pre_bits=pre_bits,
+                     vocab_bits=pre_bits + state_dict['post_emb.weight'].shape[0].bit_length() - 1,
+                     num_classes=state_dict['class_emb.weight'].shape[0] - 1)
+        model = cls.from_preset(names[0], **{**sizes, **overrides})
+        model.load_state_dict(state_dict)  # strict: any leftover or missing key is an error
+        return model
 
     def setup_caches(self, batch_size, dtype, device):
         """Preallocate the KV buffers: (batch, nh, block_size, hs) per inter block, (batch, nh, 2,
