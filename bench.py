@@ -186,22 +186,22 @@ def bench_tokenizer_step(name, preset, image_size, batch, dist, weights_dir, com
     x = torch.rand(batch, 3, image_size, image_size, device='cuda') * 2 - 1
     x = x.contiguous(memory_format=torch.channels_last)
     # eager; build() seeds, so a second build has the same initial weights
-    t = train_tok.build(args, dist)
-    eager_losses = train_tok.train_step(x, t, args, 0)
-    flops = count_flops(lambda: train_tok.train_step(x, t, args, 1))
+    run = train_tok.build(args, dist)
+    eager_losses = train_tok.train_step(x, run, args, 0)
+    flops = count_flops(lambda: train_tok.train_step(x, run, args, 1))
     torch.cuda.synchronize()
     start = time.perf_counter()
-    train_tok.train_step(x, t, args, 2)
+    train_tok.train_step(x, run, args, 2)
     torch.cuda.synchronize()
     eager_s = time.perf_counter() - start
     result = {}
     if compile_model:
-        t = None  # free the eager copy first
+        run = None  # free the eager copy first
         torch.cuda.empty_cache()
-        t = train_tok.build(args, dist)
-        train_tok.compile_step_modules(t.raw_model, t.raw_disc, t.lpips)
+        run = train_tok.build(args, dist)
+        train_tok.compile_step_modules(run.raw_model, run.raw_disc, run.lpips)
         start = time.perf_counter()
-        losses = train_tok.train_step(x, t, args, 0)
+        losses = train_tok.train_step(x, run, args, 0)
         torch.cuda.synchronize()
         result['compile_s'] = time.perf_counter() - start - eager_s
         # the same function: first-step losses (before any update) of the compiled and the eager
@@ -209,18 +209,18 @@ def bench_tokenizer_step(name, preset, image_size, batch, dist, weights_dir, com
         for k in ('recon', 'lpips', 'per_sample_entropy', 'codebook_entropy'):
             result[f'rel_diff_{k}'] = (abs(losses[k].item() - eager_losses[k].item())
                                        / max(abs(eager_losses[k].item()), 1e-6))
-    # steps 0-2 ran above; a list so that run() can advance it (the EMA decay reads the step)
+    # steps 0-2 ran above; a list so that one_step() can advance it (the EMA decay reads the step)
     step = [2]
 
-    def run():
+    def one_step():
         step[0] += 1
-        train_tok.train_step(x, t, args, step[0])
-    ms, mem = cuda_time(run, iters=10, warmup=3, name=name)
+        train_tok.train_step(x, run, args, step[0])
+    ms, mem = cuda_time(one_step, iters=10, warmup=3, name=name)
     # a CUDA graph's intermediates sit in its private pool: reserved, but not counted as allocated
     result['reserved_gib'] = torch.cuda.max_memory_reserved() / 2 ** 30
     result.update(img_per_s=batch / (ms / 1e3), peak_gib=mem, tflop_per_image=flops / batch / 1e12,
                   mfu=flops / (ms / 1e3) / peak if peak else float('nan'))
-    t = None
+    run = None
     torch.cuda.empty_cache()
     return result
 

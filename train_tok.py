@@ -197,9 +197,10 @@ def get_args(argv=None):
 
 
 def build(args, dist):
-    """Tokenizer (G), its EMA, PatchGAN (D), LeCAM state, LPIPS and both optimisers, wrapped for DDP
-    / compile. `model` and `disc` are what the step calls; `raw_model` and `raw_disc` hold the
-    weights (for checkpoints)."""
+    """The run: the tokenizer (G), its EMA, PatchGAN (D), LeCAM state, LPIPS and both optimisers,
+    wrapped for DDP / compile, as one namespace that the step and the loop read. `model` and
+    `disc` are what the step calls; `raw_model` and `raw_disc` hold the weights (for
+    checkpoints)."""
     if args.cuda_graph and (dist.device_type != 'cuda' or dist.ddp):
         raise SystemExit("--cuda-graph needs one CUDA GPU in one process (--device cuda, no "
                          "torchrun): leave it out")
@@ -236,24 +237,24 @@ def build(args, dist):
     # launches. capturable: its step count stays on the GPU, as a CUDA graph needs
     adam = dict(lr=args.lr, betas=(0.5, 0.9), fused=dist.device_type == 'cuda',
                 capturable=args.cuda_graph)
-    t = SimpleNamespace(
+    run = SimpleNamespace(
         model=model, raw_model=raw_model, ema=ema, disc=disc, raw_disc=raw_disc,
         lecam=LeCAM().to(dist.device),
         lpips=lpips, opt_g=torch.optim.Adam(raw_model.parameters(), **adam),
         opt_d=torch.optim.Adam(raw_disc.parameters(), **adam), device_type=dist.device_type)
-    t.graphed = GraphedUpdate(t, args) if args.cuda_graph else None
-    return t
+    run.graphed = GraphedUpdate(run, args) if args.cuda_graph else None
+    return run
 
 
-def set_lr(t, lr):
+def set_lr(run, lr):
     """The learning rate of both optimisers. With --cuda-graph the graph reads it from one GPU
     tensor, filled in place (an asynchronous copy, no host sync); a float otherwise."""
-    if t.graphed is not None:
-        t.graphed.lr.fill_(lr)
-    for opt in (t.opt_g, t.opt_d):
+    if run.graphed is not None:
+        run.graphed.lr.fill_(lr)
+    for opt in (run.opt_g, run.opt_d):
         for group in opt.param_groups:
             # (the tensor also replaces the float a resumed optimiser state brings)
-            group['lr'] = lr if t.graphed is None else t.graphed.lr
+            group['lr'] = lr if run.graphed is None else run.graphed.lr
 
 
 def compile_step_modules(model, disc, lpips=None):
@@ -268,20 +269,20 @@ def compile_step_modules(model, disc, lpips=None):
         lpips.compile()
 
 
-def train_step(x, t, args, step):
+def train_step(x, run, args, step):
     """One iteration on x (B, 3, H, W) in [-1, 1]: G step, D step (update_g_and_d, replayed as a
     CUDA graph with --cuda-graph), EMA update. Returns the detached losses."""
-    losses = update_g_and_d(x, t, args) if t.graphed is None else t.graphed(x)
+    losses = update_g_and_d(x, run, args) if run.graphed is None else run.graphed(x)
     # --- EMA of the generator, in fp32. The decay ramps up as the official LitEma, min(decay,
     # (1+n)/(10+n)), so that early (and short) runs evaluate a useful average instead of the random
     # initialisation
     decay = min(args.ema_decay, (1 + step) / (10 + step))
     # ema += (1 - decay) (raw - ema), all parameters in one fused call; the buffers are not averaged
-    torch._foreach_lerp_(list(t.ema.parameters()), list(t.raw_model.parameters()), 1 - decay)
+    torch._foreach_lerp_(list(run.ema.parameters()), list(run.raw_model.parameters()), 1 - decay)
     return losses
 
 
-def update_g_and_d(x, t, args):
+def update_g_and_d(x, run, args):
     """G's and D's losses and Adam steps on x (B, 3, H, W). Returns the detached losses. With
     --gan-weight 0 there is no D: neither its term in G's loss nor its own step. No host syncs:
     GraphedUpdate records this function as it is."""
@@ -289,38 +290,38 @@ def update_g_and_d(x, t, args):
     # --- generator. D only judges here: frozen, so no weight gradients and no DDP hooks; its raw
     # module is called because a DDP forward without a matching gradient all-reduce would break the
     # next D step
-    t.raw_disc.requires_grad_(False)
+    run.raw_disc.requires_grad_(False)
     zero = torch.zeros((), device=x.device)
-    with utils.autocast(t.device_type):
+    with utils.autocast(run.device_type):
         # (B, 3, H, W), and Eq. (3) terms from LFQ (global batch under DDP)
-        x_rec, _, quantizer_losses = t.model(x)
+        x_rec, _, quantizer_losses = run.model(x)
         recon = (x_rec.float() - x).abs().mean()  # L1 in fp32
         # LPIPS distance per image, averaged
-        perceptual = t.lpips(x, x_rec).mean() if t.lpips is not None else zero
+        perceptual = run.lpips(x, x_rec).mean() if run.lpips is not None else zero
         # softplus(-mean) of each image's (B, 1, h, w) patch logits, in fp32
-        g_gan = non_saturating_g_loss(t.raw_disc(x_rec).float()) if use_gan else zero
+        g_gan = non_saturating_g_loss(run.raw_disc(x_rec).float()) if use_gan else zero
     g_loss = (recon + args.perceptual_weight * perceptual + args.gan_weight * g_gan
               + args.entropy_weight * quantizer_losses['entropy_loss']  # Eq. (3)
               + args.commit_weight * quantizer_losses['commitment_loss'])
-    t.opt_g.zero_grad(set_to_none=True)
+    run.opt_g.zero_grad(set_to_none=True)
     g_loss.backward()  # DDP all-reduces G's gradients here
-    t.opt_g.step()
+    run.opt_g.step()
 
     # --- discriminator: hinge + LeCAM, real and fake in separate passes (losses.d_loss, the
     # official order)
     d_parts = dict.fromkeys(('d_hinge', 'd_lecam', 'logits_real', 'logits_fake'), zero)
     loss_d = zero
     if use_gan:
-        t.raw_disc.requires_grad_(True)
+        run.raw_disc.requires_grad_(True)
 
         def judge(images):  # (B, 3, H, W) -> (B, 1, h, w) patch logits in fp32
-            with utils.autocast(t.device_type):
-                return t.disc(images).float()
+            with utils.autocast(run.device_type):
+                return run.disc(images).float()
         # d_loss detaches x and x_rec: D's backward stops at D
-        loss_d, d_parts = d_loss(judge, x, x_rec, t.lecam, args.lecam_weight)
-        t.opt_d.zero_grad(set_to_none=True)
+        loss_d, d_parts = d_loss(judge, x, x_rec, run.lecam, args.lecam_weight)
+        run.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
-        t.opt_d.step()
+        run.opt_d.step()
     return {'recon': recon, 'lpips': perceptual, 'g_gan': g_gan,
             'commit': quantizer_losses['commitment_loss'],
             'per_sample_entropy': quantizer_losses['per_sample_entropy'],
@@ -338,8 +339,8 @@ class GraphedUpdate:
     there); a batch of another shape (a short last batch) runs the plain step too."""
     WARMUP = 3
 
-    def __init__(self, t, args):
-        self.t, self.args = t, args
+    def __init__(self, run, args):
+        self.run, self.args = run, args
         self.calls, self.graph, self.x, self.losses = 0, None, None, None
         self.lr = torch.tensor(args.lr, device='cuda')  # both optimisers' (set_lr)
         self.side = torch.cuda.Stream()
@@ -349,20 +350,20 @@ class GraphedUpdate:
         if self.calls <= self.WARMUP:
             self.side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.side):
-                losses = update_g_and_d(x, self.t, self.args)
+                losses = update_g_and_d(x, self.run, self.args)
             torch.cuda.current_stream().wait_stream(self.side)
             return losses
         if self.graph is None:  # record: runs nothing, the replay below does the step
             self.x = x.clone()  # (B, 3, H, W), x's memory format
-            self.t.opt_g.zero_grad(set_to_none=True)  # the gradients get the graph's memory
-            self.t.opt_d.zero_grad(set_to_none=True)
+            self.run.opt_g.zero_grad(set_to_none=True)  # the gradients get the graph's memory
+            self.run.opt_d.zero_grad(set_to_none=True)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.losses = update_g_and_d(self.x, self.t, self.args)
+                self.losses = update_g_and_d(self.x, self.run, self.args)
             # the warm-ups' freed activations stay cached for the side stream only: release them
             torch.cuda.empty_cache()
         if x.shape != self.x.shape or x.stride() != self.x.stride():
-            return update_g_and_d(x, self.t, self.args)
+            return update_g_and_d(x, self.run, self.args)
         self.x.copy_(x)
         self.graph.replay()
         # copies: the next replay overwrites the graph's outputs, and the caller sums these
@@ -459,9 +460,9 @@ def evaluate(ema, val_set, args, dist, step, num_images=None):
 # the training loop
 
 
-def init_from(t, path):
+def init_from(run, path):
     """--init-from: the weights of our tokenizer checkpoint or of a released one
-    (open-magvit2:PATH) into the new run `t`: raw weights to the generator, EMA weights to its EMA
+    (open-magvit2:PATH) into the new `run`: raw weights to the generator, EMA weights to its EMA
     (the raw ones if the file has none), and from our checkpoints D and LeCAM too. The file must
     hold the architecture of --model (any training image size): a difference is refused."""
     init = utils.load_checkpoint(path)  # open-magvit2:PATH loads a released file in full
@@ -472,25 +473,25 @@ def init_from(t, path):
         ema = raw
     shape = [k for k in asdict(raw.config) if k != 'image_size']
     utils.check_config({k: asdict(raw.config)[k] for k in shape},
-                       {k: asdict(t.raw_model.config)[k] for k in shape}, path)
-    t.raw_model.load_state_dict(raw.state_dict())
-    t.ema.load_state_dict(ema.state_dict())
+                       {k: asdict(run.raw_model.config)[k] for k in shape}, path)
+    run.raw_model.load_state_dict(raw.state_dict())
+    run.ema.load_state_dict(ema.state_dict())
     if init.get('kind') == 'tokenizer' and init.get('disc') is not None:
-        t.raw_disc.load_state_dict(init['disc'])
-        t.lecam.load_state_dict(init['lecam'])  # the EMAs of this discriminator's logits
+        run.raw_disc.load_state_dict(init['disc'])
+        run.lecam.load_state_dict(init['lecam'])  # the EMAs of this discriminator's logits
 
 
-def resume(t, ckpt_path, args):
-    """--resume: the run's own state back into `t` (weights, EMA, D, LeCAM, both Adams, RNG), after
-    utils.check_resume has compared the flags. Returns (step, epoch, batch_in_epoch, elapsed_s).
-    --batch-size is global, so 2 GPUs x 32 may resume as 1 GPU x 64 and back. The data order is
-    the same (EpochSampler gives each step the same global slice of the permutation at any world
-    size); what changes is only D's BatchNorm, whose statistics are per GPU as in the official
-    code."""
+def resume(run, ckpt_path, args):
+    """--resume: the run's own state back into `run` (weights, EMA, D, LeCAM, both Adams, RNG),
+    after utils.check_resume has compared the flags. Returns (step, epoch, batch_in_epoch,
+    elapsed_s). --batch-size is global, so 2 GPUs x 32 may resume as 1 GPU x 64 and back. The
+    data order is the same (EpochSampler gives each step the same global slice of the
+    permutation at any world size); what changes is only D's BatchNorm, whose statistics are per
+    GPU as in the official code."""
     ckpt = utils.load_checkpoint(ckpt_path, expect_kind='tokenizer')
-    utils.check_resume(ckpt, asdict(t.raw_model.config), vars(args), RESUME_MAY_CHANGE, ckpt_path)
-    for module, key in ((t.raw_model, 'model'), (t.ema, 'ema'), (t.raw_disc, 'disc'),
-                        (t.lecam, 'lecam'), (t.opt_g, 'opt_g'), (t.opt_d, 'opt_d')):
+    utils.check_resume(ckpt, asdict(run.raw_model.config), vars(args), RESUME_MAY_CHANGE, ckpt_path)
+    for module, key in ((run.raw_model, 'model'), (run.ema, 'ema'), (run.raw_disc, 'disc'),
+                        (run.lecam, 'lecam'), (run.opt_g, 'opt_g'), (run.opt_d, 'opt_d')):
         module.load_state_dict(ckpt[key])
     utils.set_rng_state(ckpt['rng'])
     return ckpt['step'], ckpt['epoch'], ckpt['batch_in_epoch'], ckpt.get('elapsed_s', 0.0)
@@ -517,14 +518,14 @@ def main(argv=None):
         return metrics
     # before any work: a fresh run must not overwrite the one in --out
     ckpt_path = utils.prepare_run_folder(args.out, args.resume, args.overwrite, dist.is_main)
-    t = build(args, dist)
+    run = build(args, dist)
     if args.init_from and not args.resume:  # fine-tuning: weights only, step 0, fresh Adam
-        init_from(t, args.init_from)
+        init_from(run, args.init_from)
         utils.print0(f"initialised from the weights of {args.init_from}")
-    config = asdict(t.raw_model.config)
+    config = asdict(run.raw_model.config)
     step = epoch = batch_in_epoch = 0
     if args.resume:
-        step, epoch, batch_in_epoch, elapsed_s = resume(t, ckpt_path, args)
+        step, epoch, batch_in_epoch, elapsed_s = resume(run, ckpt_path, args)
         start_time -= elapsed_s  # a budget (--max-minutes) goes on where it stopped
         utils.print0(f"resumed from {ckpt_path} at step {step} (epoch {epoch}, "
                      f"batch {batch_in_epoch})")
@@ -546,14 +547,14 @@ def main(argv=None):
     # full global batches only (drop_last)
     steps_per_epoch = len(train_set) // args.batch_size
     max_steps = args.max_steps or args.epochs * steps_per_epoch
-    millions = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (t.raw_model, t.raw_disc)]
+    millions = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (run.raw_model, run.raw_disc)]
     utils.print0(f"tokenizer {args.model}: {millions[0]:.2f}M params, discriminator "
                  f"{millions[1]:.2f}M; {len(train_set)} training images at {args.image_size}px; "
                  f"global batch {args.batch_size} = "
                  f"{micro_batch} per process x {dist.world_size}; {steps_per_epoch} steps/epoch, "
                  f"{max_steps} steps")
 
-    num_bits = t.raw_model.config.num_bits
+    num_bits = run.raw_model.config.num_bits
     fields = ['step', 'epoch', 'minutes', 'lr',  # training rows: the means since the last one
               'recon', 'lpips', 'g_gan', 'per_sample_entropy', 'codebook_entropy', 'commit',
               'd_loss', 'd_hinge', 'd_lecam', 'logits_real', 'logits_fake',
@@ -570,16 +571,16 @@ def main(argv=None):
         if dist.is_main:
             utils.save_checkpoint(ckpt_path, {
                 'kind': 'tokenizer', 'config': config, 'train_args': vars(args),
-                'model': t.raw_model.state_dict(), 'ema': t.ema.state_dict(),
-                'disc': t.raw_disc.state_dict(), 'lecam': t.lecam.state_dict(),
-                'opt_g': t.opt_g.state_dict(), 'opt_d': t.opt_d.state_dict(),
+                'model': run.raw_model.state_dict(), 'ema': run.ema.state_dict(),
+                'disc': run.raw_disc.state_dict(), 'lecam': run.lecam.state_dict(),
+                'opt_g': run.opt_g.state_dict(), 'opt_d': run.opt_d.state_dict(),
                 'step': step, 'epoch': epoch, 'batch_in_epoch': batch_in_epoch,
                 'rng': utils.rng_state(), 'world_size': dist.world_size,
                 'elapsed_s': time.time() - start_time})  # the budget used so far
 
     eval_start = time.time()
     if step == 0:  # the "before" numbers
-        log_row({'step': 0, 'epoch': 0, **evaluate(t.ema, val_set, args, dist, 0)})
+        log_row({'step': 0, 'epoch': 0, **evaluate(run.ema, val_set, args, dist, 0)})
     eval_s = time.time() - eval_start if step == 0 else 30.0  # on resume: a guess
     # --max-minutes: the run ends when the budget, less a reserve for the last evaluation (every
     # held-out image) and checkpoint, is spent. Every rank must stop at the same step and use the
@@ -593,7 +594,7 @@ def main(argv=None):
         reserve_s = 1.5 * eval_s * len(val_set) / eval_images
         reserve_s += min(30.0, 0.05 * budget_s)
 
-    t.model.train()
+    run.model.train()
     pbar = tqdm(total=max_steps, initial=step, disable=not dist.is_main, dynamic_ncols=True)
     sums, num_summed, images_seen, num_bad, num_seen, t0 = {}, 0, 0, 0, 0, time.time()
     while step < planned_steps:
@@ -608,7 +609,7 @@ def main(argv=None):
             if args.cooldown:
                 # 1 until the last --cooldown fraction, then linearly to 0 at planned_steps
                 lr *= min(1.0, (1 - step / planned_steps) / args.cooldown)
-            set_lr(t, lr)
+            set_lr(run, lr)
             num_bad, num_seen = num_bad + dropped, num_seen + dropped + len(images)
             # a few unreadable files are skipped, many stop the run
             check_bad_fraction(num_bad, num_seen)
@@ -618,7 +619,7 @@ def main(argv=None):
             if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             try:
-                losses = train_step(x, t, args, step)
+                losses = train_step(x, run, args, step)
             except torch.OutOfMemoryError:
                 raise SystemExit(
                     f"out of {dist.device_type} memory at step {step} with {micro_batch} images "
@@ -654,7 +655,8 @@ def main(argv=None):
             last = step >= planned_steps
             t_pause = time.time()  # evaluation and checkpoints do not count in img/s
             if step % args.eval_every == 0 or last:  # the last evaluation uses every held-out image
-                metrics = evaluate(t.ema, val_set, args, dist, step, num_images=0 if last else None)
+                metrics = evaluate(run.ema, val_set, args, dist, step,
+                                   num_images=0 if last else None)
                 log_row({'step': step, 'epoch': epoch, **metrics})
             if step % args.ckpt_every == 0 or last:
                 save()
@@ -670,11 +672,11 @@ def main(argv=None):
     utils.print0(f"done: {step} steps in {(time.time() - start_time) / 60:.1f} minutes, "
                  f"checkpoint {ckpt_path}" + (memory if dist.device_type != 'cpu' else ''))
     # every rank prints its own: equal checksums show that DDP kept the generators bit-identical
-    print(f"rank {dist.rank}: generator weights sha256 {utils.weights_checksum(t.raw_model)}",
+    print(f"rank {dist.rank}: generator weights sha256 {utils.weights_checksum(run.raw_model)}",
           flush=True)
     utils.cleanup()
-    t.num_bad = num_bad
-    return t
+    run.num_bad = num_bad
+    return run
 
 
 if __name__ == '__main__':

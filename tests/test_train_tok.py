@@ -36,7 +36,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_tiny_learns_and_checkpoint_loads(tiny_run):
-    out, t = tiny_run
+    out, run = tiny_run
     rows = read_log(out)
     train_rows = [r for r in rows if r['recon']]
     eval_rows = [r for r in rows if r['psnr']]
@@ -52,12 +52,12 @@ def test_tiny_learns_and_checkpoint_loads(tiny_run):
     torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)  # tensors and plain types only
     assert ckpt['step'] == 20 and ckpt['epoch'] == 0 and ckpt['batch_in_epoch'] == 20
     loaded = Tokenizer.from_checkpoint(os.path.join(out, 'ckpt.pt'))
-    for a, b in zip(loaded.state_dict().values(), t.ema.state_dict().values()):
+    for a, b in zip(loaded.state_dict().values(), run.ema.state_dict().values()):
         assert torch.equal(a, b)
     # the EMA differs from the raw weights (it averages them) but has moved away from the
     # initialisation
     init = Tokenizer.from_preset('tiny')
-    w_ema, w_raw = t.ema.decoder.conv_out.weight, t.raw_model.decoder.conv_out.weight
+    w_ema, w_raw = run.ema.decoder.conv_out.weight, run.raw_model.decoder.conv_out.weight
     assert not torch.equal(w_ema, w_raw) and not torch.equal(w_ema, init.decoder.conv_out.weight)
 
 
@@ -139,12 +139,12 @@ def _ddp_worker(rank, world_size, port, out, lpips_flags):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    t = train_tok.main(FAST + ['--batch-size', '8', '--max-steps', '3', '--out', out]
+    run = train_tok.main(FAST + ['--batch-size', '8', '--max-steps', '3', '--out', out]
                        + lpips_flags)
     # noqa: E731
     flat = lambda module: torch.cat([p.detach().flatten() for p in module.parameters()])
-    torch.save({'model': flat(t.raw_model), 'ema': flat(t.ema), 'disc': flat(t.raw_disc),
-                'checksum': utils.weights_checksum(t.raw_model)},
+    torch.save({'model': flat(run.raw_model), 'ema': flat(run.ema), 'disc': flat(run.raw_disc),
+                'checksum': utils.weights_checksum(run.raw_model)},
                os.path.join(out, f'rank{rank}.pt'))
     # skip interpreter teardown: with torch 2.13 + gloo it sometimes aborts (SIGABRT) after the work
     os._exit(0)
@@ -179,10 +179,10 @@ def test_ddp_two_processes_keep_generator_identical(tmp_path):
     lpips_flags = write_random_lpips_weights(tmp_path)
     with pytest.raises(ValueError, match=r"another config:\n  batch_size: checkpoint 8 vs. now 4"):
         train_tok.main(FAST + ['--max-steps', '4', '--out', out, '--resume'] + lpips_flags)
-    t = train_tok.main(FAST + ['--batch-size', '8', '--max-steps', '4', '--out', out,
+    run = train_tok.main(FAST + ['--batch-size', '8', '--max-steps', '4', '--out', out,
                                '--resume'] + lpips_flags)
     assert utils.load_checkpoint(os.path.join(out, 'ckpt.pt'))['step'] == 4
-    assert not torch.equal(torch.cat([p.detach().flatten() for p in t.raw_model.parameters()]), rank0['model'])
+    assert not torch.equal(torch.cat([p.detach().flatten() for p in run.raw_model.parameters()]), rank0['model'])
 
 
 def test_corrupt_image_is_skipped_and_counted(tmp_path, capfd):
@@ -196,8 +196,8 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, capfd):
     (root / 'dog' / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n' + b'not really a png' * 10)
     out = str(tmp_path / 'run')
     # 16 files, batch 4, 4 steps: one epoch, so every file (the broken one too) is read exactly once
-    t = train_tok.main(FAST + ['--data', str(root), '--max-steps', '4', '--out', out])
-    assert t.num_bad == 1
+    run = train_tok.main(FAST + ['--data', str(root), '--max-steps', '4', '--out', out])
+    assert run.num_bad == 1
     # the last training row (the last row is the evaluation)
     assert read_log(out)[-2]['bad_images'] == '1'
     assert 'broken.png' in capfd.readouterr().err
@@ -256,14 +256,14 @@ def test_evaluate_matches_direct_computation(tmp_path, monkeypatch):
 
 
 def test_eval_only_accepts_ours_and_official_checkpoints(tiny_run, tmp_path):
-    out, t = tiny_run
+    out, run = tiny_run
     ours = train_tok.main(FAST + ['--eval-only', os.path.join(out, 'ckpt.pt'), '--out',
                                   str(tmp_path / 'a')])
     assert 0 < ours['psnr'] < 100 and 0 < ours['codebook_usage'] <= 1
     # the same EMA weights in the official Lightning layout (raw weights under their names, EMA as
     # LitEma keys) raw: deliberately wrong
-    state = {k: torch.zeros_like(v) for k, v in t.ema.state_dict().items()}
-    state.update({'model_ema.' + k.replace('.', ''): v for k, v in t.ema.state_dict().items()})
+    state = {k: torch.zeros_like(v) for k, v in run.ema.state_dict().items()}
+    state.update({'model_ema.' + k.replace('.', ''): v for k, v in run.ema.state_dict().items()})
     state.update({'model_ema.decay': torch.tensor(0.999),
                   'model_ema.num_updates': torch.tensor(20)})
     torch.save({'state_dict': state}, tmp_path / 'official.ckpt')
@@ -276,7 +276,7 @@ def test_eval_only_accepts_ours_and_official_checkpoints(tiny_run, tmp_path):
 def test_schedule_warmup_and_cooldown(tmp_path):
     """--warmup-steps and --cooldown shape the logged lr exactly; --gan-weight 0 never touches D."""
     out = str(tmp_path / 'run')
-    t = train_tok.main(FAST + ['--max-steps', '8', '--lr', '1e-3', '--warmup-steps', '4',
+    run = train_tok.main(FAST + ['--max-steps', '8', '--lr', '1e-3', '--warmup-steps', '4',
                                '--cooldown', '0.5',
                                '--gan-weight', '0', '--out', out])
     rows = [r for r in read_log(out) if r['recon']]
@@ -286,7 +286,7 @@ def test_schedule_warmup_and_cooldown(tmp_path):
     assert all(float(r['d_loss']) == 0 for r in rows)
     # build() seeds: same init
     init = train_tok.build(train_tok.get_args(FAST), utils.setup('cpu')).raw_disc
-    for a, b in zip(init.state_dict().values(), t.raw_disc.state_dict().values()):
+    for a, b in zip(init.state_dict().values(), run.raw_disc.state_dict().values()):
         assert torch.equal(a, b)  # no D step was taken
 
 
@@ -348,18 +348,18 @@ def test_init_from_copies_the_weights_with_fresh_optimizers(tiny_run, tmp_path, 
     ckpt = utils.load_checkpoint(os.path.join(out, 'ckpt.pt'), expect_kind='tokenizer')
     first_steps = []
 
-    def first_step(x, t, args, step):  # what step 0 starts from, then stop
-        first_steps.append((t, step))
+    def first_step(x, run, args, step):  # what step 0 starts from, then stop
+        first_steps.append((run, step))
         raise StopBeforeStep
 
     monkeypatch.setattr(train_tok, 'train_step', first_step)
     with pytest.raises(StopBeforeStep):
         train_tok.main(FAST + ['--init-from', os.path.join(out, 'ckpt.pt'),
                                '--out', str(tmp_path / 'a')])
-    t, step = first_steps.pop()
-    assert step == 0 and not t.opt_g.state and not t.opt_d.state  # fresh Adam states
-    for module, key in ((t.raw_model, 'model'), (t.ema, 'ema'), (t.raw_disc, 'disc'),
-                        (t.lecam, 'lecam')):
+    run, step = first_steps.pop()
+    assert step == 0 and not run.opt_g.state and not run.opt_d.state  # fresh Adam states
+    for module, key in ((run.raw_model, 'model'), (run.ema, 'ema'), (run.raw_disc, 'disc'),
+                        (run.lecam, 'lecam')):
         assert all(torch.equal(v, ckpt[key][k]) for k, v in module.state_dict().items()), key
     # a released file: raw weights to the generator, EMA weights to the EMA, a fresh discriminator
     state = {k: v + 1 for k, v in ckpt['model'].items()}
@@ -368,10 +368,10 @@ def test_init_from_copies_the_weights_with_fresh_optimizers(tiny_run, tmp_path, 
     with pytest.raises(StopBeforeStep):
         train_tok.main(FAST + ['--init-from', f"open-magvit2:{tmp_path / 'official.ckpt'}",
                                '--out', str(tmp_path / 'b')])
-    t, _ = first_steps.pop()
-    assert all(torch.equal(v, state[k]) for k, v in t.raw_model.state_dict().items())
-    assert all(torch.equal(v, ckpt['ema'][k]) for k, v in t.ema.state_dict().items())
-    assert not torch.equal(t.raw_disc.state_dict()['main.0.weight'], ckpt['disc']['main.0.weight'])
+    run, _ = first_steps.pop()
+    assert all(torch.equal(v, state[k]) for k, v in run.raw_model.state_dict().items())
+    assert all(torch.equal(v, ckpt['ema'][k]) for k, v in run.ema.state_dict().items())
+    assert not torch.equal(run.raw_disc.state_dict()['main.0.weight'], ckpt['disc']['main.0.weight'])
     # another architecture (16-bit codes for the 18-bit preset): refused, naming the field
     other = Tokenizer.from_preset('tiny', num_bits=16)
     utils.save_checkpoint(tmp_path / 'tok16.pt', {'kind': 'tokenizer', 'model': other.state_dict(),
@@ -400,14 +400,14 @@ def test_cuda_graph_update_equals_the_plain_one(tmp_path):
              '--vgg-weights', os.path.join(weights, 'vgg16.pth'),
              '--lpips-weights', os.path.join(weights, 'lin.pth')]
             + (['--cuda-graph'] if graph else []))
-        t = train_tok.build(args, utils.setup('cuda'))
+        run = train_tok.build(args, utils.setup('cuda'))
         g = torch.Generator(device='cuda').manual_seed(0)
         losses = []
         for step in range(8):  # steps 0-2 warm up, 3 records and replays, 6 is a short batch
-            train_tok.set_lr(t, 1e-3 * (0.9 ** step))  # a schedule the graph must follow
+            train_tok.set_lr(run, 1e-3 * (0.9 ** step))  # a schedule the graph must follow
             x = torch.rand(2 if step == 6 else 4, 3, 32, 32, device='cuda', generator=g) * 2 - 1
-            losses.append(train_tok.train_step(x, t, args, step))
-        runs.append((losses, t))
+            losses.append(train_tok.train_step(x, run, args, step))
+        runs.append((losses, run))
     (plain, t_plain), (graphed, t_graph) = runs
     assert t_graph.graphed.graph is not None
     for a, b in zip(plain, graphed):
