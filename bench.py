@@ -548,7 +548,7 @@ def main():
                                          cuda_graph=name.endswith('_graph'))
                 report(name, r.pop('img_per_s'), 'img/s', **r)
             except torch.cuda.OutOfMemoryError:
-                print(f"tok_step {preset} {size}px batch {batch}: out of memory")
+                print(f"{name}: out of memory")
             except RuntimeError as e:  # e.g. a capture that fails: the other rows still run
                 print(f"{name}: failed: {type(e).__name__}: {str(e)[:300]}")
             torch.cuda.empty_cache()

@@ -547,7 +547,8 @@ def main(argv=None):
     # full global batches only (drop_last)
     steps_per_epoch = len(train_set) // args.batch_size
     max_steps = args.max_steps or args.epochs * steps_per_epoch
-    millions = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (run.raw_model, run.raw_disc)]
+    millions = [sum(p.numel() for p in m.parameters()) / 1e6
+                for m in (run.raw_model, run.raw_disc)]
     utils.print0(f"tokenizer {args.model}: {millions[0]:.2f}M params, discriminator "
                  f"{millions[1]:.2f}M; {len(train_set)} training images at {args.image_size}px; "
                  f"global batch {args.batch_size} = "

@@ -140,7 +140,7 @@ def _ddp_worker(rank, world_size, port, out, lpips_flags):
                       MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     torch.set_num_threads(1)
     run = train_tok.main(FAST + ['--batch-size', '8', '--max-steps', '3', '--out', out]
-                       + lpips_flags)
+                         + lpips_flags)
     # noqa: E731
     flat = lambda module: torch.cat([p.detach().flatten() for p in module.parameters()])
     torch.save({'model': flat(run.raw_model), 'ema': flat(run.ema), 'disc': flat(run.raw_disc),
@@ -180,9 +180,10 @@ def test_ddp_two_processes_keep_generator_identical(tmp_path):
     with pytest.raises(ValueError, match=r"another config:\n  batch_size: checkpoint 8 vs. now 4"):
         train_tok.main(FAST + ['--max-steps', '4', '--out', out, '--resume'] + lpips_flags)
     run = train_tok.main(FAST + ['--batch-size', '8', '--max-steps', '4', '--out', out,
-                               '--resume'] + lpips_flags)
+                                 '--resume'] + lpips_flags)
     assert utils.load_checkpoint(os.path.join(out, 'ckpt.pt'))['step'] == 4
-    assert not torch.equal(torch.cat([p.detach().flatten() for p in run.raw_model.parameters()]), rank0['model'])
+    weights = torch.cat([p.detach().flatten() for p in run.raw_model.parameters()])
+    assert not torch.equal(weights, rank0['model'])
 
 
 def test_corrupt_image_is_skipped_and_counted(tmp_path, capfd):
@@ -277,8 +278,7 @@ def test_schedule_warmup_and_cooldown(tmp_path):
     """--warmup-steps and --cooldown shape the logged lr exactly; --gan-weight 0 never touches D."""
     out = str(tmp_path / 'run')
     run = train_tok.main(FAST + ['--max-steps', '8', '--lr', '1e-3', '--warmup-steps', '4',
-                               '--cooldown', '0.5',
-                               '--gan-weight', '0', '--out', out])
+                                 '--cooldown', '0.5', '--gan-weight', '0', '--out', out])
     rows = [r for r in read_log(out) if r['recon']]
     # the row of step s + 1 logs the lr used for step s
     expected = [1e-3 * min(1, (s + 1) / 4) * min(1, (1 - s / 8) / 0.5) for s in range(8)]
@@ -371,7 +371,8 @@ def test_init_from_copies_the_weights_with_fresh_optimizers(tiny_run, tmp_path, 
     run, _ = first_steps.pop()
     assert all(torch.equal(v, state[k]) for k, v in run.raw_model.state_dict().items())
     assert all(torch.equal(v, ckpt['ema'][k]) for k, v in run.ema.state_dict().items())
-    assert not torch.equal(run.raw_disc.state_dict()['main.0.weight'], ckpt['disc']['main.0.weight'])
+    assert not torch.equal(run.raw_disc.state_dict()['main.0.weight'],
+                           ckpt['disc']['main.0.weight'])
     # another architecture (16-bit codes for the 18-bit preset): refused, naming the field
     other = Tokenizer.from_preset('tiny', num_bits=16)
     utils.save_checkpoint(tmp_path / 'tok16.pt', {'kind': 'tokenizer', 'model': other.state_dict(),
