@@ -60,7 +60,7 @@ def profile(fn, name):
     from torch.profiler import ProfilerActivity
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
-                                record_shapes=True) as prof:
+                                record_shapes=True, with_stack=True) as prof:
         fn()
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by='self_device_time_total', row_limit=15,
@@ -78,17 +78,22 @@ def profile(fn, name):
 def copy_callers(prof, depth=3, rows=12):
     """Where a profile's aten::copy_ calls come from: each call's chain of parent ops (e.g.
     'aten::clone <- aten::contiguous <- aten::convolution_backward', a layout conversion inside a
-    conv's backward), with the number of calls and their GPU time, most first. An activation-sized
+    conv's backward) and, in a profile taken with_stack, the innermost Python frame (e.g. a compiled
+    graph's wrapper), with the number of calls and their GPU time, most first. An activation-sized
     copy is memory traffic that no fused kernel absorbs; its callers say which layer to change."""
     totals = {}  # chain -> [calls, GPU microseconds]
     for event in prof.events():
         if event.name != 'aten::copy_':
             continue
-        chain, parent = [], event.cpu_parent
-        while parent is not None and len(chain) < depth:
-            chain.append(parent.name)
+        chain, frame, parent = [], None, event.cpu_parent
+        while parent is not None and (len(chain) < depth or frame is None):
+            if '.py(' in parent.name:  # with_stack: Python frames are parents too
+                frame = frame or parent.name
+            elif parent.name.startswith(('aten::', 'autograd::')) and len(chain) < depth:
+                chain.append(parent.name)
             parent = parent.cpu_parent
-        entry = totals.setdefault(' <- '.join(chain) or '(called directly)', [0, 0.0])
+        key = (' <- '.join(chain) or '(called directly)') + (f"  @ {frame}" if frame else '')
+        entry = totals.setdefault(key, [0, 0.0])
         entry[0] += 1
         entry[1] += event.self_device_time_total
     lines = [f"{us / 1e3:9.3f} ms {calls:5d} calls  {chain}"
@@ -257,10 +262,11 @@ def bench_encode(batch, compile_model):
     copies, which torch.compile fuses around the convolutions."""
     model = tokenizer_module.Tokenizer.from_preset('imagenet256').cuda().eval().to(memory_format=torch.channels_last)
     if compile_model:
-        # dynamic: one compiled graph for every batch size (64 here, 24 on the fly, 50 and 64 when
-        # decoding)
-        model.encode = torch.compile(model.encode, dynamic=True)
-        model.decode = torch.compile(model.decode, dynamic=True)
+        # Dynamo's default, as train_gpt.py: fixed sizes for the first batch (64 here), and for a
+        # later batch size (24 on the fly, 50 and 64 when decoding) one recompile with the batch
+        # alone symbolic. Symbolic image sizes would slow the GroupNorm reductions
+        model.encode = torch.compile(model.encode)
+        model.decode = torch.compile(model.decode)
     x = (torch.rand(batch, 3, 256, 256,
                     device='cuda') * 2 - 1).contiguous(memory_format=torch.channels_last)
 

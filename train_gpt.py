@@ -139,10 +139,12 @@ def load_tokenizer(path, ema, image_size, device, compile=False):
         raise ValueError(f"--image-size {image_size} is not a multiple of the tokenizer's "
                          f"downsampling factor {tokenizer.downsample}")
     # the encoder (on the fly, extract_codes.py) with GroupNorm + swish fused and channels_last, as
-    # bench.py's encode row (python bench.py --rows encode --compile); dynamic: any batch size
+    # bench.py's encode row (python bench.py --rows encode --compile). Dynamo's default sizes: fixed
+    # for the first batch; a batch of another size (the last, the held-out set) recompiles once with
+    # the batch alone symbolic (the image size does not change, so its reductions stay fixed-size)
     if compile:
         tokenizer = tokenizer.to(memory_format=torch.channels_last)
-        tokenizer.encode = torch.compile(tokenizer.encode, dynamic=True)
+        tokenizer.encode = torch.compile(tokenizer.encode)
     return tokenizer
 
 

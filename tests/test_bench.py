@@ -17,6 +17,12 @@ def test_copy_callers_names_each_copy_by_its_parent_ops():
                and ' 1 calls' in line for line in lines)
     assert any(line.split('calls')[1].strip() == 'aten::_to_copy <- aten::to'
                and ' 2 calls' in line for line in lines)
+    # with_stack: the Python frame that made the copy, here this test
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+        x.contiguous()
+    (line,) = bench.copy_callers(prof).splitlines()
+    assert line.split('calls')[1].split('@')[0].strip() == 'aten::clone <- aten::contiguous'
+    assert 'test_bench.py' in line.split('@')[1]
     with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
         x.sum()
     assert 'no aten::copy_' in bench.copy_callers(prof)

@@ -337,6 +337,12 @@ def test_compile_blocks_same_function(channels_last):
         (ref, ref_indices, _), (out, indices, _) = eager(x), compiled(x)
         assert torch.equal(indices, ref_indices) and torch.allclose(out, ref, **tol)
     assert counters['stats']['unique_graphs'] == graphs[1] > graphs[0]
+    # the heads (norm -> swish -> conv) are compiled too, and a copy of the model runs its own
+    assert compiled.decoder.head is not tokenizer.norm_swish_conv
+    twin = copy.deepcopy(compiled)
+    with torch.no_grad():
+        twin.decoder.conv_out.bias.add_(1.0)
+        assert torch.allclose(twin(x)[0], compiled(x)[0] + 1.0, **tol)
 
 
 class StopBeforeStep(Exception):
