@@ -18,6 +18,7 @@ only). Training is in train_tok.py.
 """
 
 import argparse
+import types
 from dataclasses import asdict, dataclass
 
 import torch
@@ -45,19 +46,30 @@ class GroupNorm(nn.GroupNorm):
     backward. In a channels_last network each convolution next to a norm, and each convolution's
     backward, then converts its input to NHWC first: an activation-sized copy per conv and step
     that no compiled kernel absorbs (the aten::copy_ rows of bench.py --profile). Under
-    torch.compile the norm is therefore written out for NHWC input: splitting the channel dimension
-    into groups is a view in either layout, element-wise ops keep it, and Inductor fuses the whole
-    norm as it fuses F.group_norm. Eager, F.group_norm's own fused kernel runs (the written-out
-    form would launch and keep more). Statistics in at least fp32, as F.group_norm; the result in
-    fp32 under autocast (as F.group_norm's on CUDA, on autocast's fp32 list), else in x's dtype."""
+    torch.compile the norm is therefore written out for NHWC input, and Inductor fuses it as it
+    fuses F.group_norm. Eager, F.group_norm's own fused kernel runs (the written-out form would
+    launch and keep more). Statistics in at least fp32, as F.group_norm; the result in fp32 under
+    autocast (as F.group_norm's on CUDA, on autocast's fp32 list), else in x's dtype."""
 
     def forward(self, x):  # (B, C, H, W)
         if not (torch.compiler.is_compiling() and is_channels_last(x)):
             return super().forward(x)
+        B, C, G = x.shape[0], x.shape[1], self.num_groups
         dtype = torch.promote_types(x.dtype, torch.float32)  # bf16 -> fp32; fp64 stays
-        g = x.to(dtype).unflatten(1, (self.num_groups, -1))  # (B, G, C/G, H, W), a view
-        var, mean = torch.var_mean(g, dim=(2, 3, 4), unbiased=False, keepdim=True)  # biased
-        y = ((g - mean) * torch.rsqrt(var + self.eps)).flatten(1, 2)  # (B, C, H, W), NHWC
+        xf = x.to(dtype)
+        # statistics per channel first, over (H, W), then per group: in NHWC a group's values are
+        # runs of C/G channels a whole pixel apart, and one reduction over (C/G, H, W) ran ~10x
+        # slower than the per-channel one, whose neighbouring channels are neighbours in memory
+        # (python bench.py --rows encode --compile --profile encode). The group's variance is the
+        # mean of its channels' variances plus the variance of their means (equal counts): exact
+        var_c, mean_c = torch.var_mean(xf, dim=(2, 3), unbiased=False, keepdim=True)  # (B, C, 1, 1)
+        var_c, mean_c = var_c.view(B, G, C // G), mean_c.view(B, G, C // G)
+        mean = mean_c.mean(dim=2, keepdim=True)  # (B, G, 1)
+        var = (var_c + (mean_c - mean).square()).mean(dim=2, keepdim=True)  # (B, G, 1), biased
+        rstd = torch.rsqrt(var + self.eps)
+        # per channel again, (B, C, 1, 1): the normalisation and its backward stay per channel
+        mean, rstd = (t.expand(B, G, C // G).reshape(B, C, 1, 1) for t in (mean, rstd))
+        y = (xf - mean) * rstd  # (B, C, H, W), NHWC
         if self.affine:
             y = y * self.weight.to(dtype)[:, None, None] + self.bias.to(dtype)[:, None, None]
         return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
@@ -136,13 +148,6 @@ class Upsampler(nn.Module):
         return depth_to_space(self.conv1(x))
 
 
-def norm_swish_conv(norm, conv, x):
-    """GroupNorm -> swish -> conv: the encoder's and decoder's last layers. A function of the two
-    modules, so that compile_blocks can fuse the three (eager, the swish and the bf16 cast for the
-    conv each make an fp32 pass over the activation) and a copied model still calls its own."""
-    return conv(F.silu(norm(x)))
-
-
 class Encoder(nn.Module):
     """image (B, 3, H, W) -> latent z (B, K, H/f, W/f), f = 2^(len(ch_mult) - 1).
     Levels of num_res_blocks ResBlocks at ch*ch_mult[i] channels, a strided 3x3 conv between levels,
@@ -166,7 +171,6 @@ class Encoder(nn.Module):
         self.mid_block = nn.ModuleList([ResBlock(in_ch, in_ch) for _ in range(num_res_blocks)])
         self.norm_out = GroupNorm(32, in_ch, eps=1e-6)
         self.conv_out = nn.Conv2d(in_ch, z_channels, 1)
-        self.head = norm_swish_conv  # compile_blocks swaps in a compiled one
 
     def forward(self, x):
         x = self.conv_in(x)  # (B, ch, H, W)
@@ -177,7 +181,12 @@ class Encoder(nn.Module):
                 x = level['downsample'](x)  # (B, C, H/2, W/2)
         for block in self.mid_block:
             x = block(x)
-        return self.head(self.norm_out, self.conv_out, x)  # (B, K, H/f, W/f)
+        return self.head(x)  # (B, K, H/f, W/f)
+
+    def head(self, x):
+        # GroupNorm -> swish -> 1x1 conv: a method of its own, so that compile_blocks can fuse the
+        # three (eager, the swish and the bf16 cast for the conv each make an fp32 pass)
+        return self.conv_out(F.silu(self.norm_out(x)))
 
 
 class Decoder(nn.Module):
@@ -205,7 +214,6 @@ class Decoder(nn.Module):
         self.up, self.adaptive = nn.ModuleList(up), nn.ModuleList(adaptive)
         self.norm_out = GroupNorm(32, in_ch, eps=1e-6)
         self.conv_out = nn.Conv2d(in_ch, 3, 3, padding=1)
-        self.head = norm_swish_conv
 
     def forward(self, z_q):
         x = self.conv_in(z_q)  # (B, C, h, w)
@@ -217,7 +225,10 @@ class Decoder(nn.Module):
                 x = block(x)
             if 'upsample' in self.up[i]:
                 x = self.up[i]['upsample'](x)  # (B, C, 2h, 2w)
-        return self.head(self.norm_out, self.conv_out, x)  # (B, 3, H, W)
+        return self.head(x)  # (B, 3, H, W)
+
+    def head(self, x):  # GroupNorm -> swish -> conv3x3, compiled by compile_blocks as the encoder's
+        return self.conv_out(F.silu(self.norm_out(x)))
 
 
 # -----------------------------------------------------------------------------
@@ -374,18 +385,17 @@ def convert_official_tokenizer(state_dict, ema=True):
 def compile_blocks(model, **compile_options):
     """torch.compile each repeated block of a Tokenizer in place (ResBlock, AdaptiveGroupNorm,
     Upsampler, the LFQ loss), and the encoder's and decoder's heads (GroupNorm -> swish -> conv, so
-    that their norm, too, runs GroupNorm's channels_last form, fused with the swish). Blocks of one structure share one compiled graph, so a
-    preset compiles in a handful of graphs instead of one graph of the whole network (minutes).
+    that their norm, too, runs GroupNorm's channels_last form, fused with the swish). Blocks of one
+    structure share one compiled graph, so a preset compiles in a handful of graphs instead of one
+    graph of the whole network (minutes).
     Within a block, Inductor fuses GroupNorm, swish and the casts around the cuDNN convolutions.
     compile_options go to torch.compile (the tests capture the same graphs with backend='aot_eager';
     bench.py compares the compiled step's losses with the eager ones)."""
-    # Dynamo's default: each block compiles for its first shape with fixed sizes, and a new batch
-    # or image size recompiles it once with the sizes that changed as symbols, which then serve
-    # every later size. Fixed sizes let Inductor pick its GroupNorm reductions for the exact
-    # H x W x C/32 they reduce over; a training run sees one size, so it gets those kernels.
-    # No duck sizing: by default sizes of equal value share one symbol, so a 128-wide block at
-    # 128px ties its height to its width in channels, which the weights fix, and its recompile
-    # with symbols stays for 128px only
+    # Dynamo's default sizes. All ResBlocks share one function (ResBlock.forward), so only the first
+    # block shape compiles with fixed sizes; the next shape (another level's channels or resolution)
+    # recompiles it with the sizes that changed as symbols, and that graph then serves the later
+    # shapes. No duck sizing: by default sizes of equal value share one symbol, so a 128-wide block
+    # at 128px would tie its height to its width in channels, which the weights fix
     fx_config.use_duck_shape = False
     # one ResBlock.forward serves every block; each variant it needs (with or without the 1x1
     # shortcut, fp32 or bf16 input) counts towards Dynamo's limit of 8 per function, past which it
@@ -394,7 +404,10 @@ def compile_blocks(model, **compile_options):
     for module in model.modules():
         if isinstance(module, (ResBlock, AdaptiveGroupNorm, Upsampler, LFQ)):
             module.compile(**compile_options)
-    model.encoder.head = model.decoder.head = torch.compile(norm_swish_conv, **compile_options)
+    # the heads: Encoder.head and Decoder.head are two functions, so each compiles for its own
+    # fixed sizes. Bound to the instance as a method, so that a deepcopy of the model binds its copy
+    for part in (model.encoder, model.decoder):
+        part.head = types.MethodType(torch.compile(type(part).head, **compile_options), part)
     return model
 
 

@@ -4,6 +4,7 @@ what 1 rank gives, clear errors for a missing checkpoint and a tokenizer / GPT m
 class-consistency score; the tokenizer weights the generator was trained on (recorded fingerprint
 and EMA choice; raw for released files), arguments checked before any work, an existing .npz made
 with other settings refused."""
+import functools
 import os
 import re
 from dataclasses import asdict
@@ -221,3 +222,18 @@ def test_an_existing_npz_is_never_silently_stale(files, tmp_path, capsys):
     os.remove(str(out) + '.settings.json')  # a file without its settings is not trusted either
     with pytest.raises(FileExistsError, match='none recorded'):
         sample.main(argv(files, out, '--num-per-class', '1', '--seed', '3'))
+
+
+def test_compile_flag_samples_the_same_images(files, tmp_path, monkeypatch):
+    """--compile runs generate_fast(compile=True): traced by the aot_eager backend (the same ops,
+    no fusion) it gives the plain command's images; Inductor's fused kernels may round otherwise."""
+    monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile, backend='aot_eager'))
+    calls = []
+    fast = GPT.generate_fast
+    monkeypatch.setattr(GPT, 'generate_fast',
+                        lambda self, *a, **k: calls.append(k['compile']) or fast(self, *a, **k))
+    plain, _ = sample.main(argv(files, tmp_path / 'a.png', '--seed', '3'))
+    compiled, _ = sample.main(argv(files, tmp_path / 'b.png', '--seed', '3', '--compile'))
+    torch._dynamo.reset()
+    assert calls == [False] * 3 + [True] * 3  # 9 images in shards of 4
+    assert np.array_equal(plain, compiled)

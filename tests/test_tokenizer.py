@@ -150,7 +150,9 @@ def test_group_norm_keeps_channels_last(affine):
     if affine:  # not the 1 / 0 of a fresh norm, so that a swapped weight and bias would show
         torch.nn.init.normal_(gn.weight)
         torch.nn.init.normal_(gn.bias)
-    x = (torch.randn(2, 32, 6, 5) * 3 + 1).contiguous(memory_format=torch.channels_last)
+    # channels of one group with different means: the group's variance includes their spread
+    x = torch.randn(2, 32, 6, 5) * 3 + 1 + torch.randn(1, 32, 1, 1) * 2
+    x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
     x_ref = x.detach().contiguous().requires_grad_(True)  # NCHW
     graphs = []
