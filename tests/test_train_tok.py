@@ -307,6 +307,29 @@ def test_max_minutes_stops_in_time_with_checkpoint(tmp_path):
     assert lrs[-1] < 0.5 * lrs[0]  # the cooldown ran, planned from the measured step rate
 
 
+def test_max_minutes_reserve_follows_a_warm_evaluation(tmp_path, monkeypatch):
+    """The reserve for the last evaluation comes from the latest evaluation's time, not only from
+    the first one, which also pays for one-off warm-ups: a slow first evaluation must not leave
+    most of the budget unused."""
+    evaluate, calls = train_tok.evaluate, []
+
+    def slow_first(*args, **kwargs):  # 0.4 s more on the first call: a reserve of ~15 s from it
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(0.4)
+        return evaluate(*args, **kwargs)
+    monkeypatch.setattr(train_tok, 'evaluate', slow_first)
+    out = str(tmp_path / 'run')
+    t0 = time.time()
+    train_tok.main(FAST + ['--max-steps', '100000', '--max-minutes', '0.35', '--eval-every', '5',
+                           '--out', out])
+    assert time.time() - t0 < 0.35 * 60 + 5
+    rows = read_log(out)
+    # with the first evaluation's reserve the run would stop after about 5 of its 21 s
+    assert 0.6 * 0.35 < float(rows[-1]['minutes']) < 0.35
+    assert rows[-1]['psnr'] and len(calls) > 3
+
+
 @pytest.mark.parametrize('channels_last', [False, True])
 def test_compile_blocks_same_function(channels_last):
     """compile_blocks captures the same forward and backward (graph capture with the aot_eager
