@@ -79,7 +79,8 @@ def copy_callers(prof, depth=3, rows=12):
     """Where a profile's aten::copy_ calls come from: each call's chain of parent ops (e.g.
     'aten::clone <- aten::contiguous <- aten::convolution_backward', a layout conversion inside a
     conv's backward) and, in a profile taken with_stack, the innermost Python frame (e.g. a compiled
-    graph's wrapper), with the number of calls and their GPU time, most first. An activation-sized
+    graph's wrapper; none for a backward op on CUDA, which runs on autograd's device thread), with
+    the number of calls and their GPU time, most first. An activation-sized
     copy is memory traffic that no fused kernel absorbs; its callers say which layer to change."""
     totals = {}  # chain -> [calls, GPU microseconds]
     for event in prof.events():

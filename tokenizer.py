@@ -56,14 +56,14 @@ class GroupNorm(nn.GroupNorm):
             return super().forward(x)
         B, C, G = x.shape[0], x.shape[1], self.num_groups
         dtype = torch.promote_types(x.dtype, torch.float32)  # bf16 -> fp32; fp64 stays
-        xf = x.to(dtype)
+        xf = x.to(dtype)  # (B, C, H, W), NHWC
         # statistics per channel first, over (H, W), then per group: in NHWC a group's values are
         # runs of C/G channels a whole pixel apart, and one reduction over (C/G, H, W) ran ~10x
         # slower than the per-channel one, whose neighbouring channels are neighbours in memory
         # (python bench.py --rows encode --compile --profile encode). The group's variance is the
         # mean of its channels' variances plus the variance of their means (equal counts): exact
         var_c, mean_c = torch.var_mean(xf, dim=(2, 3), unbiased=False, keepdim=True)  # (B, C, 1, 1)
-        var_c, mean_c = var_c.view(B, G, C // G), mean_c.view(B, G, C // G)
+        var_c, mean_c = var_c.view(B, G, C // G), mean_c.view(B, G, C // G)  # (B, G, C/G)
         mean = mean_c.mean(dim=2, keepdim=True)  # (B, G, 1)
         var = (var_c + (mean_c - mean).square()).mean(dim=2, keepdim=True)  # (B, G, 1), biased
         rstd = torch.rsqrt(var + self.eps)

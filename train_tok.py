@@ -589,11 +589,11 @@ def main(argv=None):
     # measured step rate into planned_steps
     budget_s, planned_steps = args.max_minutes * 60, max_steps
 
-    def reserve(eval_s):
+    def reserve(seconds):  # seconds: an evaluation of eval_images held-out images
         # the last evaluation sees every held-out image; the margin covers the checkpoint and a log
         # interval
         eval_images = min(args.eval_images or len(val_set), len(val_set))
-        return 1.5 * eval_s * len(val_set) / eval_images + min(30.0, 0.05 * budget_s)
+        return 1.5 * seconds * len(val_set) / eval_images + min(30.0, 0.05 * budget_s)
     reserve_s = reserve(eval_s)
 
     run.model.train()
@@ -661,7 +661,8 @@ def main(argv=None):
                                    num_images=0 if last else None)
                 log_row({'step': step, 'epoch': epoch, **metrics})
                 # the reserve from this evaluation's time: the one at step 0 also paid for one-off
-                # warm-ups (the first batches, kernel selection), and kept ~1 of 7 minutes unused
+                # warm-ups (the first batches, kernel selection), so a reserve from it alone is
+                # too large and leaves part of the budget unused
                 reserve_s = reserve(time.time() - t_pause)
             if step % args.ckpt_every == 0 or last:
                 save()
