@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.fx.experimental import _config as fx_config
 
 from data import crop_image, open_image
 from quantizer import LFQ, indices_to_codes
@@ -386,20 +385,26 @@ def compile_blocks(model, **compile_options):
     """torch.compile each repeated block of a Tokenizer in place (ResBlock, AdaptiveGroupNorm,
     Upsampler, the LFQ loss), and the encoder's and decoder's heads (GroupNorm -> swish -> conv, so
     that their norm, too, runs GroupNorm's channels_last form, fused with the swish). Blocks of one
-    structure share one compiled graph, so a preset compiles in a handful of graphs instead of one
-    graph of the whole network (minutes).
+    structure and size share one compiled graph, so a preset compiles in a dozen small graphs instead
+    of one graph of the whole network (minutes).
     Within a block, Inductor fuses GroupNorm, swish and the casts around the cuDNN convolutions.
     compile_options go to torch.compile (the tests capture the same graphs with backend='aot_eager';
     bench.py compares the compiled step's losses with the eager ones)."""
-    # Dynamo's default sizes. All ResBlocks share one function (ResBlock.forward), so only the first
-    # block shape compiles with fixed sizes; the next shape (another level's channels or resolution)
-    # recompiles it with the sizes that changed as symbols, and that graph then serves the later
-    # shapes. No duck sizing: by default sizes of equal value share one symbol, so a 128-wide block
-    # at 128px would tie its height to its width in channels, which the weights fix
-    fx_config.use_duck_shape = False
-    # one ResBlock.forward serves every block; each variant it needs (with or without the 1x1
-    # shortcut, fp32 or bf16 input) counts towards Dynamo's limit of 8 per function, past which it
-    # falls back to eager
+    # Fixed sizes: each block shape (a level's channels and resolution) gets its own graph, and
+    # its kernels are specialised for those sizes. A training run sees each shape at one size, so
+    # fixed sizes cost no recompiles while training (tin64: 13 graphs)
+    compile_options.setdefault('dynamic', False)
+    if compile_options.get('backend', 'inductor') == 'inductor':
+        # channels_last inside the graphs, forward and backward. Inductor decides this per graph,
+        # and its heuristic keeps NCHW for graphs without a forward convolution (every backward
+        # graph: the backward has convolution_backward nodes instead) and for some channel
+        # counts, so each conv backward converted its NHWC operands to NCHW and back, one copy
+        # per operand. Forcing it removes those copies. It needs fixed sizes: with symbolic
+        # sizes, Inductor's forced layout fails its own stride checks (torch 2.11)
+        compile_options.setdefault('options', {'force_layout_optimization': True})
+    # one ResBlock.forward serves every block; each shape and variant it needs (with or without
+    # the 1x1 shortcut, fp32 or bf16 input) counts towards Dynamo's limit of 8 compilations per
+    # function, past which it falls back to eager
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for module in model.modules():
         if isinstance(module, (ResBlock, AdaptiveGroupNorm, Upsampler, LFQ)):
