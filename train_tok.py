@@ -358,8 +358,14 @@ class GraphedUpdate:
             self.run.opt_g.zero_grad(set_to_none=True)  # the gradients get the graph's memory
             self.run.opt_d.zero_grad(set_to_none=True)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.losses = update_g_and_d(self.x, self.run, self.args)
+            try:
+                with torch.cuda.graph(self.graph):
+                    self.losses = update_g_and_d(self.x, self.run, self.args)
+            except RuntimeError as e:  # (torch.AcceleratorError is one): a kernel refused capture
+                first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise SystemExit(f"--cuda-graph: recording the training step as a CUDA graph failed "
+                                 f"({first_line}); rerun without --cuda-graph (add --resume if "
+                                 f"a checkpoint was written)") from e
             # the warm-ups' freed activations stay cached for the side stream only: release them
             torch.cuda.empty_cache()
         if x.shape != self.x.shape or x.stride() != self.x.stride():
