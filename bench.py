@@ -544,9 +544,10 @@ def main():
             if not any(name.startswith(r) for r in rows):
                 continue
             if (preset, size, batch) != shape:
-                # each row compiles for its own sizes, as a training run does: a graph that has
-                # seen another size would recompile with symbolic sizes, and those kernels are
-                # slower (tokenizer.compile_blocks). The '_graph' rows reuse their plain row's
+                # each row compiles for its own sizes, as a training run does, and its compile
+                # time counts only its own graphs (D and LPIPS, compiled with Dynamo's default,
+                # would recompile with symbolic sizes after a change). The '_graph' rows reuse
+                # their plain row's compiled graphs
                 shape = (preset, size, batch)
                 torch._dynamo.reset()
             try:

@@ -264,7 +264,7 @@ def compile_step_modules(model, disc, lpips=None):
     structures, and blocks of one structure share one compiled graph. Inside each graph Inductor
     fuses GroupNorm + swish + the bf16 casts around the convolutions."""
     tokenizer.compile_blocks(model)
-    disc.compile()  # as the blocks: fixed sizes first, symbols after a change
+    disc.compile()  # Dynamo's default: fixed sizes first (D sees one batch shape in training)
     if lpips is not None:
         lpips.compile()
 
