@@ -14,7 +14,7 @@ One GPU:
     python train_tok.py --preset imagenet128 --data /data/imagenet/train \
         --val-data /data/imagenet/val --out runs/tok128
     (with a small batch, e.g. --batch-size 8, the paper's per-GPU batch, add --compile
-    --channels-last --cuda-graph: the step replays as a CUDA graph, 1.4-1.7x faster at 256px and
+    --channels-last --cuda-graph: the step replays as a CUDA graph, about 2x faster at 256px and
     3.5x at 128px; bench.py --rows tok --compile)
 Tiny-ImageNet at 64px in 7 minutes on one GPU, compile included (README, "Results"):
     python train_tok.py --preset tin64 --data train_part0.npz,train_part1.npz,train_part2.npz \
@@ -261,8 +261,8 @@ def compile_step_modules(model, disc, lpips=None):
     """torch.compile, in place, what one iteration runs: the tokenizer's repeated blocks
     (tokenizer.compile_blocks), the discriminator and LPIPS. Compiling the blocks rather than the
     whole tokenizer is what keeps compile time short: the 40-odd ResBlocks come in a handful of
-    structures, and blocks of one structure share one compiled graph. Inside each graph Inductor
-    fuses GroupNorm + swish + the bf16 casts around the convolutions."""
+    structures, and blocks of one structure and size share one compiled graph. Inside each graph
+    Inductor fuses GroupNorm + swish + the bf16 casts around the convolutions."""
     tokenizer.compile_blocks(model)
     disc.compile()  # Dynamo's default: fixed sizes first (D sees one batch shape in training)
     if lpips is not None:
@@ -362,7 +362,7 @@ class GraphedUpdate:
                 with torch.cuda.graph(self.graph):
                     self.losses = update_g_and_d(self.x, self.run, self.args)
             except RuntimeError as e:  # (torch.AcceleratorError is one): a kernel refused capture
-                first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                first_line = str(e).strip().split('\n')[0] or type(e).__name__
                 raise SystemExit(f"--cuda-graph: recording the training step as a CUDA graph failed "
                                  f"({first_line}); rerun without --cuda-graph (add --resume if "
                                  f"a checkpoint was written)") from e
