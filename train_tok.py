@@ -359,7 +359,11 @@ class GraphedUpdate:
             self.run.opt_d.zero_grad(set_to_none=True)
             self.graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(self.graph):
+                # thread_local: the data loader's pin-memory thread keeps calling CUDA (pinned
+                # buffers, event queries) while this thread records; in the default 'global' mode
+                # such a call from any thread invalidates the recording, and the kernel being
+                # recorded then fails (cuDNN: CUDNN_STATUS_INTERNAL_ERROR)
+                with torch.cuda.graph(self.graph, capture_error_mode='thread_local'):
                     self.losses = update_g_and_d(self.x, self.run, self.args)
             except RuntimeError as e:  # (torch.AcceleratorError is one): a kernel refused capture
                 first_line = str(e).strip().split('\n')[0] or type(e).__name__

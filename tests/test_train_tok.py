@@ -440,7 +440,8 @@ def test_cuda_graph_capture_failure_names_the_flag(monkeypatch):
     from types import SimpleNamespace
 
     @contextlib.contextmanager
-    def failing_capture(graph):
+    def failing_capture(graph, capture_error_mode):
+        assert capture_error_mode == 'thread_local'  # the loader's thread may call CUDA meanwhile
         yield
         raise RuntimeError("CUDA error: operation failed due to a previous error during capture\nmore")
     monkeypatch.setattr(torch.cuda, 'CUDAGraph', lambda: None)
