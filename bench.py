@@ -176,6 +176,21 @@ def count_flops(fn):
     return counter.get_total_flops()
 
 
+def compile_phases():
+    """Seconds spent so far in phases of torch.compile, from Dynamo's own timers: Dynamo's
+    compilations with their forward graphs (forward, and graphs: how many), the backward graphs,
+    compiled at the first backward (backward), and inside both Inductor's code generation
+    (codegen), the wait for the parallel Triton builds (kernel_wait) and loading compiled modules
+    (load)."""
+    from torch._dynamo.utils import compilation_time_metrics as metrics
+    phases = {'forward': '_compile.compile_inner', 'backward': 'compile_fx.<locals>.bw_compiler',
+              'codegen': 'GraphLowering.codegen', 'kernel_wait': 'async_compile.wait',
+              'load': 'PyCodeCache.load_by_key_path'}
+    times = {name: sum(metrics.get(key, [])) for name, key in phases.items()}
+    times['graphs'] = len(metrics.get('_compile.compile_inner', []))
+    return times
+
+
 def bench_tokenizer_step(name, preset, image_size, batch, dist, weights_dir, compile_model, peak,
                          perceptual=True, cuda_graph=False):
     """One train_tok.train_step (G + D + LPIPS, Adam steps, EMA) on random images. Returns a dict:
@@ -206,10 +221,15 @@ def bench_tokenizer_step(name, preset, image_size, batch, dist, weights_dir, com
         torch.cuda.empty_cache()
         run = train_tok.build(args, dist)
         train_tok.compile_step_modules(run.raw_model, run.raw_disc, run.lpips)
+        before = compile_phases()
         start = time.perf_counter()
         losses = train_tok.train_step(x, run, args, 0)
         torch.cuda.synchronize()
         result['compile_s'] = time.perf_counter() - start - eager_s
+        # where the compile time goes: seconds per phase of this row's compilation
+        after = compile_phases()
+        result['compile_phases'] = ' '.join(f"{k}={after[k] - before[k]:.0f}{'' if k == 'graphs' else 's'}"
+                                            for k in after)
         # the same function: first-step losses (before any update) of the compiled and the eager
         # step, in bf16
         for k in ('recon', 'lpips', 'per_sample_entropy', 'codebook_entropy'):
