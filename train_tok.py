@@ -360,9 +360,9 @@ class GraphedUpdate:
             self.graph = torch.cuda.CUDAGraph()
             try:
                 # thread_local: the data loader's pin-memory thread keeps calling CUDA (pinned
-                # buffers, event queries) while this thread records; in the default 'global' mode
-                # such a call from any thread invalidates the recording, and the kernel being
-                # recorded then fails (cuDNN: CUDNN_STATUS_INTERNAL_ERROR)
+                # buffers, event queries) while this thread records. In the default 'global' mode
+                # such a call from any thread invalidates the recording; thread_local checks only
+                # this thread's calls
                 with torch.cuda.graph(self.graph, capture_error_mode='thread_local'):
                     self.losses = update_g_and_d(self.x, self.run, self.args)
             except RuntimeError as e:  # (torch.AcceleratorError is one): a kernel refused capture
