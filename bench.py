@@ -177,11 +177,11 @@ def count_flops(fn):
 
 
 def compile_phases():
-    """Seconds spent so far in phases of torch.compile, from Dynamo's own timers: Dynamo's
-    compilations with their forward graphs (forward, and graphs: how many), the backward graphs,
+    """Seconds spent so far in phases of torch.compile, from Dynamo's own timers (nested, so they
+    overlap): Dynamo's compilations with their forward graphs (forward), the backward graphs,
     compiled at the first backward (backward), and inside both Inductor's code generation
     (codegen), the wait for the parallel Triton builds (kernel_wait) and loading compiled modules
-    (load)."""
+    (load); graphs counts Dynamo's compilations."""
     from torch._dynamo.utils import compilation_time_metrics as metrics
     phases = {'forward': '_compile.compile_inner', 'backward': 'compile_fx.<locals>.bw_compiler',
               'codegen': 'GraphLowering.codegen', 'kernel_wait': 'async_compile.wait',
@@ -228,8 +228,7 @@ def bench_tokenizer_step(name, preset, image_size, batch, dist, weights_dir, com
         result['compile_s'] = time.perf_counter() - start - eager_s
         # where the compile time goes: seconds per phase of this row's compilation
         after = compile_phases()
-        result['compile_phases'] = ' '.join(f"{k}={after[k] - before[k]:.0f}{'' if k == 'graphs' else 's'}"
-                                            for k in after)
+        result['compile_phases'] = ' '.join(f"{k}={after[k] - before[k]:.0f}" for k in after)
         # the same function: first-step losses (before any update) of the compiled and the eager
         # step, in bf16
         for k in ('recon', 'lpips', 'per_sample_entropy', 'codebook_entropy'):
@@ -359,8 +358,7 @@ def bench_attention():
     """The two attention choices of gpt.py, alone, in bf16: (1) the intra blocks' pairs at the B
     step, batch 64 ((64 x 256, 16, 2, 64), forward + backward): F.scaled_dot_product_attention vs.
     gpt.pair_attention; (2) one decoding position at batch 256 with CFG (512 rows, 256 cache slots):
-    boolean vs. additive mask, over all 256 slots and
-    over the first 32 to 224. Returns {name: ms}."""
+    boolean vs. additive mask, over all 256 slots and over the first 32 to 224. Returns {name: ms}."""
     results = {}
     q, k, v = (torch.randn(64 * 256, 16, 2, 64, device='cuda', dtype=torch.bfloat16,
                            requires_grad=True)

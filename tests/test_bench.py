@@ -1,4 +1,4 @@
-"""bench.py's helpers that run without a GPU: the caller table of --profile."""
+"""bench.py's helpers that run without a GPU: the caller table of --profile, the compile timers."""
 import torch
 from torch.profiler import ProfilerActivity
 
@@ -26,3 +26,17 @@ def test_copy_callers_names_each_copy_by_its_parent_ops():
     with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
         x.sum()
     assert 'no aten::copy_' in bench.copy_callers(prof)
+
+
+def test_compile_phases_reads_dynamo_timers():
+    """compile_phases reads Dynamo's timers by name: a renamed timer would read 0 seconds, silently.
+    One compilation (aot_eager: Dynamo and AOTAutograd, no Inductor) must show as one graph with
+    forward time."""
+    torch._dynamo.reset()
+    before = bench.compile_phases()
+    f = torch.compile(lambda x: (x.sin() * 2).sum(), backend='aot_eager')
+    f(torch.randn(8, requires_grad=True)).backward()
+    after = bench.compile_phases()
+    assert after['graphs'] - before['graphs'] == 1
+    assert after['forward'] > before['forward']
+    assert set(after) == {'forward', 'backward', 'codegen', 'kernel_wait', 'load', 'graphs'}
