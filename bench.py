@@ -358,7 +358,8 @@ def bench_attention():
     """The two attention choices of gpt.py, alone, in bf16: (1) the intra blocks' pairs at the B
     step, batch 64 ((64 x 256, 16, 2, 64), forward + backward): F.scaled_dot_product_attention vs.
     gpt.pair_attention; (2) one decoding position at batch 256 with CFG (512 rows, 256 cache slots):
-    boolean vs. additive mask, over all 256 slots and over the first 32 to 224. Returns {name: ms}."""
+    boolean vs. additive mask, over all 256 slots and over the first 32 to 224.
+    Returns {name: ms}."""
     results = {}
     q, k, v = (torch.randn(64 * 256, 16, 2, 64, device='cuda', dtype=torch.bfloat16,
                            requires_grad=True)
