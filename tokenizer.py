@@ -61,9 +61,8 @@ class GroupNorm(nn.GroupNorm):
 def band_sum(t):
     """(B, C, H, W) NHWC -> (B, C, R) sums over R bands of rows (~1024 pixels each). In NHWC the
     values of one channel are a whole pixel apart, and a reduction over all of H x W per channel
-    leaves B*C outputs: too few to fill a GPU at 256px (the backward's sum over 256 x 256 took 3x
-    as long as over 64 bands). Per band there are R times as many outputs, and neighbouring
-    channels (neighbours in memory) are still read together."""
+    leaves B*C outputs: too few to fill a GPU at 256px. Per band there are R times as many outputs,
+    and neighbouring channels (neighbours in memory) are still read together."""
     B, C, H, W = t.shape
     R = math.gcd(H, max(1, H * W // 1024))
     return t.view(B, C, R, H // R, W).sum(dim=(3, 4))
@@ -80,9 +79,9 @@ class GroupNormNHWC(torch.autograd.Function):
     """GroupNorm of an NHWC x (B, C, H, W), in fp32 (fp64 stays), with its backward written out:
     the backward needs only the per-group mean and rstd (autograd's form of the same forward kept
     per-band statistics and read x once more to rebuild them), and all its sums are two per channel
-    and band, combined per group. Compiled, a 256px ResBlock's forward + backward at batch 32 took
-    10.7 ms, against 12.4 ms with autograd's backward of the same forward (and 15.2 ms without the
-    bands). Per group, over its n = C/G*H*W values:
+    and band, combined per group: compiled, the backward makes both sums in one reduction kernel and
+    dx in one element-wise kernel (docs/benchmarks.md, "GroupNorm's statistics"). Per group, over
+    its n = C/G*H*W values:
         mean = sum(x) / n,   var = sum((x - mean)^2) / n,   xhat = (x - mean) * rstd,
         rstd = 1 / sqrt(var + eps),   y = xhat * w + b
         dxhat = dy * w,   dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
