@@ -64,6 +64,8 @@ def band_sum(t):
     leaves B*C outputs: too few to fill a GPU at 256px. Per band there are R times as many outputs,
     and neighbouring channels (neighbours in memory) are still read together."""
     B, C, H, W = t.shape
+    # a divisor of H, so that every band has H/R whole rows: 64 bands of 4 rows at 256 x 256,
+    # 16 of 8 at 128 x 128, one band (all of H x W) from 32 x 32 down
     R = math.gcd(H, max(1, H * W // 1024))
     return t.view(B, C, R, H // R, W).sum(dim=(3, 4))
 
@@ -82,8 +84,8 @@ class GroupNormNHWC(torch.autograd.Function):
     and band, combined per group: compiled, the backward makes both sums in one reduction kernel and
     dx in one element-wise kernel (docs/benchmarks.md, "GroupNorm's statistics"). Per group, over
     its n = C/G*H*W values:
-        mean = sum(x) / n,   var = sum((x - mean)^2) / n,   xhat = (x - mean) * rstd,
-        rstd = 1 / sqrt(var + eps),   y = xhat * w + b
+        mean = sum(x) / n,   var = sum((x - mean)^2) / n,   rstd = 1 / sqrt(var + eps),
+        xhat = (x - mean) * rstd,   y = xhat * w + b   (w = 1, b = 0 without affine)
         dxhat = dy * w,   dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
         dw = sum over B, H, W of dy * xhat,   db = sum of dy
     The variance takes two passes (a mean, then the squared deviations), not sum(x^2) - mean^2,
@@ -108,16 +110,14 @@ class GroupNormNHWC(torch.autograd.Function):
     def backward(ctx, dy):  # dy (B, C, H, W), NHWC, in y's dtype
         x, weight, mean, rstd = ctx.saved_tensors
         B, C, H, W = x.shape
-        G = ctx.num_groups
-        n = C // G * H * W
+        G, n = ctx.num_groups, C // ctx.num_groups * H * W
         xhat = (x.to(dy.dtype) - mean) * rstd  # recomputed: cheaper than reading it back
+        w = weight.to(dy.dtype) if weight is not None else dy.new_ones(C)  # (C,)
         dy_sum, dy_xhat_sum = band_sum(dy), band_sum(dy * xhat)  # (B, C, R) each
-        w = weight.to(dy.dtype)[:, None] if weight is not None else 1  # (C, 1) or 1
         # mean(dxhat) and mean(dxhat * xhat) over each group, dxhat = dy * w
-        mean_dxhat = per_group(dy_sum * w, G) / n  # (B, C, 1, 1)
-        mean_dxhat_xhat = per_group(dy_xhat_sum * w, G) / n
-        dxhat = dy * w[..., None] if weight is not None else dy
-        dx = rstd * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat)
+        mean_dxhat = per_group(dy_sum * w[:, None], G) / n  # (B, C, 1, 1)
+        mean_dxhat_xhat = per_group(dy_xhat_sum * w[:, None], G) / n
+        dx = rstd * (dy * w[:, None, None] - mean_dxhat - xhat * mean_dxhat_xhat)  # (B, C, H, W)
         if weight is None:
             return dx.to(x.dtype), None, None, None, None
         dw, db = dy_xhat_sum.sum(dim=(0, 2)), dy_sum.sum(dim=(0, 2))  # (C,)
