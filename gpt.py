@@ -90,11 +90,20 @@ def pair_attention(q, k, v, bias=None):
     """softmax(q k^T / sqrt(hs) + bias) v over two keys, written out: q (B, nh, S, hs), k, v (B, nh,
     2, hs), bias (S, 2) additive, None = causal (h_t does not see pre_t). -> (B, nh, S, hs).
     Fused attention kernels (flash, cuDNN) compute tiles of 64+ queries x 64+ keys, so on 2 x 2
-    scores almost all their work is padding (python bench.py --rows attention times the two)."""
+    scores almost all their work is padding (python bench.py --rows attention times the two). Nor
+    are batched matrix products (q @ k^T) a fit: B * nh products of 2 x hs by hs x 2, which cuBLAS
+    reads at a small share of the memory bandwidth. Written as element-wise products summed over hs
+    and over the two keys, torch.compile fuses each into a kernel that reads q, k and v once (the
+    training step's kernels: python bench.py --rows gpt --compile --profile gpt_B_step). Sums in
+    at least fp32, as a matmul accumulates."""
     if bias is None:
         bias = torch.full((2, 2), float('-inf'), device=q.device).triu(1)  # [[0, -inf], [0, 0]]
-    att = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5 + bias  # (B, nh, S, 2) scores
-    return att.softmax(dim=-1).to(v.dtype) @ v
+    qf, kf, vf = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (q, k, v))
+    # (B, nh, S, 1, hs) * (B, nh, 1, 2, hs), summed over hs: (B, nh, S, 2) scores
+    att = (qf[:, :, :, None] * kf[:, :, None]).sum(-1) * q.shape[-1] ** -0.5 + bias
+    p = att.softmax(dim=-1)  # (B, nh, S, 2)
+    # (B, nh, S, 2, 1) * (B, nh, 1, 2, hs), summed over the two keys: (B, nh, S, hs)
+    return (p[..., None] * vf[:, :, None]).sum(-2).to(v.dtype)
 
 
 class Attention(nn.Module):
