@@ -431,6 +431,14 @@ def convert_official_tokenizer(state_dict, ema=True):
     return {k: state_dict[e] for k, e in ema_name.items()}
 
 
+# Inductor options of every compiled tokenizer graph (compile_blocks; train_tok.py's D and LPIPS):
+# one launch configuration per element-wise kernel, from Inductor's size heuristic, instead of
+# several that it builds and then benchmarks on the first call. Element-wise kernels here are large
+# and contiguous, where the heuristic's choice is as fast, and the 28 graphs of the 256px step
+# compile sooner (bench.py's compile_s and compile_phases)
+INDUCTOR_OPTIONS = {'triton.autotune_pointwise': False}
+
+
 def compile_blocks(model, **compile_options):
     """torch.compile each repeated block of a Tokenizer in place (ResBlock, AdaptiveGroupNorm,
     Upsampler, the LFQ loss), and the encoder's and decoder's heads (GroupNorm -> swish -> conv, so
@@ -451,7 +459,7 @@ def compile_blocks(model, **compile_options):
         # counts, so each conv backward converted its NHWC operands to NCHW and back, one copy
         # per operand. Forcing it removes those copies. It needs fixed sizes: with symbolic
         # sizes, Inductor's forced layout fails its own stride checks (torch 2.11)
-        compile_options.setdefault('options', {'force_layout_optimization': True})
+        compile_options.setdefault('options', {'force_layout_optimization': True, **INDUCTOR_OPTIONS})
     # one ResBlock.forward serves every block; each shape and variant it needs (with or without
     # the 1x1 shortcut, fp32 or bf16 input) counts towards Dynamo's limit of 8 compilations per
     # function, past which it falls back to eager

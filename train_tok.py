@@ -264,9 +264,10 @@ def compile_step_modules(model, disc, lpips=None):
     structures, and blocks of one structure and size share one compiled graph. Inside each graph
     Inductor fuses GroupNorm + swish + the bf16 casts around the convolutions."""
     tokenizer.compile_blocks(model)
-    disc.compile()  # Dynamo's default: fixed sizes first (D sees one batch shape in training)
+    # Dynamo's default sizes: fixed first (D sees one batch shape in training)
+    disc.compile(options=tokenizer.INDUCTOR_OPTIONS)
     if lpips is not None:
-        lpips.compile()
+        lpips.compile(options=tokenizer.INDUCTOR_OPTIONS)
 
 
 def train_step(x, run, args, step):

@@ -59,6 +59,12 @@ def setup(device_name='cuda'):
                                "your torch and CANN versions)") from e
     if device_name == 'cuda' and not torch.cuda.is_available():
         raise RuntimeError("--device cuda but no CUDA GPU is visible; use --device cpu (or npu)")
+    if device_name == 'cuda':
+        # before the first allocation: the caching allocator grows one mapped range per stream
+        # instead of keeping blocks of every size it ever cut, so that memory freed by one level of
+        # the tokenizer serves the next (a CUDA graph's private pool is one range too: bench.py's
+        # tok_step_256_b8_graph row, reserved_gib). A value the user set is kept
+        os.environ.setdefault('PYTORCH_CUDA_ALLOC_CONF', 'expandable_segments:True')
     rank, world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     local_rank = int(os.environ.get('LOCAL_RANK', 0))
     if device_name == 'cpu':

@@ -370,14 +370,16 @@ def test_compile_blocks_same_function(channels_last):
 
 def test_compile_blocks_options(monkeypatch):
     """Every block and head compiles with fixed sizes; with Inductor (the default backend) also
-    with its channels_last layout forced, which another backend would not accept."""
+    with its channels_last layout forced and one configuration per element-wise kernel, options
+    that another backend would not accept."""
     calls = []
     monkeypatch.setattr(torch.nn.Module, 'compile', lambda self, **kw: calls.append(kw))
     monkeypatch.setattr(torch, 'compile', lambda fn, **kw: calls.append(kw) or fn)
     tokenizer.compile_blocks(Tokenizer.from_preset('tiny'))
     # ResBlocks, AdaptiveGroupNorms, Upsamplers, the LFQ and the two heads
     assert len(calls) > 10
-    assert all(kw == {'dynamic': False, 'options': {'force_layout_optimization': True}}
+    assert all(kw == {'dynamic': False, 'options': {'force_layout_optimization': True,
+                                                    'triton.autotune_pointwise': False}}
                for kw in calls)
     calls.clear()
     tokenizer.compile_blocks(Tokenizer.from_preset('tiny'), backend='aot_eager')
