@@ -143,17 +143,19 @@ def test_adaptive_group_norm_reference():
 
 @pytest.mark.parametrize('affine', [True, False])
 @pytest.mark.parametrize('size', [(6, 5), (64, 64)])  # statistics over 1 band of rows, and over 4
-def test_group_norm_keeps_channels_last(affine, size):
+# float64: the two forms agree to far below fp32's rounding, so that a wrong term cannot hide in it
+@pytest.mark.parametrize('dtype, atol', [(torch.float32, 1e-4), (torch.float64, 1e-11)])
+def test_group_norm_keeps_channels_last(affine, size, dtype, atol):
     """GroupNorm's written-out form (GroupNormNHWC, what torch.compile traces for NHWC input) gives
     F.group_norm's values and gradients (x, weight, bias), in NHWC; eager, it is F.group_norm
     itself."""
     torch.manual_seed(0)
-    gn = GroupNorm(8, 32, eps=1e-6, affine=affine)
+    gn = GroupNorm(8, 32, eps=1e-6, affine=affine).to(dtype)
     if affine:  # not the 1 / 0 of a fresh norm, so that a swapped weight and bias would show
         torch.nn.init.normal_(gn.weight)
         torch.nn.init.normal_(gn.bias)
     # channels of one group with different means: the group's variance includes their spread
-    x = torch.randn(2, 32, *size) * 3 + 1 + torch.randn(1, 32, 1, 1) * 2
+    x = torch.randn(2, 32, *size, dtype=dtype) * 3 + 1 + torch.randn(1, 32, 1, 1, dtype=dtype) * 2
     x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
     x_ref = x.detach().contiguous().requires_grad_(True)  # NCHW
@@ -171,8 +173,8 @@ def test_group_norm_keeps_channels_last(affine, size):
     grads = torch.autograd.grad(y, [x] + list(gn.parameters()), grad)  # weight, bias if affine
     grads_ref = torch.autograd.grad(y_ref, [x_ref] + list(gn.parameters()), grad)
     torch._dynamo.reset()
-    assert torch.allclose(y, y_ref, atol=1e-5)
-    assert all(torch.allclose(g, g_ref, atol=1e-4) for g, g_ref in zip(grads, grads_ref))
+    assert y.dtype == dtype and torch.allclose(y, y_ref, atol=atol / 10)
+    assert all(torch.allclose(g, g_ref, atol=atol) for g, g_ref in zip(grads, grads_ref))
     for t in (y, grads[0]):
         assert t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
     assert torch.equal(gn(x), F.group_norm(x, 8, gn.weight, gn.bias, 1e-6))  # eager
