@@ -14,8 +14,9 @@ One GPU:
     python train_tok.py --preset imagenet128 --data /data/imagenet/train \
         --val-data /data/imagenet/val --out runs/tok128
     (with a small batch, e.g. --batch-size 8, the paper's per-GPU batch, add --compile
-    --channels-last --cuda-graph: the step replays as a CUDA graph, about 2x faster at 256px and
-    3.5x at 128px; bench.py --rows tok --compile)
+    --channels-last --cuda-graph: the step replays as a CUDA graph, 1.25-2.1x faster at 256px and
+    2.8-5.5x at 128px than the compiled step alone, which is bound by the host CPU; bench.py --rows
+    tok --compile)
 Tiny-ImageNet at 64px in 7 minutes on one GPU, compile included (README, "Results"):
     python train_tok.py --preset tin64 --data train_part0.npz,train_part1.npz,train_part2.npz \
         --val-data val.npz --compile --channels-last --num-workers 8 --max-minutes 7 \
