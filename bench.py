@@ -558,6 +558,7 @@ def main():
                 ('tok_step_128_b8', 'imagenet128', 128, 8, True),
                 ('tok_step_128_b8_graph', 'imagenet128', 128, 8, True),
                 ('tok_step_64_b128', 'imagenet128', 64, 128, False),
+                ('tok_step_64_b128_graph', 'imagenet128', 64, 128, False),
                 ('tok_step_64_b128_tin64', 'tin64', 64, 128, False),
                 ('tok_step_64_b128_tin64_graph', 'tin64', 64, 128, False)):
             if not any(name.startswith(r) for r in rows):
