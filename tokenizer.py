@@ -459,7 +459,8 @@ def compile_blocks(model, **compile_options):
         # counts, so each conv backward converted its NHWC operands to NCHW and back, one copy
         # per operand. Forcing it removes those copies. It needs fixed sizes: with symbolic
         # sizes, Inductor's forced layout fails its own stride checks (torch 2.11)
-        compile_options.setdefault('options', {'force_layout_optimization': True, **INDUCTOR_OPTIONS})
+        compile_options.setdefault('options', {'force_layout_optimization': True,
+                                               **INDUCTOR_OPTIONS})
     # one ResBlock.forward serves every block; each shape and variant it needs (with or without
     # the 1x1 shortcut, fp32 or bf16 input) counts towards Dynamo's limit of 8 compilations per
     # function, past which it falls back to eager
