@@ -108,3 +108,28 @@ def test_plan_last_step_is_clamped_between_now_and_the_cap():
     assert plan_last_step(10, 5.0, 2.0, 100, single) == 20  # 10 s at 2 steps/s
     assert plan_last_step(10, -3.0, 2.0, 100, single) == 10  # over budget: stop now
     assert plan_last_step(10, 50.0, 2.0, 15, single) == 15  # never past --max-steps / --epochs
+
+
+@pytest.mark.parametrize('preset', [None, 'expandable_segments:False'])
+def test_setup_turns_on_expandable_segments_for_cuda_unless_set(monkeypatch, preset):
+    """utils.setup('cuda') sets PYTORCH_CUDA_ALLOC_CONF before the first CUDA call, and keeps a value
+    the user set. CUDA itself is stubbed: setup's checks and device calls see a GPU."""
+    monkeypatch.delenv('PYTORCH_CUDA_ALLOC_CONF', raising=False)
+    if preset is not None:
+        monkeypatch.setenv('PYTORCH_CUDA_ALLOC_CONF', preset)
+    seen = []  # the variable when setup first touches the device
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'set_device',
+                        lambda device: seen.append(os.environ.get('PYTORCH_CUDA_ALLOC_CONF')))
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
+    # setup's global switches, put back afterwards (cuBLAS's flag is not an attribute monkeypatch
+    # can restore)
+    switches = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                torch.backends.cudnn.benchmark)
+    try:
+        dist = utils.setup('cuda')
+    finally:
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+         torch.backends.cudnn.benchmark) = switches
+    assert dist.device == torch.device('cuda', 0)
+    assert seen == [preset or 'expandable_segments:True']
