@@ -79,9 +79,8 @@ def per_group(t, G):
 
 class GroupNormNHWC(torch.autograd.Function):
     """GroupNorm of an NHWC x (B, C, H, W), in fp32 (fp64 stays), with its backward written out:
-    the backward needs only the per-group mean and rstd (autograd's form of the same forward kept
-    per-band statistics and read x once more to rebuild them), and all its sums are two per channel
-    and band, combined per group: compiled, the backward makes both sums in one reduction kernel and
+    the backward needs only x and the per-group mean and rstd (B, C, 1, 1), and its sums are two per
+    channel and band, combined per group. Compiled, it makes both sums in one reduction kernel and
     dx in one element-wise kernel (docs/benchmarks.md, "GroupNorm's statistics"). Per group, over
     its n = C/G*H*W values:
         mean = sum(x) / n,   var = sum((x - mean)^2) / n,   rstd = 1 / sqrt(var + eps),
@@ -434,8 +433,8 @@ def convert_official_tokenizer(state_dict, ema=True):
 # Inductor options of every compiled tokenizer graph (compile_blocks; train_tok.py's D and LPIPS):
 # one launch configuration per element-wise kernel, from Inductor's size heuristic, instead of
 # several that it builds and then benchmarks on the first call. Element-wise kernels here are large
-# and contiguous, where the heuristic's choice is as fast, and the 28 graphs of the 256px step
-# compile sooner (bench.py's compile_s and compile_phases)
+# and contiguous, and on the 256px encoder's ResBlocks the heuristic's choice ran as fast; the 28
+# graphs of the 256px step compile sooner (bench.py's compile_s and compile_phases)
 INDUCTOR_OPTIONS = {'triton.autotune_pointwise': False}
 
 
