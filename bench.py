@@ -357,7 +357,8 @@ def bench_allreduce(numel, dtype):
 def bench_attention():
     """The two attention choices of gpt.py, alone, in bf16: (1) the intra blocks' pairs at the B
     step, batch 64 ((64 x 256, 16, 2, 64), forward + backward): F.scaled_dot_product_attention vs.
-    gpt.pair_attention; (2) one decoding position at batch 256 with CFG (512 rows, 256 cache slots):
+    gpt.pair_attention, compiled as in the compiled training step (eager, its element-wise products
+    are materialised, which only torch.compile fuses away); (2) one decoding position at batch 256 with CFG (512 rows, 256 cache slots):
     boolean vs. additive mask, over all 256 slots and over the first 32 to 224.
     Returns {name: ms}."""
     results = {}
@@ -365,8 +366,9 @@ def bench_attention():
                            requires_grad=True)
                for _ in range(3))
     grad = torch.randn_like(q)
+    pair_attention = torch.compile(gpt_module.pair_attention)
     pair = {'pair_sdpa': lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad),
-            'pair_written_out': lambda: gpt_module.pair_attention(q, k, v).backward(grad)}
+            'pair_written_out': lambda: pair_attention(q, k, v).backward(grad)}
     with utils.autocast('cuda'):
         for name, fn in pair.items():
             results[name] = cuda_time(fn)[0]
