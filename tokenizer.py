@@ -166,22 +166,31 @@ class AdaptiveGroupNorm(nn.Module):
         mean = z.mean(dim=(2, 3)).to(self.beta.weight.dtype)  # (B, K)
         scale = self.gamma(std)[:, :, None, None]  # (B, C, 1, 1)
         shift = self.beta(mean)[:, :, None, None]  # (B, C, 1, 1)
-        return scale * self.gn(x) + shift
+        # in x's dtype: under autocast GroupNorm computes and returns fp32, and an fp32 output
+        # would make the whole decoder's residual stream fp32, which the encoder's is not (bf16,
+        # the convolutions' output). Each later block would then read and write twice the bytes,
+        # and compile a second graph for the ResBlock shapes it shares with the encoder
+        return (scale * self.gn(x) + shift).to(x.dtype)
 
 
 def depth_to_space(x):
     """(B, 4C, H, W) -> (B, C, 2H, 2W) in the official (TensorFlow "DCR") channel order: input
     channel (i*2 + j)*C + c lands at output pixel (2h + i, 2w + j), channel c. nn.PixelShuffle uses
     c*4 + i*2 + j instead, which would scramble the released upsampler weights, hence this function.
-    The result has the memory layout of the input (NCHW or channels_last)."""
+    The result has the memory layout of the input (NCHW or channels_last), in one copy."""
     B, C4, H, W = x.shape
-    y = x.reshape(B, 2, 2, C4 // 4, H, W)  # (B, i, j, C, H, W)
+    C = C4 // 4
+    if is_channels_last(x):
+        # the memory is (B, H, W, i, j, C): one permute of it to (B, H, i, W, j, C), then read as
+        # (B, 2H, 2W, C), is the output's channels_last memory. The two-step NCHW route below
+        # would copy twice, forward and backward: a channels_last network fed NCHW activations
+        # converts them back at every later conv
+        y = x.permute(0, 2, 3, 1).reshape(B, H, W, 2, 2, C)  # a view
+        y = y.permute(0, 1, 3, 2, 4, 5).reshape(B, 2 * H, 2 * W, C)  # the copy
+        return y.permute(0, 3, 1, 2)  # (B, C, 2H, 2W), channels_last strides
+    y = x.reshape(B, 2, 2, C, H, W)  # (B, i, j, C, H, W)
     y = y.permute(0, 3, 4, 1, 5, 2)  # (B, C, H, i, W, j)
-    y = y.reshape(B, C4 // 4, 2 * H, 2 * W)  # a copy, NCHW-contiguous
-    # a channels_last network fed NCHW activations would convert them back at every later conv,
-    # forward and backward (and compile one more variant of each block); compiled, the two copies
-    # are one kernel
-    return y.contiguous(memory_format=torch.channels_last) if is_channels_last(x) else y
+    return y.reshape(B, C, 2 * H, 2 * W)  # the copy, NCHW-contiguous
 
 
 class Upsampler(nn.Module):
@@ -439,11 +448,13 @@ INDUCTOR_OPTIONS = {'triton.autotune_pointwise': False}
 
 
 def compile_blocks(model, **compile_options):
-    """torch.compile each repeated block of a Tokenizer in place (ResBlock, AdaptiveGroupNorm,
-    Upsampler, the LFQ loss), and the encoder's and decoder's heads (GroupNorm -> swish -> conv, so
-    that their norm, too, runs GroupNorm's channels_last form, fused with the swish). Blocks of one
-    structure and size share one compiled graph, so a preset compiles in a dozen small graphs instead
-    of one graph of the whole network (minutes).
+    """torch.compile each repeated block of a Tokenizer in place (ResBlock, AdaptiveGroupNorm, the
+    LFQ loss), and the encoder's and decoder's heads (GroupNorm -> swish -> conv, so that their
+    norm, too, runs GroupNorm's channels_last form, fused with the swish). Blocks of one structure,
+    size and input dtype share one compiled graph, so a preset compiles in a dozen small graphs
+    instead of one graph of the whole network (minutes). The Upsamplers stay eager: a conv and
+    depth_to_space's one copy, which a compiled graph would not make faster, and each of their
+    four sizes would be one more graph to compile.
     Within a block, Inductor fuses GroupNorm, swish and the casts around the cuDNN convolutions.
     compile_options go to torch.compile (the tests capture the same graphs with backend='aot_eager';
     bench.py compares the compiled step's losses with the eager ones)."""
@@ -465,7 +476,7 @@ def compile_blocks(model, **compile_options):
     # function, past which it falls back to eager
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for module in model.modules():
-        if isinstance(module, (ResBlock, AdaptiveGroupNorm, Upsampler, LFQ)):
+        if isinstance(module, (ResBlock, AdaptiveGroupNorm, LFQ)):
             module.compile(**compile_options)
     # the heads: Encoder.head and Decoder.head are two functions, so each compiles for its own
     # fixed sizes. Bound to the instance as a method, so that a deepcopy of the model binds its copy
