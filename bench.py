@@ -298,12 +298,14 @@ def bench_encode(batch, compile_model):
     return batch / (ms / 1e3), mem, model
 
 
-def bench_gpt_step(batch, peak, compile_model, encode_with=None):
+def bench_gpt_step(batch, peak, compile_model, encode_with=None, cuda_graph=False):
     """One train_gpt.train_step of GPT-B on random tokens (encode_with: a tokenizer that encodes
-    random images first, as on the fly). Returns images/s, tokens/s, MFU and peak GiB."""
+    random images first, as on the fly; cuda_graph: the step replayed as train_gpt.py
+    --cuda-graph does, the encoding outside it). Returns images/s, tokens/s, MFU and peak GiB."""
     model = gpt_module.GPT.from_preset('B', num_classes=1000).cuda()
-    optimizer = model.configure_optimizers(0.05, 3e-4, (0.9, 0.95), 'cuda')
+    optimizer = model.configure_optimizers(0.05, 3e-4, (0.9, 0.95), 'cuda', capturable=cuda_graph)
     step_model = torch.compile(model) if compile_model else model
+    graphed = train_gpt.GraphedStep(step_model, optimizer, 1.0) if cuda_graph else None
     T = model.config.block_size
     tokens = torch.randint(0, 2 ** 18, (batch, T), device='cuda')
     labels = torch.randint(0, 1000, (batch,), device='cuda')
@@ -316,9 +318,14 @@ def bench_gpt_step(batch, peak, compile_model, encode_with=None):
         if encode_with is not None:
             with torch.no_grad(), utils.autocast('cuda'):
                 toks = encode_with.encode(images)[1].flatten(1)
-        train_gpt.train_step(step_model, optimizer, [(toks, labels)], 3e-4, 'cuda')
-    ms, mem = cuda_time(run, iters=10, warmup=5 if compile_model else 3,
-                        name=f"gpt_B_{'onthefly' if encode_with is not None else 'step'}_b{batch}")
+        if graphed is not None:
+            graphed([(toks, labels)], 3e-4)
+        else:
+            train_gpt.train_step(step_model, optimizer, [(toks, labels)], 3e-4, 'cuda')
+    name = f"gpt_B_{'onthefly' if encode_with is not None else 'step'}_b{batch}"
+    # graph: 3 plain warm-ups (compiling), the recording, then replays
+    ms, mem = cuda_time(run, iters=10, warmup=5 if compile_model or cuda_graph else 3,
+                        name=name + ('_graph' if cuda_graph else ''))
     tokens_per_s = batch * T / (ms / 1e3)
     # as train_gpt.py logs it
     mfu = model.estimate_mfu(tokens_per_s, peak) if peak else float('nan')
@@ -520,13 +527,19 @@ def main():
         report('encode_256_b64', ips, 'img/s', peak_gib=mem)
     if 'gpt' in rows:
         batches = [int(b) for b in args.gpt_batches.split(',')]
-        for batch in batches:
-            ips, tps, mfu, mem = bench_gpt_step(batch, peak, args.compile)
-            report(f'gpt_B_step_b{batch}', ips, 'img/s', tokens_per_s=tps, mfu=mfu, peak_gib=mem)
-        if 24 in batches:
-            ips, tps, mfu, mem = bench_gpt_step(24, peak, args.compile, encode_with=encoder)
-            report('gpt_B_onthefly_b24', ips, 'img/s', tokens_per_s=tps, mfu=mfu, peak_gib=mem)
-        torch.cuda.empty_cache()
+        # '_graph': the step replayed as a CUDA graph (train_gpt.py --cuda-graph)
+        for graph in (False, True):
+            suffix = '_graph' if graph else ''
+            for batch in batches:
+                ips, tps, mfu, mem = bench_gpt_step(batch, peak, args.compile, cuda_graph=graph)
+                report(f'gpt_B_step_b{batch}{suffix}', ips, 'img/s', tokens_per_s=tps, mfu=mfu,
+                       peak_gib=mem)
+            if 24 in batches:
+                ips, tps, mfu, mem = bench_gpt_step(24, peak, args.compile, encode_with=encoder,
+                                                    cuda_graph=graph)
+                report(f'gpt_B_onthefly_b24{suffix}', ips, 'img/s', tokens_per_s=tps, mfu=mfu,
+                       peak_gib=mem)
+            torch.cuda.empty_cache()
     if 'sample' in rows or 'sampling' in rows:  # 'sampling': the GPT alone, no tokenizer decoding
         # the plain loop (batch 50), generate_fast's CUDA graph, and the graph of the compiled step
         model = gpt_module.GPT.from_preset('B', num_classes=1000).cuda().eval()

@@ -508,16 +508,19 @@ class GPT(nn.Module):
         self.train(was_training)
         return pre, post
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type,
+                             capturable=False):
         """AdamW as nanoGPT: weight decay on matrices and embeddings (dim >= 2), none on norm gains.
         The official code builds the same two groups but then its lr/wd schedule (lr_wd_annealing)
         writes the current weight decay into every group each step, so in effect it decays all
-        parameters."""
+        parameters. capturable: the step count stays on the GPU, as a CUDA graph of the step needs
+        (train_gpt.py --cuda-graph)."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
                   {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
         # fused: one kernel for the whole update on CUDA (torch >= 2.4 has it for AdamW)
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == 'cuda')
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == 'cuda',
+                                 capturable=capturable)
 
     def estimate_mfu(self, tokens_per_sec, peak_flops):
         """Model flops utilisation as nanoGPT (PaLM appendix B): 6 flops per weight per token for

@@ -76,9 +76,9 @@ from sample import generate_images
 from tokenizer import Tokenizer
 from utils import (DEVICES, OFFICIAL_PREFIX, CSVLog, all_reduce_mean, all_reduce_sum, autocast,
                    barrier, check_config, check_kind, check_resume, cleanup, load_checkpoint,
-                   peak_flops, peak_memory_gib, plan_last_step, prepare_run_folder, print0,
-                   rng_state, save_checkpoint, save_image_grid, set_rng_state, setup,
-                   weights_checksum)
+                   load_optimizer_state, peak_flops, peak_memory_gib, plan_last_step,
+                   prepare_run_folder, print0, rng_state, save_checkpoint, save_image_grid,
+                   set_rng_state, setup, weights_checksum)
 
 # -----------------------------------------------------------------------------
 # the learning-rate schedule and one optimisation step
@@ -103,7 +103,8 @@ def train_step(model, optimizer, micro_batches, lr, device_type, grad_clip=1.0):
     """One optimisation step (bench.py times this): micro_batches is a list of (tokens (B, T) int64
     18-bit indices, labels (B,)) on the device, one per gradient-accumulation step. Returns the last
     micro-batch's (CE_pre, CE_post)."""
-    # the schedule is applied by hand (no scheduler object): a resume needs only the step
+    # the schedule is applied by hand (no scheduler object): a resume needs only the step. lr is a
+    # float, or (--cuda-graph, GraphedStep) a GPU tensor that the recorded AdamW kernel reads
     for group in optimizer.param_groups:
         group['lr'] = lr
     for i, (tokens, labels) in enumerate(micro_batches):
@@ -126,6 +127,59 @@ def train_step(model, optimizer, micro_batches, lr, device_type, grad_clip=1.0):
         loss_pre = F.cross_entropy(logits_pre.flatten(0, 1).float(), pre.flatten())
     # device tensors: no host sync until a log line reads them
     return loss_pre, loss.detach() - loss_pre
+
+
+class GraphedStep:
+    """--cuda-graph: train_step recorded once as a CUDA graph, then replayed for every step, as
+    train_tok.py's GraphedUpdate. The compiled B step at batch 24 needs longer on the host to launch
+    its forward, backward, clipping and AdamW kernels one by one than the GPU needs to run them
+    (bench.py --rows gpt --gpt-batches 24 --compile --profile gpt_B_step); a replay launches them
+    all in one call. The recorded kernels read fixed memory: the batch is copied into input
+    buffers, the learning rate is a GPU tensor filled in place and AdamW is capturable (its step
+    count lives on the GPU). The first WARMUP calls run the plain step on a side stream, as
+    capture requires (torch.compile compiles there). Dropout and class dropout draw from the CUDA
+    generator, which the graph advances on every replay as the plain step would."""
+    WARMUP = 3
+
+    def __init__(self, model, optimizer, grad_clip):
+        self.model, self.optimizer, self.grad_clip = model, optimizer, grad_clip
+        self.calls, self.graph, self.inputs, self.losses = 0, None, None, None
+        self.lr = torch.tensor(0.0, device='cuda')
+        self.side = torch.cuda.Stream()
+
+    def __call__(self, micro_batches, lr):
+        """micro_batches and the result as train_step's; lr a float."""
+        self.lr.fill_(lr)  # an asynchronous copy to the GPU, no host sync
+        self.calls += 1
+        if self.calls <= self.WARMUP:
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
+                losses = train_step(self.model, self.optimizer, micro_batches, self.lr, 'cuda',
+                                    self.grad_clip)
+            torch.cuda.current_stream().wait_stream(self.side)
+            return losses
+        if self.graph is None:  # record: runs nothing, the replay below does the step
+            self.inputs = [(tokens.clone(), labels.clone()) for tokens, labels in micro_batches]
+            self.optimizer.zero_grad(set_to_none=True)  # the gradients get the graph's memory
+            self.graph = torch.cuda.CUDAGraph()
+            try:
+                # thread_local: the loader's pin-memory thread keeps calling CUDA meanwhile
+                with torch.cuda.graph(self.graph, capture_error_mode='thread_local'):
+                    self.losses = train_step(self.model, self.optimizer, self.inputs, self.lr,
+                                             'cuda', self.grad_clip)
+            except RuntimeError as e:  # a kernel refused capture
+                first_line = str(e).strip().split('\n')[0] or type(e).__name__
+                raise SystemExit(f"--cuda-graph: recording the training step as a CUDA graph failed "
+                                 f"({first_line}); rerun without --cuda-graph (add --resume if "
+                                 f"a checkpoint was written)") from e
+            torch.cuda.empty_cache()  # the warm-ups' activations, cached for the side stream
+        # every step has the same shapes: the loader drops each epoch's short last batch
+        for (tokens, labels), (t_in, l_in) in zip(micro_batches, self.inputs):
+            t_in.copy_(tokens)
+            l_in.copy_(labels)
+        self.graph.replay()
+        # copies: the next replay overwrites the graph's outputs
+        return tuple(loss.clone() for loss in self.losses)
 
 
 # -----------------------------------------------------------------------------
@@ -261,7 +315,7 @@ PRESETS = {
 # preset is only a name: the values it sets are compared one by one.
 RESUME_MAY_CHANGE = {'resume', 'overwrite', 'device', 'out', 'num_workers', 'compile',
                      'grad_accum', 'max_steps', 'max_minutes', 'eval_every', 'log_every',
-                     'sample_classes', 'preset'}
+                     'sample_classes', 'preset', 'cuda_graph'}
 
 
 def get_args(argv=None):
@@ -316,6 +370,9 @@ def get_args(argv=None):
     parser.add_argument('--compile', action='store_true',
                         help="torch.compile the model for training, and the "
                         "tokenizer's encoder (see bench.py)")
+    parser.add_argument('--cuda-graph', action='store_true',
+                        help="replay the training step as a CUDA graph (one CUDA GPU, "
+                        "one process; GraphedStep)")
     args = parser.parse_args(argv)
     if args.preset:  # preset values replace the defaults; flags on the command line still win
         parser.set_defaults(**PRESETS[args.preset])
@@ -362,7 +419,7 @@ def resume(model, optimizer, ckpt_path, args, tokenizer_fingerprint, dist):
     check_config({'tokenizer_fingerprint': ckpt['tokenizer'].get('fingerprint')},
                  {'tokenizer_fingerprint': tokenizer_fingerprint}, ckpt_path)
     model.load_state_dict(ckpt['model'])
-    optimizer.load_state_dict(ckpt['optimizer'])
+    load_optimizer_state(optimizer, ckpt['optimizer'])  # with this run's --cuda-graph
     # one RNG state per rank: restored only when every rank has its own
     if len(ckpt['rng']) == dist.world_size:
         set_rng_state(ckpt['rng'][dist.rank])
@@ -378,6 +435,10 @@ def main(argv=None):
     args = get_args(argv)
     dist = setup(args.device)
     device, device_type = dist.device, dist.device_type
+    if args.cuda_graph and (device_type != 'cuda' or dist.ddp):
+        # (DDP's all-reduce would have to be recorded too)
+        raise SystemExit("--cuda-graph needs one CUDA GPU in one process (--device cuda, no "
+                         "torchrun): leave it out")
 
     # the frozen tokenizer: encodes batches on the fly, decodes the sample grids
     tokenizer = tokenizer_fingerprint = None
@@ -441,7 +502,8 @@ def main(argv=None):
     model = GPT.from_preset(args.model, num_classes=dataset.num_classes, vocab_bits=num_bits,
                             block_size=grid[0] * grid[1]).to(device)
     # AdamW(0.9, 0.95) as the official configs; decay on matrices and embeddings only
-    optimizer = model.configure_optimizers(args.weight_decay, peak_lr, (0.9, 0.95), device_type)
+    optimizer = model.configure_optimizers(args.weight_decay, peak_lr, (0.9, 0.95), device_type,
+                                           capturable=args.cuda_graph)
     print0(f"GPT {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
            f"{grid[0]}x{grid[1]} tokens of {num_bits} bits, batch {micro_batch} x {args.grad_accum} micro-batches x "
            f"{dist.world_size} ranks")
@@ -457,6 +519,7 @@ def main(argv=None):
     raw_model = model  # sampling, checkpoints and the MFU estimate use the plain module
     if args.compile:  # fuses the fp32 RMSNorm / RoPE / SwiGLU element-wise work between the matmuls
         model = torch.compile(model)
+    graphed = GraphedStep(model, optimizer, args.grad_clip) if args.cuda_graph else None
     if dist.ddp:
         # broadcast_buffers off: the only buffer is the constant RoPE table
         model = DDP(model, device_ids=None if device_type == 'cpu' else [dist.local_rank],
@@ -563,8 +626,11 @@ def main(argv=None):
             # with --max-minutes the decay ends at the planned last step, else at --epochs' end
             lr = get_lr(step, stop_step if budget_s else total_steps, warmup_steps, peak_lr)
             try:
-                loss_pre, loss_post = train_step(model, optimizer, micro_batches, lr, device_type,
-                                                 args.grad_clip)
+                if graphed is not None:
+                    loss_pre, loss_post = graphed(micro_batches, lr)
+                else:
+                    loss_pre, loss_post = train_step(model, optimizer, micro_batches, lr,
+                                                     device_type, args.grad_clip)
             except torch.OutOfMemoryError:
                 raise SystemExit(
                     f"out of {device_type} memory at step {step} with {micro_batch} sequences per "

@@ -503,8 +503,10 @@ def resume(run, ckpt_path, args):
     ckpt = utils.load_checkpoint(ckpt_path, expect_kind='tokenizer')
     utils.check_resume(ckpt, asdict(run.raw_model.config), vars(args), RESUME_MAY_CHANGE, ckpt_path)
     for module, key in ((run.raw_model, 'model'), (run.ema, 'ema'), (run.raw_disc, 'disc'),
-                        (run.lecam, 'lecam'), (run.opt_g, 'opt_g'), (run.opt_d, 'opt_d')):
+                        (run.lecam, 'lecam')):
         module.load_state_dict(ckpt[key])
+    for opt, key in ((run.opt_g, 'opt_g'), (run.opt_d, 'opt_d')):
+        utils.load_optimizer_state(opt, ckpt[key])  # with this run's --cuda-graph
     utils.set_rng_state(ckpt['rng'])
     return ckpt['step'], ckpt['epoch'], ckpt['batch_in_epoch'], ckpt.get('elapsed_s', 0.0)
 

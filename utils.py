@@ -310,6 +310,16 @@ def check_resume(ckpt, config, args, may_change, path):
                  {k: args.get(k, '<absent>') for k in names}, path)
 
 
+def load_optimizer_state(optimizer, state):
+    """optimizer.load_state_dict(state), keeping this run's `capturable` (--cuda-graph). The saved
+    param_groups carry the flag of the run that wrote them, and recording a step whose optimizer is
+    not capturable fails, so a run must be free to resume with or without --cuda-graph."""
+    capturable = [group.get('capturable', False) for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, flag in zip(optimizer.param_groups, capturable):
+        group['capturable'] = flag
+
+
 def rng_state():
     """Every RNG a training step draws on, as tensors and plain types (so that the checkpoint
     loads with weights_only=True)."""

@@ -438,3 +438,50 @@ def test_init_from_copies_the_weights_with_a_fresh_optimizer(files, tmp_path, mo
             train_gpt.main(argv(files, tmp_path / 'c', '--init-from', source))
     with pytest.raises(ValueError, match='not a gpt checkpoint'):
         train_gpt.main(argv(files, tmp_path / 'c', '--init-from', files['tokenizer']))
+
+
+def test_cuda_graph_flag_names_what_it_needs(files):
+    with pytest.raises(SystemExit, match='--cuda-graph needs one CUDA GPU'):
+        train_gpt.main(['--preset', 'tiny', '--device', 'cpu', '--cuda-graph',
+                        '--codes', 'unused'])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize('compiled', [False, True])
+def test_cuda_graph_step_equals_the_plain_one(compiled):
+    """--cuda-graph (GraphedStep): three plain warm-up steps, then one recording and replays that
+    follow the plain step's losses and weights under an lr schedule, two micro-batches each, with
+    dropout off (the noise of a replay is drawn differently). With dropout on, the replays draw
+    new noise: the same batch twice gives two losses."""
+    runs = []
+    for graph in (False, True):
+        torch.manual_seed(0)
+        model = GPT.from_preset('tiny', vocab_bits=8, block_size=16, num_classes=5, dropout=0.0,
+                                class_dropout=0.0).cuda()
+        optimizer = model.configure_optimizers(0.05, 1e-3, (0.9, 0.95), 'cuda', capturable=graph)
+        step_model = torch.compile(model) if compiled else model
+        graphed = train_gpt.GraphedStep(step_model, optimizer, 1.0) if graph else None
+        g = torch.Generator(device='cuda').manual_seed(0)
+        losses = []
+        for step in range(7):
+            batches = [(torch.randint(0, 256, (4, 16), device='cuda', generator=g),
+                        torch.randint(0, 5, (4,), device='cuda', generator=g)) for _ in range(2)]
+            lr = 1e-3 * 0.8 ** step
+            losses.append(graphed(batches, lr) if graph else
+                          train_gpt.train_step(step_model, optimizer, batches, lr, 'cuda'))
+        runs.append((losses, model, graphed))
+    (plain, m_plain, _), (replayed, m_graph, graphed) = runs
+    assert graphed.graph is not None
+    for a, b in zip(plain, replayed):
+        torch.testing.assert_close(torch.stack(a), torch.stack(b), rtol=1e-4, atol=1e-5)
+    for p, q in zip(m_plain.parameters(), m_graph.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    # dropout on: a replay of the same batch draws new masks
+    for module in m_graph.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.1
+    graphed.graph = None
+    graphed.calls = graphed.WARMUP
+    batches = [(t.clone(), l.clone()) for t, l in graphed.inputs]
+    first, second = graphed(batches, 0.0), graphed(batches, 0.0)  # lr 0: the weights stay
+    assert not torch.equal(torch.stack(first), torch.stack(second))

@@ -133,3 +133,22 @@ def test_setup_turns_on_expandable_segments_for_cuda_unless_set(monkeypatch, pre
          torch.backends.cudnn.benchmark) = switches
     assert dist.device == torch.device('cuda', 0)
     assert seen == [preset or 'expandable_segments:True']
+
+
+def test_load_optimizer_state_keeps_this_runs_capturable():
+    """A run resumed with --cuda-graph from a checkpoint written without it (and back) keeps its
+    own optimizer's `capturable`: load_state_dict alone takes the saved flag, and a step recorded
+    with capturable=False fails."""
+    param = torch.nn.Parameter(torch.randn(3))
+    param.grad = torch.randn(3)
+    writer = torch.optim.AdamW([param], lr=1e-3)  # capturable=False
+    writer.step()
+    state = writer.state_dict()
+    reader = torch.optim.AdamW([torch.nn.Parameter(torch.randn(3))], lr=5e-4, capturable=True)
+    utils.load_optimizer_state(reader, state)
+    assert reader.param_groups[0]['capturable'] is True
+    assert reader.param_groups[0]['lr'] == 1e-3  # the rest is the checkpoint's
+    assert torch.equal(reader.state[reader.param_groups[0]['params'][0]]['exp_avg'],
+                       writer.state[param]['exp_avg'])
+    reader.load_state_dict(state)  # what the helper replaces: the saved flag wins
+    assert reader.param_groups[0]['capturable'] is False
