@@ -474,14 +474,20 @@ def test_cuda_graph_step_equals_the_plain_one(compiled):
     assert graphed.graph is not None
     for a, b in zip(plain, replayed):
         torch.testing.assert_close(torch.stack(a), torch.stack(b), rtol=1e-4, atol=1e-5)
+    # compiled, the two runs' kernels may pick other reduction configurations (Inductor times
+    # them at the first call): Adam turns such rounding in near-zero gradients into up to a few
+    # percent of one step (lr 1e-3) in a few weights, hence 1e-4 there
+    atol = 1e-4 if compiled else 1e-5
     for p, q in zip(m_plain.parameters(), m_graph.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
-    # dropout on: a replay of the same batch draws new masks
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=atol)
+    # dropout on: a replay of the same batch draws new masks. A new recording, after warm-ups
+    # (compiled, the new dropout rate compiles anew, which must not happen during a recording)
     for module in m_graph.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.1
-    graphed.graph = None
-    graphed.calls = graphed.WARMUP
+    graphed.graph, graphed.calls = None, 0
     batches = [(t.clone(), l.clone()) for t, l in graphed.inputs]
-    first, second = graphed(batches, 0.0), graphed(batches, 0.0)  # lr 0: the weights stay
+    for _ in range(graphed.WARMUP + 1):  # warm-ups, then the recording and its first replay
+        graphed(batches, 0.0)  # lr 0: the weights stay
+    first, second = graphed(batches, 0.0), graphed(batches, 0.0)
     assert not torch.equal(torch.stack(first), torch.stack(second))
