@@ -46,6 +46,8 @@ Time budget: --max-minutes M ends the run within M minutes of wall clock, compil
              with a checkpoint: the last step is planned from the measured step rate at each log
              line, and the lr schedule (warm-up, plateau, linear decay) ends there. A short run
              wants a short --warmup-epochs. --epochs stays the upper bound.
+Faster:      --compile fuses the element-wise work; --cuda-graph (one CUDA GPU, one process) also replays the
+             whole step as a CUDA graph (GraphedStep), for small batches where the host is the limit.
 Fine-tune:   --init-from CKPT starts a new run (step 0, fresh AdamW state, the full lr schedule)
              from the weights of our GPT checkpoint or a released one (open-magvit2:AR_256_B.ckpt);
              the network built here (--preset, the data's classes and token grid) must match.
