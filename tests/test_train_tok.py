@@ -313,20 +313,23 @@ def test_max_minutes_reserve_follows_a_warm_evaluation(tmp_path, monkeypatch):
     most of the budget unused."""
     evaluate, calls = train_tok.evaluate, []
 
-    def slow_first(*args, **kwargs):  # 0.4 s more on the first call: a reserve of ~15 s from it
+    def slow_first(*args, **kwargs):  # 0.3 s more on the first call: a reserve of >= 12.6 s from it
         calls.append(1)
         if len(calls) == 1:
-            time.sleep(0.4)
+            time.sleep(0.3)
         return evaluate(*args, **kwargs)
     monkeypatch.setattr(train_tok, 'evaluate', slow_first)
-    out = str(tmp_path / 'run')
+    out, budget_min = str(tmp_path / 'run'), 0.45  # 27 s
     t0 = time.time()
-    train_tok.main(FAST + ['--max-steps', '100000', '--max-minutes', '0.35', '--eval-every', '5',
-                           '--out', out])
-    assert time.time() - t0 < 0.35 * 60 + 5
+    # an evaluation every 2 steps: the first warm one comes before the first reserve (>= 12.6 s of
+    # 27, with a few seconds of start-up on a slow machine) has stopped the run
+    train_tok.main(FAST + ['--max-steps', '100000', '--max-minutes', str(budget_min),
+                           '--eval-every', '2', '--out', out])
+    assert time.time() - t0 < budget_min * 60 + 5
     rows = read_log(out)
-    # with the first evaluation's reserve the run would stop after about 5 of its 21 s
-    assert 0.6 * 0.35 < float(rows[-1]['minutes']) < 0.35
+    # the first evaluation's reserve alone would stop the run before 27 - 12.6 = 14.4 s (0.53 of
+    # the budget); the warm ones (8 images, ~0.1 s: a reserve of ~5 s) let it run to ~22 s
+    assert 0.65 * budget_min < float(rows[-1]['minutes']) < budget_min
     assert rows[-1]['psnr'] and len(calls) > 3
 
 
