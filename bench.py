@@ -4,10 +4,11 @@ beside the original Open-MAGVIT2 code's speed on the same rows (OFFICIAL below).
 
     python bench.py                      # all rows, prints a table and writes out/bench.json
     python bench.py --rows entropy,gpt   # some rows
-    python bench.py --rows attention     # gpt.py's two attention choices alone (pair_attention, additive mask)
-    python bench.py --compile            # torch.compile the tokenizer and the GPT train step as well
-    python bench.py --rows sample --profile   # and the GPU kernels that take the time, per row (out/bench_profile.txt)
-    torchrun --standalone --nproc_per_node=2 bench.py --rows allreduce   # the GPU-to-GPU link (DDP's gradients)
+    python bench.py --rows attention     # gpt.py's attention choices alone (pair_attention, masks)
+    python bench.py --compile            # torch.compile the tokenizer and the GPT step as well
+    python bench.py --rows sample --profile   # and the GPU kernels that take the time, per row
+                                              # (out/bench_profile.txt)
+    torchrun --standalone --nproc_per_node=2 bench.py --rows allreduce   # the GPU-to-GPU link
 
 Each row is timed with CUDA events after warm-up: the median of >= 10 repetitions (sampling: of 3
 full runs). MFU is model FLOPs per second over the chip's datasheet bf16 peak (utils.peak_flops),
@@ -148,7 +149,8 @@ def write_random_lpips(folder):
         index, in_ch = index + 2, v
     paths = os.path.join(folder, 'vgg16.pth'), os.path.join(folder, 'lin.pth')
     torch.save(vgg, paths[0])
-    torch.save({f'lin{i}.model.1.weight': torch.rand(1, c, 1, 1) for i, c in enumerate(TAP_CHANNELS)}, paths[1])
+    torch.save({f'lin{i}.model.1.weight': torch.rand(1, c, 1, 1)
+                for i, c in enumerate(TAP_CHANNELS)}, paths[1])
     return paths
 
 
@@ -200,8 +202,8 @@ def bench_tokenizer_step(name, preset, image_size, batch, dist, weights_dir, com
     argv = ['--preset', preset, '--device', 'cuda', '--batch-size', str(batch), '--image-size',
             str(image_size),
             '--channels-last', '--vgg-weights', os.path.join(weights_dir, 'vgg16.pth'),
-            '--lpips-weights', os.path.join(weights_dir, 'lin.pth')] + ([] if perceptual else
-                                                                          ['--perceptual-weight', '0'])
+            '--lpips-weights', os.path.join(weights_dir, 'lin.pth')]
+    argv += [] if perceptual else ['--perceptual-weight', '0']
     argv += ['--cuda-graph'] if cuda_graph else []  # steps 0-2 eager, then replays
     args = train_tok.get_args(argv)
     x = torch.rand(batch, 3, image_size, image_size, device='cuda') * 2 - 1
@@ -280,7 +282,8 @@ def bench_encode(batch, compile_model):
     """Returns images/s, peak GiB, and the tokenizer, its encode / decode compiled when
     compile_model is set. Eager, most of the encoder's GPU time goes to GroupNorm, swish and layout
     copies, which torch.compile fuses around the convolutions."""
-    model = tokenizer_module.Tokenizer.from_preset('imagenet256').cuda().eval().to(memory_format=torch.channels_last)
+    model = tokenizer_module.Tokenizer.from_preset('imagenet256').cuda().eval()
+    model = model.to(memory_format=torch.channels_last)
     if compile_model:
         # Dynamo's default, as train_gpt.py: fixed sizes for the first batch (64 here), and for a
         # later batch size (24 on the fly, 50 and 64 when decoding) one recompile with the batch
@@ -365,8 +368,9 @@ def bench_attention():
     """The two attention choices of gpt.py, alone, in bf16: (1) the intra blocks' pairs at the B
     step, batch 64 ((64 x 256, 16, 2, 64), forward + backward): F.scaled_dot_product_attention vs.
     gpt.pair_attention, compiled as in the compiled training step (eager, its element-wise products
-    are materialised, which only torch.compile fuses away); (2) one decoding position at batch 256 with CFG (512 rows, 256 cache slots):
-    boolean vs. additive mask, over all 256 slots and over the first 32 to 224.
+    are materialised, which only torch.compile fuses away); (2) one decoding position at batch 256
+    with CFG (512 rows, 256 cache slots): boolean vs. additive mask, over all 256 slots and over
+    the first 32 to 224.
     Returns {name: ms}."""
     results = {}
     q, k, v = (torch.randn(64 * 256, 16, 2, 64, device='cuda', dtype=torch.bfloat16,
@@ -374,7 +378,8 @@ def bench_attention():
                for _ in range(3))
     grad = torch.randn_like(q)
     pair_attention = torch.compile(gpt_module.pair_attention)
-    pair = {'pair_sdpa': lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad),
+    pair = {'pair_sdpa':
+            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad),
             'pair_written_out': lambda: pair_attention(q, k, v).backward(grad)}
     with utils.autocast('cuda'):
         for name, fn in pair.items():
@@ -463,10 +468,11 @@ def main():
                         help="batches of the GPT step rows (the on-the-fly row "
                         "runs when 24 is one of them)")
     parser.add_argument('--profile', nargs='?', const='', default=None,
-                        help="print the top GPU kernels of each "
-                        "row (or of the rows whose names contain one of these comma-separated strings)")
+                        help="print the top GPU kernels of each row (or of the rows whose names "
+                        "contain one of these comma-separated strings)")
     parser.add_argument('--out', default='out/bench.json')
     args = parser.parse_args()
+    start = time.time()  # the whole run: set-up, every row, compiles included
     if args.profile is not None:
         PROFILE.update(names=args.profile.split(','),
                        path=os.path.splitext(args.out)[0] + '_profile.txt')
@@ -489,6 +495,7 @@ def main():
 
     def report(key, value, unit, **extra):
         results[key] = dict(value=value, unit=unit, **extra)
+        results['seconds_so_far'] = time.time() - start  # all rows until this one, compiles included
         official = f"  official {OFFICIAL[key]:g}" if key in OFFICIAL else ''
         more = ' '.join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in extra.items())
@@ -602,7 +609,7 @@ def main():
         diff = ((on['pool'] - off['pool']).abs().max() / off['pool'].abs().max()).item()
         report('fid_features_tf32', on['images_per_s'], 'img/s', fp32_img_per_s=off['images_per_s'],
                max_rel_feature_diff=diff)
-    utils.print0(f"wrote {args.out}")
+    utils.print0(f"wrote {args.out}; all rows in {time.time() - start:.0f} s")
     utils.cleanup()
 
 

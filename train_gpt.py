@@ -46,8 +46,9 @@ Time budget: --max-minutes M ends the run within M minutes of wall clock, compil
              with a checkpoint: the last step is planned from the measured step rate at each log
              line, and the lr schedule (warm-up, plateau, linear decay) ends there. A short run
              wants a short --warmup-epochs. --epochs stays the upper bound.
-Faster:      --compile fuses the element-wise work; --cuda-graph (one CUDA GPU, one process) also replays the
-             whole step as a CUDA graph (GraphedStep), for small batches where the host is the limit.
+Faster:      --compile fuses the element-wise work; --cuda-graph (one CUDA GPU, one process) also
+             replays the whole step as a CUDA graph (GraphedStep), for small batches where the
+             host is the limit.
 Fine-tune:   --init-from CKPT starts a new run (step 0, fresh AdamW state, the full lr schedule)
              from the weights of our GPT checkpoint or a released one (open-magvit2:AR_256_B.ckpt);
              the network built here (--preset, the data's classes and token grid) must match.
@@ -76,11 +77,11 @@ from gpt import PRESETS as GPT_PRESETS
 from quantizer import split_indices
 from sample import generate_images
 from tokenizer import Tokenizer
-from utils import (DEVICES, OFFICIAL_PREFIX, CSVLog, all_reduce_mean, all_reduce_sum, autocast,
-                   barrier, check_config, check_kind, check_resume, cleanup, load_checkpoint,
-                   load_optimizer_state, peak_flops, peak_memory_gib, plan_last_step,
-                   prepare_run_folder, print0, rng_state, save_checkpoint, save_image_grid,
-                   set_rng_state, setup, weights_checksum)
+from utils import (DEVICES, OFFICIAL_PREFIX, CSVLog, CUDAGraphed, all_reduce_mean, all_reduce_sum,
+                   autocast, barrier, check_config, check_kind, check_resume, cleanup,
+                   load_checkpoint, load_optimizer_state, peak_flops, peak_memory_gib,
+                   plan_last_step, prepare_run_folder, print0, rng_state, save_checkpoint,
+                   save_image_grid, set_rng_state, setup, weights_checksum)
 
 # -----------------------------------------------------------------------------
 # the learning-rate schedule and one optimisation step
@@ -131,57 +132,27 @@ def train_step(model, optimizer, micro_batches, lr, device_type, grad_clip=1.0):
     return loss_pre, loss.detach() - loss_pre
 
 
-class GraphedStep:
-    """--cuda-graph: train_step recorded once as a CUDA graph, then replayed for every step, as
-    train_tok.py's GraphedUpdate. The compiled B step at batch 24 needs longer on the host to launch
-    its forward, backward, clipping and AdamW kernels one by one than the GPU needs to run them
-    (bench.py --rows gpt --gpt-batches 24 --compile --profile gpt_B_step); a replay launches them
-    all in one call. The recorded kernels read fixed memory: the batch is copied into input
-    buffers, the learning rate is a GPU tensor filled in place and AdamW is capturable (its step
-    count lives on the GPU). The first WARMUP calls run the plain step on a side stream, as
-    capture requires (torch.compile compiles there). Dropout and class dropout draw from the CUDA
-    generator, which the graph advances on every replay as the plain step would."""
-    WARMUP = 3
+class GraphedStep(CUDAGraphed):
+    """--cuda-graph: train_step recorded once as a CUDA graph, then replayed for every step
+    (CUDAGraphed from utils.py, as train_tok.py's GraphedUpdate). The compiled B step at batch 24
+    needs longer on the host to launch its forward, backward, clipping and AdamW kernels one by one
+    than the GPU needs to run them (bench.py --rows gpt --gpt-batches 24 --compile --profile
+    gpt_B_step). Each micro-batch's tokens and labels are copied into the graph's input buffers;
+    the learning rate is self.lr, a GPU tensor filled in place; AdamW is capturable. Every step
+    has the same shapes: the loader drops each epoch's short last batch."""
 
     def __init__(self, model, optimizer, grad_clip):
-        self.model, self.optimizer, self.grad_clip = model, optimizer, grad_clip
-        self.calls, self.graph, self.inputs, self.losses = 0, None, None, None
         self.lr = torch.tensor(0.0, device='cuda')
-        self.side = torch.cuda.Stream()
+
+        def step(*tensors):  # tokens, labels of the first micro-batch, then of the next, ...
+            micro_batches = list(zip(tensors[0::2], tensors[1::2]))
+            return train_step(model, optimizer, micro_batches, self.lr, 'cuda', grad_clip)
+        super().__init__(step, [optimizer])
 
     def __call__(self, micro_batches, lr):
         """micro_batches and the result as train_step's; lr a float."""
         self.lr.fill_(lr)  # an asynchronous copy to the GPU, no host sync
-        self.calls += 1
-        if self.calls <= self.WARMUP:
-            self.side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.side):
-                losses = train_step(self.model, self.optimizer, micro_batches, self.lr, 'cuda',
-                                    self.grad_clip)
-            torch.cuda.current_stream().wait_stream(self.side)
-            return losses
-        if self.graph is None:  # record: runs nothing, the replay below does the step
-            self.inputs = [(tokens.clone(), labels.clone()) for tokens, labels in micro_batches]
-            self.optimizer.zero_grad(set_to_none=True)  # the gradients get the graph's memory
-            self.graph = torch.cuda.CUDAGraph()
-            try:
-                # thread_local: the loader's pin-memory thread keeps calling CUDA meanwhile
-                with torch.cuda.graph(self.graph, capture_error_mode='thread_local'):
-                    self.losses = train_step(self.model, self.optimizer, self.inputs, self.lr,
-                                             'cuda', self.grad_clip)
-            except RuntimeError as e:  # a kernel refused capture
-                first_line = str(e).strip().split('\n')[0] or type(e).__name__
-                raise SystemExit(f"--cuda-graph: recording the training step as a CUDA graph failed "
-                                 f"({first_line}); rerun without --cuda-graph (add --resume if "
-                                 f"a checkpoint was written)") from e
-            torch.cuda.empty_cache()  # the warm-ups' activations, cached for the side stream
-        # every step has the same shapes: the loader drops each epoch's short last batch
-        for (tokens, labels), (t_in, l_in) in zip(micro_batches, self.inputs):
-            t_in.copy_(tokens)
-            l_in.copy_(labels)
-        self.graph.replay()
-        # copies: the next replay overwrites the graph's outputs
-        return tuple(loss.clone() for loss in self.losses)
+        return super().__call__(*[t for pair in micro_batches for t in pair])
 
 
 # -----------------------------------------------------------------------------

@@ -331,55 +331,16 @@ def update_g_and_d(x, run, args):
             **d_parts}  # d_hinge, d_lecam (D's two terms), logits_real, logits_fake
 
 
-class GraphedUpdate:
+class GraphedUpdate(utils.CUDAGraphed):
     """--cuda-graph: update_g_and_d recorded once as a CUDA graph, then replayed for every batch
-    of the same shape. At batch 8 the host needs longer to launch an iteration's kernels one by one
-    than the GPU to run them (bench.py --rows tok_step_256_b8 --profile); a replay launches them
-    all in one call. The recorded kernels read fixed memory, so the batch is copied
-    into one input buffer, the learning rate is a GPU tensor (set_lr) and Adam is capturable. The
-    first WARMUP calls run the plain step on a side stream, as capture requires (and compile
-    there); a batch of another shape (a short last batch) runs the plain step too."""
-    WARMUP = 3
+    of the same shape (utils.CUDAGraphed). At batch 8 the host needs longer to launch an
+    iteration's kernels one by one than the GPU to run them (bench.py --rows tok_step_256_b8
+    --profile). The batch is copied into the graph's input buffer; the learning rate of both
+    optimisers is self.lr, a GPU tensor that set_lr fills in place; Adam is capturable."""
 
     def __init__(self, run, args):
-        self.run, self.args = run, args
-        self.calls, self.graph, self.x, self.losses = 0, None, None, None
-        self.lr = torch.tensor(args.lr, device='cuda')  # both optimisers' (set_lr)
-        self.side = torch.cuda.Stream()
-
-    def __call__(self, x):
-        self.calls += 1
-        if self.calls <= self.WARMUP:
-            self.side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.side):
-                losses = update_g_and_d(x, self.run, self.args)
-            torch.cuda.current_stream().wait_stream(self.side)
-            return losses
-        if self.graph is None:  # record: runs nothing, the replay below does the step
-            self.x = x.clone()  # (B, 3, H, W), x's memory format
-            self.run.opt_g.zero_grad(set_to_none=True)  # the gradients get the graph's memory
-            self.run.opt_d.zero_grad(set_to_none=True)
-            self.graph = torch.cuda.CUDAGraph()
-            try:
-                # thread_local: the data loader's pin-memory thread keeps calling CUDA (pinned
-                # buffers, event queries) while this thread records. In the default 'global' mode
-                # such a call from any thread invalidates the recording; thread_local checks only
-                # this thread's calls
-                with torch.cuda.graph(self.graph, capture_error_mode='thread_local'):
-                    self.losses = update_g_and_d(self.x, self.run, self.args)
-            except RuntimeError as e:  # (torch.AcceleratorError is one): a kernel refused capture
-                first_line = str(e).strip().split('\n')[0] or type(e).__name__
-                raise SystemExit(f"--cuda-graph: recording the training step as a CUDA graph failed "
-                                 f"({first_line}); rerun without --cuda-graph (add --resume if "
-                                 f"a checkpoint was written)") from e
-            # the warm-ups' freed activations stay cached for the side stream only: release them
-            torch.cuda.empty_cache()
-        if x.shape != self.x.shape or x.stride() != self.x.stride():
-            return update_g_and_d(x, self.run, self.args)
-        self.x.copy_(x)
-        self.graph.replay()
-        # copies: the next replay overwrites the graph's outputs, and the caller sums these
-        return {k: v.clone() for k, v in self.losses.items()}
+        self.lr = torch.tensor(args.lr, device='cuda')
+        super().__init__(lambda x: update_g_and_d(x, run, args), [run.opt_g, run.opt_d])
 
 
 # -----------------------------------------------------------------------------

@@ -172,6 +172,70 @@ def weights_checksum(module):
 
 
 # -----------------------------------------------------------------------------
+# --cuda-graph: one training step recorded once, replayed for every batch (both trainers)
+
+
+class CUDAGraphed:
+    """fn(*inputs) recorded once as a CUDA graph, then replayed. For small batches the host needs
+    longer to launch a step's kernels one by one than the GPU needs to run them; a replay launches
+    them all in one call. The recorded kernels read and write fixed memory, so:
+    - each call's inputs (tensors) are copied into input buffers that the graph reads;
+    - whatever else changes between steps (the learning rate) must be a GPU tensor that the caller
+      fills in place, and the optimisers must be capturable (their step count on the GPU);
+    - the outputs (a dict or tuple of tensors) are the graph's own memory, so each call returns
+      copies: the next replay overwrites them.
+    The first WARMUP calls run fn itself on a side stream, as capture requires (torch.compile
+    compiles there, cuDNN and cuBLAS pick their kernels). Inputs of another shape or layout (a short
+    last batch) also run fn itself. Random numbers (dropout) come from the CUDA generator, which
+    every replay advances as a plain call would. optimizers: their gradients are set to None before
+    recording, so that the graph allocates them in its own memory pool."""
+    WARMUP = 3
+
+    def __init__(self, fn, optimizers=()):
+        self.fn, self.optimizers = fn, list(optimizers)
+        self.calls, self.graph, self.inputs, self.outputs = 0, None, None, None
+        self.side = torch.cuda.Stream()
+
+    def __call__(self, *inputs):
+        self.calls += 1
+        if self.calls <= self.WARMUP:
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
+                outputs = self.fn(*inputs)
+            torch.cuda.current_stream().wait_stream(self.side)
+            return outputs
+        if self.graph is None:  # record: runs nothing, the replay below does the step
+            self.record(inputs)
+        if any(x.shape != b.shape or x.stride() != b.stride() for x, b in zip(inputs, self.inputs)):
+            return self.fn(*inputs)
+        for x, buffer in zip(inputs, self.inputs):
+            buffer.copy_(x)
+        self.graph.replay()
+        if isinstance(self.outputs, dict):
+            return {k: v.clone() for k, v in self.outputs.items()}
+        return tuple(v.clone() for v in self.outputs)
+
+    def record(self, inputs):
+        self.inputs = [x.clone() for x in inputs]  # clone keeps each input's memory format
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        self.graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: the data loader's pin-memory thread keeps calling CUDA (pinned buffers,
+            # event queries) while this thread records. In the default 'global' mode such a call
+            # from any thread invalidates the recording; thread_local checks only this thread's
+            with torch.cuda.graph(self.graph, capture_error_mode='thread_local'):
+                self.outputs = self.fn(*self.inputs)
+        except RuntimeError as e:  # (torch.AcceleratorError is one): a kernel refused capture
+            first_line = str(e).strip().split('\n')[0] or type(e).__name__
+            raise SystemExit(f"--cuda-graph: recording the training step as a CUDA graph failed "
+                             f"({first_line}); rerun without --cuda-graph (add --resume if a "
+                             f"checkpoint was written)") from e
+        # the warm-ups' freed activations stay cached for the side stream only: release them
+        torch.cuda.empty_cache()
+
+
+# -----------------------------------------------------------------------------
 # pretrained weights (LPIPS's VGG16 and heads, FID's Inception): one cache
 # folder, one checked download
 

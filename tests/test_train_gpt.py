@@ -440,7 +440,7 @@ def test_init_from_copies_the_weights_with_a_fresh_optimizer(files, tmp_path, mo
         train_gpt.main(argv(files, tmp_path / 'c', '--init-from', files['tokenizer']))
 
 
-def test_cuda_graph_flag_names_what_it_needs(files):
+def test_cuda_graph_flag_names_what_it_needs():
     with pytest.raises(SystemExit, match='--cuda-graph needs one CUDA GPU'):
         train_gpt.main(['--preset', 'tiny', '--device', 'cpu', '--cuda-graph',
                         '--codes', 'unused'])
@@ -486,7 +486,7 @@ def test_cuda_graph_step_equals_the_plain_one(compiled):
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.1
     graphed.graph, graphed.calls = None, 0
-    batches = [(t.clone(), l.clone()) for t, l in graphed.inputs]
+    batches = [(t.clone(), l.clone()) for t, l in zip(graphed.inputs[0::2], graphed.inputs[1::2])]
     for _ in range(graphed.WARMUP + 1):  # warm-ups, then the recording and its first replay
         graphed(batches, 0.0)  # lr 0: the weights stay
     first, second = graphed(batches, 0.0), graphed(batches, 0.0)

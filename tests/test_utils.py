@@ -152,3 +152,28 @@ def test_load_optimizer_state_keeps_this_runs_capturable():
                        writer.state[param]['exp_avg'])
     reader.load_state_dict(state)  # what the helper replaces: the saved flag wins
     assert reader.param_groups[0]['capturable'] is False
+
+
+def test_cuda_graph_capture_failure_names_the_flag(monkeypatch):
+    """A step that cannot be recorded (e.g. a cuDNN error during capture) ends the run with a
+    message that names --cuda-graph, not a CUDA traceback; the optimisers' gradients were set to
+    None first, so that the graph would have allocated them. CPU: the graph API is replaced."""
+    import contextlib
+    from types import SimpleNamespace
+
+    @contextlib.contextmanager
+    def failing_capture(graph, capture_error_mode):
+        assert capture_error_mode == 'thread_local'  # the loader's thread may call CUDA meanwhile
+        yield
+        raise RuntimeError("CUDA error: operation failed due to a previous error during capture\nmore")
+    monkeypatch.setattr(torch.cuda, 'CUDAGraph', lambda: None)
+    monkeypatch.setattr(torch.cuda, 'graph', failing_capture)
+    monkeypatch.setattr(torch.cuda, 'Stream', lambda: None)  # no GPU
+    zeroed, seen = [], []
+    optimiser = SimpleNamespace(zero_grad=lambda set_to_none: zeroed.append(set_to_none))
+    graphed = utils.CUDAGraphed(lambda x: seen.append(x.shape) or {}, [optimiser, optimiser])
+    graphed.calls = graphed.WARMUP  # the warm-ups are over: the next call records
+    with pytest.raises(SystemExit, match=r'--cuda-graph: .*previous error during capture\); '
+                                         r'rerun without --cuda-graph'):
+        graphed(torch.zeros(2, 3, 8, 8))
+    assert zeroed == [True, True] and seen == [(2, 3, 8, 8)]  # fn ran inside the capture
