@@ -26,6 +26,7 @@ import glob
 import io
 import json
 import os
+import signal
 import sys
 
 import numpy as np
@@ -276,6 +277,14 @@ class EpochSampler(torch.utils.data.Sampler):
         # world size
         order = order[:self.n // self.world_size * self.world_size][self.rank::self.world_size]
         return iter([(self.epoch, i) for i in order[self.start:]])
+
+
+def ignore_stop_signals(worker_id):
+    """worker_init_fn of the trainers' DataLoaders: a worker ignores Ctrl-C and SIGTERM, which the
+    training process answers with a checkpoint (utils.StopOnSignal); a worker that died of them
+    would end the run first. The workers still exit with the training process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def collate_skip_bad(batch):

@@ -77,8 +77,8 @@ from gpt import PRESETS as GPT_PRESETS
 from quantizer import split_indices
 from sample import generate_images
 from tokenizer import Tokenizer
-from utils import (DEVICES, OFFICIAL_PREFIX, CSVLog, CUDAGraphed, all_reduce_mean, all_reduce_sum,
-                   autocast, barrier, check_config, check_kind, check_resume, cleanup,
+from utils import (DEVICES, OFFICIAL_PREFIX, CSVLog, CUDAGraphed, StopOnSignal, all_reduce_mean,
+                   all_reduce_sum, autocast, barrier, check_config, check_kind, check_resume, cleanup,
                    load_checkpoint, load_optimizer_state, peak_flops, peak_memory_gib,
                    plan_last_step, prepare_run_folder, print0, rng_state, save_checkpoint,
                    save_image_grid, set_rng_state, setup, weights_checksum)
@@ -455,7 +455,8 @@ def main(argv=None):
                                          num_workers=args.num_workers,
                                          drop_last=True, pin_memory=device_type == 'cuda',
                                          generator=torch.Generator(),
-                                         collate_fn=None if args.codes else data.collate_skip_bad)
+                                         collate_fn=None if args.codes else data.collate_skip_bad,
+                                         worker_init_fn=data.ignore_stop_signals)
     # full global batches only: the sampler and drop_last drop each epoch's tail
     steps_per_epoch = len(dataset) // dist.world_size // (micro_batch * args.grad_accum)
     if steps_per_epoch == 0:
@@ -520,17 +521,17 @@ def main(argv=None):
         log.write({'step': step, 'epoch': epoch, **{name: f'{v:.6f}' for name, v in zip(
             fields[-4:], (ce_pre, ce_post, bits_pre, bits_post))}})
 
-    def evaluate_and_save():
-        """Sample a grid of the fixed classes (own RNG, so training randomness is untouched) and
-        checkpoint."""
-        if val is not None:
+    def evaluate_and_save(evaluate=True):
+        """The held-out loss, a grid of the fixed classes (own RNG, so training randomness is
+        untouched) and a checkpoint; evaluate=False: the checkpoint alone."""
+        if evaluate and val is not None:
             log_held_out()
         rngs = [rng_state()]
         if dist.ddp:  # every rank's RNG, for an exact resume
             rngs = [None] * dist.world_size
             torch_dist.all_gather_object(rngs, rng_state())
         if dist.is_main:
-            if tokenizer is not None:
+            if evaluate and tokenizer is not None:
                 classes = [int(c) % dataset.num_classes for c in args.sample_classes.split(',')]
                 # 4 samples per class, a row each
                 labels = torch.tensor(classes, device=device).repeat_interleave(4)
@@ -564,6 +565,7 @@ def main(argv=None):
     # --max-steps ends the run early; the lr schedule stays that of --epochs
     stop_step = max_stop = min(args.max_steps or total_steps, total_steps)
     progress = tqdm(total=stop_step, initial=step, disable=not dist.is_main, dynamic_ncols=True)
+    stop = StopOnSignal()  # Ctrl-C, SIGTERM: a checkpoint after the step, then exit
     held_out_start = time.time()
     if val is not None and step == 0:
         log_held_out()  # the "before" number (from scratch: log 64 and log 4096, zero heads)
@@ -639,6 +641,10 @@ def main(argv=None):
                 # go back to
                 if not math.isfinite(loss_pre + loss_post):
                     raise RuntimeError(f"loss is {loss_pre + loss_post} at step {step}; lower --lr or check the data")
+            if stop.agreed(step, device):  # no evaluation: the grace period may be short
+                evaluate_and_save(evaluate=False)
+                progress.close()
+                stop.exit(step, ckpt_path)
             if step % args.eval_every == 0 or step == stop_step:
                 evaluate_and_save()
             # --max-steps may end mid-epoch: the checkpoint above records the position
@@ -646,6 +652,7 @@ def main(argv=None):
                 break
         epoch, batch_in_epoch = epoch + 1, 0
     progress.close()
+    stop.restore()
     print0(f"done: {step} steps in {time.time() - start_time:.0f}s; checkpoint {ckpt_path}, "
            f"samples {os.path.join(args.out, f'samples_step{step}.png') if tokenizer else '(no --tokenizer)'}"
            + (f"; peak memory {peak_memory_gib(device_type):.2f} GiB on rank 0" if device_type != 'cpu' else ''))

@@ -61,7 +61,8 @@ from tqdm import tqdm
 import fid
 import tokenizer
 import utils
-from data import EpochSampler, build_dataset, check_bad_fraction, collate_skip_bad
+from data import (EpochSampler, build_dataset, check_bad_fraction, collate_skip_bad,
+                  ignore_stop_signals)
 from losses import LeCAM, PatchDiscriminator, d_loss, load_lpips, non_saturating_g_loss
 from quantizer import indices_to_codes
 
@@ -365,7 +366,8 @@ def evaluate(ema, val_set, args, dist, step, num_images=None):
     loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size // dist.world_size,
                                          num_workers=args.num_workers,
                                          sampler=range(dist.rank, n, dist.world_size),
-                                         collate_fn=collate_skip_bad)
+                                         collate_fn=collate_skip_bad,
+                                         worker_init_fn=ignore_stop_signals)
     num_bits = ema.config.num_bits
     seen = torch.zeros(2 ** num_bits, device=dist.device)  # 1 for every code that occurs
     # tokens with bit k = 1; token count
@@ -518,7 +520,8 @@ def main(argv=None):
                                          drop_last=True, num_workers=args.num_workers,
                                          collate_fn=collate_skip_bad,
                                          pin_memory=dist.device_type == 'cuda',
-                                         persistent_workers=args.num_workers > 0)
+                                         persistent_workers=args.num_workers > 0,
+                                         worker_init_fn=ignore_stop_signals)
     # full global batches only (drop_last)
     steps_per_epoch = len(train_set) // args.batch_size
     max_steps = args.max_steps or args.epochs * steps_per_epoch
@@ -573,6 +576,7 @@ def main(argv=None):
 
     run.model.train()
     pbar = tqdm(total=max_steps, initial=step, disable=not dist.is_main, dynamic_ncols=True)
+    stop = utils.StopOnSignal()  # Ctrl-C, SIGTERM: a checkpoint after the step, then exit
     sums, num_summed, images_seen, num_bad, num_seen, t0 = {}, 0, 0, 0, 0, time.time()
     while step < planned_steps:
         sampler.set_epoch(epoch, start=batch_in_epoch * micro_batch)
@@ -629,6 +633,10 @@ def main(argv=None):
                     rate = num_summed / (time.time() - t0)  # steps per second
                     planned_steps = utils.plan_last_step(step, left_s, rate, max_steps, dist)
                 sums, num_summed, images_seen, t0 = {}, 0, 0, time.time()
+            if stop.agreed(step, dist.device):  # no evaluation: the grace period may be short
+                save()
+                pbar.close()
+                stop.exit(step, ckpt_path)
             last = step >= planned_steps
             t_pause = time.time()  # evaluation and checkpoints do not count in img/s
             if step % args.eval_every == 0 or last:  # the last evaluation uses every held-out image
@@ -647,6 +655,7 @@ def main(argv=None):
         else:  # the epoch ran out (no break)
             epoch, batch_in_epoch = epoch + 1, 0
     pbar.close()
+    stop.restore()
     if num_bad:
         utils.print0(f"skipped {num_bad} unreadable images of {num_seen} (see the warnings above)")
     memory = f"; peak memory {utils.peak_memory_gib(dist.device_type):.2f} GiB on rank 0"

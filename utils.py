@@ -16,6 +16,9 @@ import hashlib
 import os
 import pickle
 import random
+import signal
+import sys
+import threading
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -92,6 +95,57 @@ def cleanup():
         # leave together: a rank exiting while another still communicates makes gloo abort
         dist.barrier()
         dist.destroy_process_group()
+
+
+class StopOnSignal:
+    """Ctrl-C (SIGINT) or SIGTERM (a cluster's preemption or time limit; torchrun passes both on to
+    its workers) during training: instead of dying mid-step and losing every step since the last
+    checkpoint, the trainer finishes the step, writes a checkpoint and exits with 128 + the
+    signal's number; the same command with --resume continues exactly. A second signal stops at
+    once. Every rank must stop at the same step: under DDP the ranks agree every CHECK_EVERY steps
+    (one all-reduce of one number, and a host sync), so the stop comes within CHECK_EVERY steps;
+    one process checks at every step. The DataLoader workers ignore both signals
+    (data.ignore_stop_signals): a terminal sends Ctrl-C to them too, and one that died would end
+    the run before its checkpoint."""
+    CHECK_EVERY = 10
+
+    def __init__(self):
+        self.signum, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():  # (handlers: main thread only)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signum is not None:  # the second one
+            self.restore()
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping with a checkpoint after this step "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def agreed(self, step, device):
+        """True on every rank at the same step once any rank received a signal."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.signum is not None
+        if step % self.CHECK_EVERY:
+            return False
+        flag = torch.tensor([float(self.signum is not None)], device=device)
+        dist.all_reduce(flag)
+        return flag.item() > 0
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def exit(self, step, ckpt_path):
+        """After the checkpoint: leave the process group together, say how to go on, and exit."""
+        self.restore()
+        cleanup()
+        signum = self.signum or signal.SIGTERM  # (another rank received it)
+        print0(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint {ckpt_path}: "
+               "the same command with --resume continues")
+        raise SystemExit(128 + signum)
 
 
 def autocast(device_type):

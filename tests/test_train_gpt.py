@@ -8,6 +8,7 @@ weights or data and skips unreadable images; --init-from copies weights."""
 import io
 import os
 import shutil
+import signal
 import time
 from dataclasses import asdict
 
@@ -248,6 +249,71 @@ def test_ddp_gloo_two_processes_keep_identical_weights(files, tmp_path):
     assert rank0['head_post.weight'].abs().sum() > 0  # trained: the zero-initialised head moved
     # each rank's RNG, for --resume
     assert len(load_checkpoint(tmp_path / 'ddp' / 'ckpt.pt', 'gpt')['rng']) == 2
+
+
+def test_sigterm_stops_with_a_checkpoint_that_resumes_exactly(files, tmp_path, monkeypatch):
+    """SIGTERM (a cluster's preemption, or torchrun passing on Ctrl-C) during step 7: the step
+    finishes, a checkpoint of step 7 is written without an evaluation, the run exits with 143
+    (128 + SIGTERM) and restores the signal handlers; --resume then ends exactly where an
+    uninterrupted run ends."""
+    common = ('--epochs', '3', '--eval-every', '3')  # 12 steps
+    train_gpt.main(argv(files, tmp_path / 'full', *common))
+    real_step, calls = train_gpt.train_step, []
+
+    def preempted_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs here, in the main thread
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_gpt, 'train_step', preempted_step)
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        train_gpt.main(argv(files, tmp_path / 'resumed', *common))
+    monkeypatch.undo()
+    assert stopped.value.code == 128 + signal.SIGTERM and len(calls) == 7
+    assert signal.getsignal(signal.SIGTERM) is handler
+    ckpt = load_checkpoint(tmp_path / 'resumed' / 'ckpt.pt', 'gpt')
+    assert (ckpt['step'], ckpt['epoch'], ckpt['batch_in_epoch']) == (7, 1, 3)
+    assert not (tmp_path / 'resumed' / 'samples_step7.png').exists()  # no evaluation
+    train_gpt.main(argv(files, tmp_path / 'resumed', *common, '--resume'))
+    full, resumed = (load_checkpoint(tmp_path / run / 'ckpt.pt', 'gpt') for run in ('full', 'resumed'))
+    assert resumed['step'] == full['step'] == 12
+    assert all(torch.equal(full['model'][k], resumed['model'][k]) for k in full['model'])
+
+
+def _ddp_signal_worker(rank, args, port, out):
+    """Rank 1 alone receives SIGTERM during its step 3; both ranks must stop at the same step."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2', MASTER_ADDR='127.0.0.1',
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    real_step, calls = train_gpt.train_step, []
+
+    def step(*a, **k):
+        calls.append(1)
+        if rank == 1 and len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*a, **k)
+    train_gpt.train_step = step
+    try:
+        train_gpt.main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    with open(os.path.join(out, f'rank{rank}.txt'), 'w') as f:
+        f.write(f'{code} {len(calls)}')
+    os._exit(0)  # as _ddp_worker
+
+
+def test_ddp_ranks_agree_on_the_step_to_stop_at(files, tmp_path):
+    """Under DDP the ranks agree every StopOnSignal.CHECK_EVERY (10) steps: one rank's signal
+    at step 3 stops both after step 10, with one checkpoint of step 10."""
+    port = free_port()
+    args = argv(files, tmp_path / 'ddp', '--epochs', '4', '--eval-every', '100')  # 16 steps
+    mp.spawn(_ddp_signal_worker, args=(args, port, str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        assert open(tmp_path / f'rank{rank}.txt').read() == f'{128 + signal.SIGTERM} 10'
+    assert load_checkpoint(tmp_path / 'ddp' / 'ckpt.pt', 'gpt')['step'] == 10
 
 
 def test_clear_errors_for_bad_paths_and_mismatches(files, tmp_path):

@@ -6,6 +6,9 @@ evaluation's PSNR / codebook usage / streamed rFID agree with slow direct comput
 and Inception weight files are random: the numbers here test the code, they are not results."""
 import copy
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -81,6 +84,63 @@ def test_resume_equals_uninterrupted(tmp_path):
     rows_b = [r for r in read_log(resumed) if r['recon']]
     assert [r['step'] for r in rows_b] == ['1', '2', '3', '4']
     assert np.allclose([float(r['recon']) for r in rows_a], [float(r['recon']) for r in rows_b], atol=1e-6)
+
+
+def test_sigterm_stops_with_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch):
+    """SIGTERM during step 3 of 6: the step finishes, a checkpoint of step 3 is written without an
+    evaluation, the run exits with 143; --resume ends where an uninterrupted run ends."""
+    straight, stopped = str(tmp_path / 'straight'), str(tmp_path / 'stopped')
+    train_tok.main(FAST + ['--max-steps', '6', '--out', straight])
+    real_step, calls = train_tok.train_step, []
+
+    def preempted_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(train_tok, 'train_step', preempted_step)
+    with pytest.raises(SystemExit) as exit_status:
+        train_tok.main(FAST + ['--max-steps', '6', '--out', stopped])
+    monkeypatch.undo()
+    assert exit_status.value.code == 128 + signal.SIGTERM and len(calls) == 3
+    assert utils.load_checkpoint(os.path.join(stopped, 'ckpt.pt'))['step'] == 3
+    assert [int(r['step']) for r in read_log(stopped) if r['psnr']] == [0]  # no evaluation
+    train_tok.main(FAST + ['--max-steps', '6', '--out', stopped, '--resume'])
+    a, b = (utils.load_checkpoint(os.path.join(run, 'ckpt.pt')) for run in (straight, stopped))
+    assert a['step'] == b['step'] == 6
+    for part in ('model', 'ema', 'disc'):
+        for key in a[part]:  # as test_resume_equals_uninterrupted
+            assert torch.allclose(a[part][key].float(), b[part][key].float(), rtol=0, atol=1e-6)
+
+
+def test_ctrl_c_in_a_terminal_with_loader_workers_leaves_a_checkpoint(tmp_path):
+    """Ctrl-C in a terminal signals the whole process group, DataLoader workers included: they
+    ignore it, and the trainer stops after its step with a checkpoint and exit status 130."""
+    out = tmp_path / 'run'
+    command = [sys.executable, 'train_tok.py'] + FAST + ['--max-steps', '100000', '--num-workers',
+                                                         '2', '--out', str(out)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # a process group of its own, as a shell gives a command it runs
+    process = subprocess.Popen(command, cwd=root, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and process.poll() is None:  # until training has begun
+            if (out / 'log.csv').exists() and len(read_log(str(out))) >= 3:
+                break
+            time.sleep(0.2)
+        assert process.poll() is None, process.communicate()[0][-2000:]
+        os.killpg(process.pid, signal.SIGINT)
+        output = process.communicate(timeout=60)[0]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 128 + signal.SIGINT, output[-2000:]
+    step = utils.load_checkpoint(str(out / 'ckpt.pt'))['step']
+    assert f'stopped by SIGINT at step {step}' in output and step >= 2
+    # the workers ignored it: forked, they would otherwise run the trainer's handler too (spawned,
+    # die of a KeyboardInterrupt)
+    assert output.count('SIGINT: stopping') == 1, output[-2000:]
 
 
 def test_resume_refuses_another_config(tiny_run, tmp_path):
