@@ -369,8 +369,8 @@ def bench_attention():
     step, batch 64 ((64 x 256, 16, 2, 64), forward + backward): F.scaled_dot_product_attention vs.
     gpt.pair_attention, compiled as in the compiled training step (eager, its element-wise products
     are materialised, which only torch.compile fuses away); (2) one decoding position at batch 256
-    with CFG (512 rows, 256 cache slots): boolean vs. additive mask, over all 256 slots and over
-    the first 32 to 224.
+    with CFG (512 rows, 256 cache slots): cuDNN's with a boolean or an additive mask, over all
+    256 slots and over the first 32 to 224, and gpt.pair_attention compiled.
     Returns {name: ms}."""
     results = {}
     q, k, v = (torch.randn(64 * 256, 16, 2, 64, device='cuda', dtype=torch.bfloat16,
@@ -386,6 +386,8 @@ def bench_attention():
             results[name] = cuda_time(fn)[0]
     q = torch.randn(512, 16, 1, 64, device='cuda', dtype=torch.bfloat16)
     k, v = (torch.randn(512, 16, 256, 64, device='cuda', dtype=torch.bfloat16) for _ in range(2))
+    # the training step's written-out form on one query, compiled once for any number of slots
+    written_out = torch.compile(gpt_module.pair_attention, dynamic=False)
     # reading only the first slots of the cache (those written so far, rounded up): does it pay?
     for slots in (32, 64, 96, 128, 224, 256):
         # (1, slots): the last two are stale
@@ -396,6 +398,11 @@ def bench_attention():
         for name, mask in (('bool', visible), ('additive', bias)):
             results[f'decode_{slots}_{name}'] = cuda_time(
                 lambda: F.scaled_dot_product_attention(q, keys, values, attn_mask=mask))[0]
+        if slots < 256:  # (all 256: a second compilation; marked dynamic, an error)
+            for t, dim in ((keys, 2), (values, 2), (bias, 1)):
+                torch._dynamo.mark_dynamic(t, dim)
+        results[f'decode_{slots}_written_out'] = cuda_time(
+            lambda: written_out(q, keys, values, bias))[0]
     return results
 
 

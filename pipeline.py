@@ -207,6 +207,21 @@ def probe_gpt(flags, folder):
     return step_s, wall_s - PROBE_STEPS * step_s, steps_per_epoch
 
 
+def plan_epochs(left_s, epoch_s, minutes):
+    """The whole epochs of epoch_s seconds that fit in left_s, with a 5% margin (the held-out
+    evaluations and the mid-run checkpoint are not in the probe), and at least one: a pipeline
+    without a generator would be no use. When not even one fits, say so: the run will end past
+    its budget."""
+    epochs = int(0.95 * left_s / epoch_s)
+    if epochs < 1:
+        print(f"warning: --minutes {minutes:g} leaves the generator {left_s:.0f} s, less than its "
+              f"one epoch of {epoch_s:.0f} s: it trains one epoch, and the pipeline ends about "
+              f"{epoch_s / 0.95 - left_s:.0f} s past its budget. Compilation and the codes take "
+              f"minutes whatever the budget; give more --minutes (15 is the reference run)",
+              file=sys.stderr, flush=True)
+    return max(1, epochs)
+
+
 def train_generator(args, record, tokenizer_ckpt, codes, codes_val, folder, grid_classes,
                     budget_s):
     ckpt = os.path.join(folder, 'ckpt.pt')
@@ -218,8 +233,7 @@ def train_generator(args, record, tokenizer_ckpt, codes, codes_val, folder, grid
         if epochs is None:
             step_s, startup_s, steps_per_epoch = probe_gpt(flags, folder + '_probe')
             left_s = budget_s - (time.time() - start) - startup_s
-            # 5% margin: the held-out evaluations and the mid-run checkpoint are not in the probe
-            epochs = max(1, int(0.95 * left_s / (step_s * steps_per_epoch)))
+            epochs = plan_epochs(left_s, step_s * steps_per_epoch, args.minutes)
             record.update('gpt', epochs=epochs, steps_per_epoch=steps_per_epoch,
                           probe_step_s=step_s, probe_startup_s=startup_s)
             print(f"generator: {step_s:.3f} s/step, {startup_s:.0f} s start-up, "

@@ -74,3 +74,14 @@ def test_gpu_recipes_are_valid_flags_of_each_script():
                                                             '--num-per-class', '50',
                                                             '--out', 's.npz'])
     assert samples.batch_size == 250
+
+
+def test_a_budget_too_small_for_one_generator_epoch_warns(capsys):
+    # 60 s left, epochs of 100 s: one epoch anyway, and a warning that names the flag
+    assert pipeline.plan_epochs(60.0, 100.0, 7) == 1
+    warning = capsys.readouterr().err
+    assert '--minutes 7' in warning and 'past its budget' in warning
+    # 1,000 s left: 9 epochs of 100 s with the 5% margin, and no warning
+    assert pipeline.plan_epochs(1000.0, 100.0, 15) == 9
+    assert capsys.readouterr().err == ''
+    assert pipeline.plan_epochs(-152.0, 26.5, 7) == 1  # time already overspent
