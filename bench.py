@@ -193,7 +193,7 @@ def compile_phases():
     return times
 
 
-def bench_tokenizer_step(name, preset, image_size, batch, dist, weights_dir, compile_model, peak,
+def bench_tokenizer_step(name, preset, image_size, batch, env, weights_dir, compile_model, peak,
                          perceptual=True, cuda_graph=False):
     """One train_tok.train_step (G + D + LPIPS, Adam steps, EMA) on random images. Returns a dict:
     img/s, peak GiB, TFLOP per image (counted on the eager step), MFU against the datasheet peak,
@@ -209,7 +209,7 @@ def bench_tokenizer_step(name, preset, image_size, batch, dist, weights_dir, com
     x = torch.rand(batch, 3, image_size, image_size, device='cuda') * 2 - 1
     x = x.contiguous(memory_format=torch.channels_last)
     # eager; build() seeds, so a second build has the same initial weights
-    run = train_tok.build(args, dist)
+    run = train_tok.build(args, env)
     eager_losses = train_tok.train_step(x, run, args, 0)
     flops = count_flops(lambda: train_tok.train_step(x, run, args, 1))
     torch.cuda.synchronize()
@@ -221,7 +221,7 @@ def bench_tokenizer_step(name, preset, image_size, batch, dist, weights_dir, com
     if compile_model:
         run = None  # free the eager copy first
         torch.cuda.empty_cache()
-        run = train_tok.build(args, dist)
+        run = train_tok.build(args, env)
         train_tok.compile_step_modules(run.raw_model, run.raw_disc, run.lpips)
         before = compile_phases()
         start = time.perf_counter()
@@ -483,7 +483,7 @@ def main():
     if args.profile is not None:
         PROFILE.update(names=args.profile.split(','),
                        path=os.path.splitext(args.out)[0] + '_profile.txt')
-    dist = utils.setup('cuda')
+    env = utils.setup('cuda')
     rows = set(args.rows.split(','))
     results = {'device': torch.cuda.get_device_name(), 'torch': torch.__version__,
                'date': time.strftime('%Y-%m-%d'), 'compile': args.compile}
@@ -506,14 +506,14 @@ def main():
         official = f"  official {OFFICIAL[key]:g}" if key in OFFICIAL else ''
         more = ' '.join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in extra.items())
-        if dist.is_main:  # (under torchrun for the allreduce row: one table)
+        if env.is_main:  # (under torchrun for the allreduce row: one table)
             print(f"{key:24s} {value:10.3f} {unit:6s} {more}{official}", flush=True)
             # after every row: a run cut short keeps what it measured
             with open(args.out, 'w') as f:
                 json.dump(results, f, indent=1)
 
     if 'allreduce' in rows:
-        if not dist.ddp:
+        if not env.ddp:
             raise SystemExit("the allreduce row needs several GPUs: torchrun --nproc_per_node=2 bench.py "
                              "--rows allreduce")
         # the imagenet128 tokenizer's gradients (112.02M values): is the link what limits DDP's
@@ -600,7 +600,7 @@ def main():
                 shape = (preset, size, batch)
                 torch._dynamo.reset()
             try:
-                r = bench_tokenizer_step(name, preset, size, batch, dist, weights_dir,
+                r = bench_tokenizer_step(name, preset, size, batch, env, weights_dir,
                                          args.compile, peak, perceptual,
                                          cuda_graph=name.endswith('_graph'))
                 report(name, r.pop('img_per_s'), 'img/s', **r)

@@ -66,8 +66,8 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    dist = setup(args.device)
-    tokenizer = load_tokenizer(args.tokenizer, args.ema, args.image_size, dist.device,
+    env = setup(args.device)
+    tokenizer = load_tokenizer(args.tokenizer, args.ema, args.image_size, env.device,
                                args.compile)
     # a held-out set is its centre crops, once; training views are the trainer's augmentation
     if args.val and args.views not in (None, 1):
@@ -76,7 +76,7 @@ def main(argv=None):
     dataset = data.build_dataset(args.data, args.image_size, train=not args.val, seed=args.seed,
                                  hflip=args.hflip)
     meta = data.extract_codes(tokenizer, dataset, args.codes, views,
-                              max(1, args.batch_size // dist.world_size), dist, args.num_workers,
+                              max(1, args.batch_size // env.world_size), env, args.num_workers,
                               source=data.data_source(args.data), overwrite=args.overwrite,
                               info={'tokenizer': args.tokenizer, 'tokenizer_ema': args.ema})
     print0(f"wrote {views} view(s) of {len(dataset) - len(meta['skipped'])} images to {args.codes}"

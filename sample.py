@@ -247,9 +247,9 @@ def get_args(argv=None):
 
 def main(argv=None):
     args, sampling = get_args(argv)
-    dist = setup(args.device)
+    env = setup(args.device)
     npz = args.out.endswith('.npz')
-    if not npz and dist.ddp:
+    if not npz and env.ddp:
         raise ValueError("a .png grid is made by one process; use an .npz --out under torchrun")
     shard_dir, settings_path = args.out + '.shards', args.out + '.settings.json'
     settings = {k: v for k, v in vars(args).items() if k != 'overwrite'}
@@ -276,7 +276,7 @@ def main(argv=None):
                               "pass --overwrite to sample it again, or another --out")
 
     gpt, tokenizer = load_models(args.gpt, args.tokenizer, args.ema, args.allow_tokenizer_mismatch)
-    gpt, tokenizer = gpt.to(dist.device), tokenizer.to(dist.device)
+    gpt, tokenizer = gpt.to(env.device), tokenizer.to(env.device)
     config = gpt.config
     classes = args.classes or list(range(config.num_classes))
     if not all(0 <= c < config.num_classes for c in classes):
@@ -290,7 +290,7 @@ def main(argv=None):
            f"top-p {sampling['top_p']}")
 
     # refuse to mix shards made with other settings into one evaluation set
-    if npz and dist.is_main:
+    if npz and env.is_main:
         if args.overwrite:
             for path in (args.out, settings_path):
                 if os.path.exists(path):
@@ -306,17 +306,17 @@ def main(argv=None):
             json.dump(settings, f, indent=1)
     barrier()
 
-    mine = range(dist.rank, len(shards), dist.world_size)  # shard s goes to rank s % world
+    mine = range(env.rank, len(shards), env.world_size)  # shard s goes to rank s % world
     # shards already on disk (a killed run) are not sampled again
     todo = [s for s in mine if not (npz and os.path.exists(os.path.join(shard_dir, f'shard{s:06d}.npz')))]
     images = {}
     start = time.time()
-    for s in tqdm(todo, desc='sampling', disable=not dist.is_main, initial=len(mine) - len(todo),
+    for s in tqdm(todo, desc='sampling', disable=not env.is_main, initial=len(mine) - len(todo),
                   total=len(mine)):
         # a stream per shard, not per rank: the images do not depend on the number of GPUs
-        generator = torch.Generator(dist.device).manual_seed(args.seed * 1_000_003 + s)
-        with autocast(dist.device_type):
-            shard = to_uint8(generate_images(gpt, tokenizer, shards[s].to(dist.device), generator,
+        generator = torch.Generator(env.device).manual_seed(args.seed * 1_000_003 + s)
+        with autocast(env.device_type):
+            shard = to_uint8(generate_images(gpt, tokenizer, shards[s].to(env.device), generator,
                                              compile=args.compile, **sampling))
         if npz:  # written at once and atomically: a killed run keeps every finished shard
             path = os.path.join(shard_dir, f'shard{s:06d}.npz')
@@ -327,7 +327,7 @@ def main(argv=None):
             images[s] = shard
     done = sum(len(shards[s]) for s in todo)
     print0(f"{done} images in {time.time() - start:.1f}s ({done / max(time.time() - start, 1e-9):.2f} images/s "
-           f"on rank 0 of {dist.world_size})")
+           f"on rank 0 of {env.world_size})")
     barrier()
 
     if not npz:
@@ -343,7 +343,7 @@ def main(argv=None):
         cleanup()
         return images, labels.numpy()
 
-    if dist.is_main:  # gather the shards, shuffle with a fixed seed, one ADM-format file
+    if env.is_main:  # gather the shards, shuffle with a fixed seed, one ADM-format file
         parts = [np.load(os.path.join(shard_dir, f'shard{s:06d}.npz')) for s in range(len(shards))]
         all_images = np.concatenate([p['images'] for p in parts])
         all_labels = np.concatenate([p['labels'] for p in parts])

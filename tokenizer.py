@@ -505,13 +505,13 @@ if __name__ == '__main__':
     parser.add_argument('--device', default='cuda', choices=DEVICES)
     args = parser.parse_args()
 
-    dist = setup(args.device)
+    env = setup(args.device)
     if args.ckpt:
         model = Tokenizer.from_checkpoint(args.ckpt, ema=args.ema)
     else:
         print(f"no --ckpt: untrained {args.preset} tokenizer, the reconstruction will be noise")
         model = Tokenizer.from_preset(args.preset)
-    model = model.to(dist.device).eval()
+    model = model.to(env.device).eval()
     try:
         # 16-bit and transparent files converted as in training
         image = open_image(args.reconstruct)
@@ -522,7 +522,7 @@ if __name__ == '__main__':
         raise SystemExit(f"--size {size} is not a multiple of the downsampling factor {model.downsample}")
     # the evaluation transform: resize the short side, centre crop
     # (1, 3, size, size)
-    x = crop_image(image, size, train=False, rng=None, hflip=False)[None].to(dist.device)
+    x = crop_image(image, size, train=False, rng=None, hflip=False)[None].to(env.device)
     with torch.no_grad():
         x_rec, indices, _ = model(x)
     print(f"{tuple(indices.shape[1:])} tokens, {indices.unique().numel()} distinct codes; "

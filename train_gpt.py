@@ -66,7 +66,7 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -176,12 +176,12 @@ def load_tokenizer(path, ema, image_size, device, compile=False):
 
 
 @torch.no_grad()
-def encode_held_out(tokenizer, dataset, batch_size, dist, num_workers):
+def encode_held_out(tokenizer, dataset, batch_size, env, num_workers):
     """This rank's share (images r, r+W, ...) of held-out images, encoded once: tokens (n, h*w) and
     labels (n,) int64 on the CPU. Unreadable images are left out (the dataset warns about each)."""
     # a range as the sampler: a fixed order, every image once over all ranks (no padding as
     # DistributedSampler's)
-    rows = range(dist.rank, len(dataset), dist.world_size)
+    rows = range(env.rank, len(dataset), env.world_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=rows,
                                          num_workers=num_workers, collate_fn=data.collate_skip_bad)
     grid = dataset.size // tokenizer.downsample
@@ -189,8 +189,8 @@ def encode_held_out(tokenizer, dataset, batch_size, dist, num_workers):
     labels = [torch.zeros(0, dtype=torch.long)]
     for images, batch_labels, _ in loader:
         if len(images):
-            with autocast(dist.device_type):
-                indices = tokenizer.encode(images.to(dist.device))[1]  # (B, h, w)
+            with autocast(env.device_type):
+                indices = tokenizer.encode(images.to(env.device))[1]  # (B, h, w)
             tokens.append(indices.flatten(1).cpu())  # (B, h*w)
             labels.append(batch_labels)
     # (n, h*w), (n,)
@@ -357,7 +357,7 @@ def get_args(argv=None):
 # main
 
 
-def load_held_out(args, tokenizer, micro_batch, dist, num_bits, grid, num_classes):
+def load_held_out(args, tokenizer, micro_batch, env, num_bits, grid, num_classes):
     """--val-data (images, encoded once here with the centre crop) or --val-codes (from
     extract_codes.py --val) -> [tokens (n, h*w), labels (n,)], this rank's share; None without
     either. The tokens must be of the training tokens' kind and the labels among its classes."""
@@ -366,9 +366,9 @@ def load_held_out(args, tokenizer, micro_batch, dist, num_bits, grid, num_classe
         if tokenizer is None:
             raise ValueError("--val-data needs --tokenizer to encode it (or pass --val-codes)")
         val_set = data.build_dataset(args.val_data, args.image_size, train=False, seed=args.seed)
-        val = encode_held_out(tokenizer, val_set, micro_batch, dist, args.num_workers)
+        val = encode_held_out(tokenizer, val_set, micro_batch, env, args.num_workers)
     elif args.val_codes:
-        *val, val_meta = held_out_codes(args.val_codes, dist.rank, dist.world_size)
+        *val, val_meta = held_out_codes(args.val_codes, env.rank, env.world_size)
         if (val_meta['num_bits'], val_meta['grid']) != (num_bits, list(grid)):
             raise ValueError(f"--val-codes {args.val_codes} holds {val_meta['num_bits']}-bit "
                              f"tokens on a {val_meta['grid']} grid, the training tokens are "
@@ -377,12 +377,12 @@ def load_held_out(args, tokenizer, micro_batch, dist, num_bits, grid, num_classe
         if len(val[1]) and val[1].max() >= num_classes:
             raise ValueError(f"held-out labels go up to {val[1].max()}, the training data has "
                              f"{num_classes} classes")
-        num_val = int(all_reduce_sum(torch.tensor(len(val[1]), device=dist.device)))
+        num_val = int(all_reduce_sum(torch.tensor(len(val[1]), device=env.device)))
         print0(f"held-out loss on {num_val} images")
     return val
 
 
-def resume(model, optimizer, ckpt_path, args, tokenizer_fingerprint, dist):
+def resume(model, optimizer, ckpt_path, args, tokenizer_fingerprint, env):
     """--resume: the run's weights, optimizer and RNG back, after checking that the model, the
     training flags (RESUME_MAY_CHANGE lists the exceptions) and the tokenizer's weights are those
     of the run (the same --tokenizer path may hold other weights now, retrained in place).
@@ -394,10 +394,10 @@ def resume(model, optimizer, ckpt_path, args, tokenizer_fingerprint, dist):
     model.load_state_dict(ckpt['model'])
     load_optimizer_state(optimizer, ckpt['optimizer'])  # with this run's --cuda-graph
     # one RNG state per rank: restored only when every rank has its own
-    if len(ckpt['rng']) == dist.world_size:
-        set_rng_state(ckpt['rng'][dist.rank])
+    if len(ckpt['rng']) == env.world_size:
+        set_rng_state(ckpt['rng'][env.rank])
     else:
-        print0(f"note: checkpoint written by {len(ckpt['rng'])} ranks, now {dist.world_size}: each "
+        print0(f"note: checkpoint written by {len(ckpt['rng'])} ranks, now {env.world_size}: each "
                "step sees the same global batch as before, but the dropout noise differs from an "
                "uninterrupted run")
     return ckpt['step'], ckpt['epoch'], ckpt['batch_in_epoch']
@@ -406,9 +406,9 @@ def resume(model, optimizer, ckpt_path, args, tokenizer_fingerprint, dist):
 def main(argv=None):
     begin = time.time()  # --max-minutes counts from here
     args = get_args(argv)
-    dist = setup(args.device)
-    device, device_type = dist.device, dist.device_type
-    if args.cuda_graph and (device_type != 'cuda' or dist.ddp):
+    env = setup(args.device)
+    device, device_type = env.device, env.device_type
+    if args.cuda_graph and (device_type != 'cuda' or env.ddp):
         # (DDP's all-reduce would have to be recorded too)
         raise SystemExit("--cuda-graph needs one CUDA GPU in one process (--device cuda, no "
                          "torchrun): leave it out")
@@ -422,7 +422,7 @@ def main(argv=None):
     elif not args.codes:
         raise ValueError("pass --tokenizer CKPT (to encode images on the fly) or --codes DIR (pre-extracted tokens)")
     # a fresh run must not overwrite the one in --out
-    ckpt_path = prepare_run_folder(args.out, args.resume, args.overwrite, dist.is_main)
+    ckpt_path = prepare_run_folder(args.out, args.resume, args.overwrite, env.is_main)
 
     # data: (epoch, index) -> tokens or images; sharded over ranks, resumable mid-epoch
     if args.codes:
@@ -444,11 +444,11 @@ def main(argv=None):
         num_bits, grid = tokenizer.config.num_bits, [args.image_size // tokenizer.downsample] * 2
     # --batch-size is global: micro_batch x --grad-accum x world size, so a run resumes on another
     # GPU count with the same steps
-    micro_batch, rem = divmod(args.batch_size, dist.world_size * args.grad_accum)
+    micro_batch, rem = divmod(args.batch_size, env.world_size * args.grad_accum)
     if rem or micro_batch == 0:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by world size {dist.world_size} x "
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by world size {env.world_size} x "
                          f"--grad-accum {args.grad_accum}")
-    sampler = data.EpochSampler(len(dataset), dist.rank, dist.world_size, seed=args.seed)
+    sampler = data.EpochSampler(len(dataset), env.rank, env.world_size, seed=args.seed)
     # the loader draws its worker seed from its own generator, not the global RNG that resume
     # restores
     loader = torch.utils.data.DataLoader(dataset, micro_batch, sampler=sampler,
@@ -458,7 +458,7 @@ def main(argv=None):
                                          collate_fn=None if args.codes else data.collate_skip_bad,
                                          worker_init_fn=data.ignore_stop_signals)
     # full global batches only: the sampler and drop_last drop each epoch's tail
-    steps_per_epoch = len(dataset) // dist.world_size // (micro_batch * args.grad_accum)
+    steps_per_epoch = len(dataset) // env.world_size // (micro_batch * args.grad_accum)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(dataset)} images are fewer than one global batch of {args.batch_size}")
     total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
@@ -468,7 +468,7 @@ def main(argv=None):
            f"{total_steps} steps, {warmup_steps} warmup; {len(dataset)} images, {dataset.num_classes} classes")
 
     # held-out tokens for the held-out loss, this rank's share, kept in memory: (n, h*w), (n,)
-    val = load_held_out(args, tokenizer, micro_batch, dist, num_bits, grid, dataset.num_classes)
+    val = load_held_out(args, tokenizer, micro_batch, env, num_bits, grid, dataset.num_classes)
 
     # the model: same init on every rank (DDP also broadcasts rank 0's), then per-rank dropout
     # randomness
@@ -480,23 +480,23 @@ def main(argv=None):
                                            capturable=args.cuda_graph)
     print0(f"GPT {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
            f"{grid[0]}x{grid[1]} tokens of {num_bits} bits, batch {micro_batch} x {args.grad_accum} micro-batches x "
-           f"{dist.world_size} ranks")
+           f"{env.world_size} ranks")
     if args.init_from and not args.resume:  # fine-tuning: these weights, step 0, a fresh optimizer
         init_from(model, args.init_from)
         print0(f"initialised from the weights of {args.init_from}")
-    torch.manual_seed(args.seed + dist.rank)
+    torch.manual_seed(args.seed + env.rank)
     step, epoch, batch_in_epoch = 0, 0, 0
     if args.resume:
         step, epoch, batch_in_epoch = resume(model, optimizer, ckpt_path, args,
-                                             tokenizer_fingerprint, dist)
+                                             tokenizer_fingerprint, env)
         print0(f"resumed from {ckpt_path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
     raw_model = model  # sampling, checkpoints and the MFU estimate use the plain module
     if args.compile:  # fuses the fp32 RMSNorm / RoPE / SwiGLU element-wise work between the matmuls
         model = torch.compile(model)
     graphed = GraphedStep(model, optimizer, args.grad_clip) if args.cuda_graph else None
-    if dist.ddp:
+    if env.ddp:
         # broadcast_buffers off: the only buffer is the constant RoPE table
-        model = DDP(model, device_ids=None if device_type == 'cpu' else [dist.local_rank],
+        model = DDP(model, device_ids=None if device_type == 'cpu' else [env.local_rank],
                     broadcast_buffers=False)
     # which tokenizer the tokens came from, for sample.py: an absolute path (the run may be
     # sampled from another folder) and the fingerprint of the weights used, which sample.py checks
@@ -527,10 +527,10 @@ def main(argv=None):
         if evaluate and val is not None:
             log_held_out()
         rngs = [rng_state()]
-        if dist.ddp:  # every rank's RNG, for an exact resume
-            rngs = [None] * dist.world_size
-            torch_dist.all_gather_object(rngs, rng_state())
-        if dist.is_main:
+        if env.ddp:  # every rank's RNG, for an exact resume
+            rngs = [None] * env.world_size
+            dist.all_gather_object(rngs, rng_state())
+        if env.is_main:
             if evaluate and tokenizer is not None:
                 classes = [int(c) % dataset.num_classes for c in args.sample_classes.split(',')]
                 # 4 samples per class, a row each
@@ -555,7 +555,7 @@ def main(argv=None):
     fields = ['step', 'epoch', 'lr', 'loss_pre', 'loss_post', 'tokens_per_s', 'mfu',
               'peak_mem_gib', 'elapsed_s', 'val_ce_pre', 'val_ce_post', 'val_bits_pre',
               'val_bits_post']
-    log = CSVLog(os.path.join(args.out, 'log.csv'), fields, dist.is_main,
+    log = CSVLog(os.path.join(args.out, 'log.csv'), fields, env.is_main,
                  resume_step=step if args.resume else None)
     # global: all ranks and micro-batches
     tokens_per_step = args.batch_size * grid[0] * grid[1]
@@ -564,7 +564,7 @@ def main(argv=None):
     num_bad = num_seen = 0
     # --max-steps ends the run early; the lr schedule stays that of --epochs
     stop_step = max_stop = min(args.max_steps or total_steps, total_steps)
-    progress = tqdm(total=stop_step, initial=step, disable=not dist.is_main, dynamic_ncols=True)
+    progress = tqdm(total=stop_step, initial=step, disable=not env.is_main, dynamic_ncols=True)
     stop = StopOnSignal()  # Ctrl-C, SIGTERM: a checkpoint after the step, then exit
     held_out_start = time.time()
     if val is not None and step == 0:
@@ -609,7 +609,7 @@ def main(argv=None):
             except torch.OutOfMemoryError:
                 raise SystemExit(
                     f"out of {device_type} memory at step {step} with {micro_batch} sequences per "
-                    f"process and pass (--batch-size {args.batch_size} over {dist.world_size} "
+                    f"process and pass (--batch-size {args.batch_size} over {env.world_size} "
                     f"processes and --grad-accum {args.grad_accum}): pass --grad-accum "
                     f"{2 * args.grad_accum} (the same training, half the sequences per pass) or a "
                     "smaller --batch-size") from None
@@ -624,10 +624,10 @@ def main(argv=None):
                 if budget_s:  # re-plan the end from this interval's step rate
                     left_s = budget_s - reserve_s - (now - begin)
                     rate = (step - last_step) / (now - last_time)  # steps per second
-                    stop_step = plan_last_step(step, left_s, rate, max_stop, dist)
+                    stop_step = plan_last_step(step, left_s, rate, max_stop, env)
                     progress.total = stop_step
                 # per chip: estimate_mfu compares with the peak of one
-                mfu = raw_model.estimate_mfu(tokens_per_s / dist.world_size,
+                mfu = raw_model.estimate_mfu(tokens_per_s / env.world_size,
                                              peak) if peak else float('nan')
                 last_time, last_step = now, step
                 progress.set_postfix(loss_pre=f'{loss_pre:.3f}', loss_post=f'{loss_post:.3f}',
@@ -657,7 +657,7 @@ def main(argv=None):
            f"samples {os.path.join(args.out, f'samples_step{step}.png') if tokenizer else '(no --tokenizer)'}"
            + (f"; peak memory {peak_memory_gib(device_type):.2f} GiB on rank 0" if device_type != 'cpu' else ''))
     # every rank prints its own: equal checksums show that DDP kept the weights bit-identical
-    print(f"rank {dist.rank}: GPT weights sha256 {weights_checksum(raw_model)}", flush=True)
+    print(f"rank {env.rank}: GPT weights sha256 {weights_checksum(raw_model)}", flush=True)
     cleanup()
     return raw_model
 

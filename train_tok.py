@@ -198,52 +198,52 @@ def get_args(argv=None):
 # the models, their optimisers, and one training iteration
 
 
-def build(args, dist):
+def build(args, env):
     """The run: the tokenizer (G), its EMA, PatchGAN (D), LeCAM state, LPIPS and both optimisers,
     wrapped for DDP / compile, as one namespace that the step and the loop read. `model` and
     `disc` are what the step calls; `raw_model` and `raw_disc` hold the weights (for
     checkpoints)."""
-    if args.cuda_graph and (dist.device_type != 'cuda' or dist.ddp):
+    if args.cuda_graph and (env.device_type != 'cuda' or env.ddp):
         raise SystemExit("--cuda-graph needs one CUDA GPU in one process (--device cuda, no "
                          "torchrun): leave it out")
     torch.manual_seed(args.seed)  # every rank builds the same initial weights
     raw_model = tokenizer.Tokenizer.from_preset(args.model,
-                                                image_size=args.image_size).to(dist.device)
+                                                image_size=args.image_size).to(env.device)
     # BatchNorm stays per-GPU, as the official code (no SyncBN)
-    raw_disc = PatchDiscriminator().to(dist.device)
+    raw_disc = PatchDiscriminator().to(env.device)
     if args.channels_last:  # NHWC: the layout tensor cores want for convolutions
         raw_model.to(memory_format=torch.channels_last)
         raw_disc.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(raw_model).requires_grad_(False).eval()  # fp32 copy, never trained directly
     lpips = None
     if args.perceptual_weight > 0:
-        if not dist.is_main:
+        if not env.is_main:
             # rank 0 finds or downloads the weights first, then the others read its cache
             utils.barrier()
-        lpips = load_lpips(args.vgg_weights, args.lpips_weights).to(dist.device)
-        if dist.is_main:
+        lpips = load_lpips(args.vgg_weights, args.lpips_weights).to(env.device)
+        if env.is_main:
             utils.barrier()
     if args.compile:
         compile_step_modules(raw_model, raw_disc, lpips)
-    device_ids = [dist.local_rank] if dist.device_type == 'cuda' else None
+    device_ids = [env.local_rank] if env.device_type == 'cuda' else None
     # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets, so no second 448 MB
     # copy of them is kept and none is made each step
     model = DDP(raw_model, device_ids=device_ids,
-                gradient_as_bucket_view=True) if dist.ddp else raw_model
+                gradient_as_bucket_view=True) if env.ddp else raw_model
     # broadcast_buffers=False: D runs twice before its backward, and re-broadcasting the BatchNorm
     # running stats at the second forward would overwrite tensors the first one saved for backward.
     # D never runs in eval mode, so its running stats are unused (the official code calls D inside
     # one DDP forward, which broadcasts once)
-    disc = DDP(raw_disc, device_ids=device_ids, broadcast_buffers=False) if dist.ddp else raw_disc
+    disc = DDP(raw_disc, device_ids=device_ids, broadcast_buffers=False) if env.ddp else raw_disc
     # fused Adam on CUDA: one kernel for all 112M parameters instead of a dozen per-tensor-group
     # launches. capturable: its step count stays on the GPU, as a CUDA graph needs
-    adam = dict(lr=args.lr, betas=(0.5, 0.9), fused=dist.device_type == 'cuda',
+    adam = dict(lr=args.lr, betas=(0.5, 0.9), fused=env.device_type == 'cuda',
                 capturable=args.cuda_graph)
     run = SimpleNamespace(
         model=model, raw_model=raw_model, ema=ema, disc=disc, raw_disc=raw_disc,
-        lecam=LeCAM().to(dist.device),
+        lecam=LeCAM().to(env.device),
         lpips=lpips, opt_g=torch.optim.Adam(raw_model.parameters(), **adam),
-        opt_d=torch.optim.Adam(raw_disc.parameters(), **adam), device_type=dist.device_type)
+        opt_d=torch.optim.Adam(raw_disc.parameters(), **adam), device_type=env.device_type)
     run.graphed = GraphedUpdate(run, args) if args.cuda_graph else None
     return run
 
@@ -349,7 +349,7 @@ class GraphedUpdate(utils.CUDAGraphed):
 
 
 @torch.no_grad()
-def evaluate(ema, val_set, args, dist, step, num_images=None):
+def evaluate(ema, val_set, args, env, step, num_images=None):
     """PSNR (official convention: both images truncated to uint8, PSNR per image, averaged),
     codebook usage (share of the 2^K codes used over the whole set), the share of +1 of each of the
     K bits and the number of dead bits (one sign on every token: a collapsed codebook shows here
@@ -359,27 +359,27 @@ def evaluate(ema, val_set, args, dist, step, num_images=None):
     # rFID only with the weights at hand: never downloaded here, a training run must not stall on
     # the network (a --inception-weights path that is missing is an error)
     inception_weights = args.inception_weights or fid.local_weights()
-    inception = fid.load_inception(inception_weights, dist.device) if inception_weights else None
+    inception = fid.load_inception(inception_weights, env.device) if inception_weights else None
     num_images = args.eval_images if num_images is None else num_images
     # a multiple of the world size: every rank evaluates as many images
-    n = min(num_images or len(val_set), len(val_set)) // dist.world_size * dist.world_size
-    loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size // dist.world_size,
+    n = min(num_images or len(val_set), len(val_set)) // env.world_size * env.world_size
+    loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size // env.world_size,
                                          num_workers=args.num_workers,
-                                         sampler=range(dist.rank, n, dist.world_size),
+                                         sampler=range(env.rank, n, env.world_size),
                                          collate_fn=collate_skip_bad,
                                          worker_init_fn=ignore_stop_signals)
     num_bits = ema.config.num_bits
-    seen = torch.zeros(2 ** num_bits, device=dist.device)  # 1 for every code that occurs
+    seen = torch.zeros(2 ** num_bits, device=env.device)  # 1 for every code that occurs
     # tokens with bit k = 1; token count
-    ones = torch.zeros(num_bits + 1, dtype=torch.float64, device=dist.device)
-    sums = torch.zeros(2, dtype=torch.float64, device=dist.device)  # PSNR sum, image count
+    ones = torch.zeros(num_bits + 1, dtype=torch.float64, device=env.device)
+    sums = torch.zeros(2, dtype=torch.float64, device=env.device)  # PSNR sum, image count
     # sum of Inception features (2048,), of outer products
     moments = {name: [0, 0] for name in ('real', 'fake')}
     for i, (images, _, _) in enumerate(loader):
         if len(images) == 0:
             continue  # unreadable images are skipped (and reported by data.py)
-        x = images.to(dist.device)
-        with utils.autocast(dist.device_type):
+        x = images.to(env.device)
+        with utils.autocast(env.device_type):
             x_rec, indices, _ = ema(x)  # (B, 3, H, W), (B, h, w)
         x_rec = x_rec.float().clamp(-1, 1)
         seen[indices.flatten()] = 1
@@ -392,7 +392,7 @@ def evaluate(ema, val_set, args, dist, step, num_images=None):
         mse = (real - fake).pow(2).mean((1, 2, 3))  # (B,) on 0..255 values
         # PSNR per image = 10 log10(255^2 / MSE), summed; clamp: an exact copy is finite
         sums += torch.tensor([(10 * torch.log10(255 ** 2 / mse.clamp_min(1e-10))).sum(), len(x)],
-                             device=dist.device)
+                             device=env.device)
         # rFID as the official evaluation: pytorch-fid's bilinear resize of (x + 1) / 2, no uint8
         # rounding (tests/conftest.py's rfid computes it directly, for the test)
         if inception is not None:
@@ -400,7 +400,7 @@ def evaluate(ema, val_set, args, dist, step, num_images=None):
                 pool = inception(images01, resize='bilinear')['pool'].double()  # (B, 2048)
                 moments[name][0] += pool.sum(0)
                 moments[name][1] += pool.T @ pool
-        if i == 0 and dist.is_main:  # the first batch: originals (top) vs. reconstructions (bottom)
+        if i == 0 and env.is_main:  # the first batch: originals (top) vs. reconstructions (bottom)
             grid = os.path.join(args.out, f'recon_step{step}.png')
             utils.save_image_grid(torch.cat([x[:8], x_rec[:8]]), grid, nrow=min(8, len(x)))
     totals = utils.all_reduce_sum(sums)  # PSNR sum, image count over all ranks
@@ -478,24 +478,24 @@ def main(argv=None):
     # --max-minutes counts from here: building and compiling are part of the budget
     start_time = time.time()
     args = get_args(argv)
-    dist = utils.setup(args.device)
-    micro_batch, rem = divmod(args.batch_size, dist.world_size)  # images per process and step
+    env = utils.setup(args.device)
+    micro_batch, rem = divmod(args.batch_size, env.world_size)  # images per process and step
     if rem or micro_batch == 0:
         raise ValueError(f"--batch-size {args.batch_size} (global) does not split evenly over "
-                         f"{dist.world_size} processes: pass a multiple of {dist.world_size} (the "
+                         f"{env.world_size} processes: pass a multiple of {env.world_size} (the "
                          "official runs: 256 = 32 GPUs x 8), or run on a number of GPUs that "
                          "divides it")
     # PSNR / usage / rFID of a finished tokenizer, e.g. the released 256px one (rFID 1.17)
     if args.eval_only:
-        model = tokenizer.Tokenizer.from_checkpoint(args.eval_only).to(dist.device).eval()
+        model = tokenizer.Tokenizer.from_checkpoint(args.eval_only).to(env.device).eval()
         os.makedirs(args.out, exist_ok=True)
         val_set = build_dataset(args.val_data or args.data, args.image_size, train=False)
-        metrics = evaluate(model, val_set, args, dist, step='_eval_only')
+        metrics = evaluate(model, val_set, args, env, step='_eval_only')
         utils.cleanup()
         return metrics
     # before any work: a fresh run must not overwrite the one in --out
-    ckpt_path = utils.prepare_run_folder(args.out, args.resume, args.overwrite, dist.is_main)
-    run = build(args, dist)
+    ckpt_path = utils.prepare_run_folder(args.out, args.resume, args.overwrite, env.is_main)
+    run = build(args, env)
     if args.init_from and not args.resume:  # fine-tuning: weights only, step 0, fresh Adam
         init_from(run, args.init_from)
         utils.print0(f"initialised from the weights of {args.init_from}")
@@ -515,11 +515,11 @@ def main(argv=None):
     if args.data != 'synthetic' and not args.val_data:
         utils.print0("warning: no --val-data, so the evaluation uses center crops of the "
                      "training images")
-    sampler = EpochSampler(len(train_set), dist.rank, dist.world_size, seed=args.seed)
+    sampler = EpochSampler(len(train_set), env.rank, env.world_size, seed=args.seed)
     loader = torch.utils.data.DataLoader(train_set, batch_size=micro_batch, sampler=sampler,
                                          drop_last=True, num_workers=args.num_workers,
                                          collate_fn=collate_skip_bad,
-                                         pin_memory=dist.device_type == 'cuda',
+                                         pin_memory=env.device_type == 'cuda',
                                          persistent_workers=args.num_workers > 0,
                                          worker_init_fn=ignore_stop_signals)
     # full global batches only (drop_last)
@@ -530,7 +530,7 @@ def main(argv=None):
     utils.print0(f"tokenizer {args.model}: {millions[0]:.2f}M params, discriminator "
                  f"{millions[1]:.2f}M; {len(train_set)} training images at {args.image_size}px; "
                  f"global batch {args.batch_size} = "
-                 f"{micro_batch} per process x {dist.world_size}; {steps_per_epoch} steps/epoch, "
+                 f"{micro_batch} per process x {env.world_size}; {steps_per_epoch} steps/epoch, "
                  f"{max_steps} steps")
 
     num_bits = run.raw_model.config.num_bits
@@ -540,26 +540,26 @@ def main(argv=None):
               'img_per_s', 'peak_mem_gib', 'bad_images',
               # evaluation rows: held-out metrics and the share of +1 of each bit
               'psnr', 'codebook_usage', 'rfid', 'dead_bits'] + [f'bit{k}' for k in range(num_bits)]
-    csv_log = utils.CSVLog(os.path.join(args.out, 'log.csv'), fields, dist.is_main,
+    csv_log = utils.CSVLog(os.path.join(args.out, 'log.csv'), fields, env.is_main,
                            resume_step=step if args.resume else None)
 
     def log_row(row):  # with the wall-clock minutes since the start, compile included
         csv_log.write({**row, 'minutes': (time.time() - start_time) / 60})
 
     def save():
-        if dist.is_main:
+        if env.is_main:
             utils.save_checkpoint(ckpt_path, {
                 'kind': 'tokenizer', 'config': config, 'train_args': vars(args),
                 'model': run.raw_model.state_dict(), 'ema': run.ema.state_dict(),
                 'disc': run.raw_disc.state_dict(), 'lecam': run.lecam.state_dict(),
                 'opt_g': run.opt_g.state_dict(), 'opt_d': run.opt_d.state_dict(),
                 'step': step, 'epoch': epoch, 'batch_in_epoch': batch_in_epoch,
-                'rng': utils.rng_state(), 'world_size': dist.world_size,
+                'rng': utils.rng_state(), 'world_size': env.world_size,
                 'elapsed_s': time.time() - start_time})  # the budget used so far
 
     eval_start = time.time()
     if step == 0:  # the "before" numbers
-        log_row({'step': 0, 'epoch': 0, **evaluate(run.ema, val_set, args, dist, 0)})
+        log_row({'step': 0, 'epoch': 0, **evaluate(run.ema, val_set, args, env, 0)})
     eval_s = time.time() - eval_start if step == 0 else 30.0  # on resume: a guess
     # --max-minutes: the run ends when the budget, less a reserve for the last evaluation (every
     # held-out image) and checkpoint, is spent. Every rank must stop at the same step and use the
@@ -575,7 +575,7 @@ def main(argv=None):
     reserve_s = reserve(eval_s)
 
     run.model.train()
-    pbar = tqdm(total=max_steps, initial=step, disable=not dist.is_main, dynamic_ncols=True)
+    pbar = tqdm(total=max_steps, initial=step, disable=not env.is_main, dynamic_ncols=True)
     stop = utils.StopOnSignal()  # Ctrl-C, SIGTERM: a checkpoint after the step, then exit
     sums, num_summed, images_seen, num_bad, num_seen, t0 = {}, 0, 0, 0, 0, time.time()
     while step < planned_steps:
@@ -596,15 +596,15 @@ def main(argv=None):
             check_bad_fraction(num_bad, num_seen)
             if len(images) == 0:
                 continue  # every image of this batch was unreadable
-            x = images.to(dist.device, non_blocking=True)
+            x = images.to(env.device, non_blocking=True)
             if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             try:
                 losses = train_step(x, run, args, step)
             except torch.OutOfMemoryError:
                 raise SystemExit(
-                    f"out of {dist.device_type} memory at step {step} with {micro_batch} images "
-                    f"per process (--batch-size {args.batch_size} over {dist.world_size} "
+                    f"out of {env.device_type} memory at step {step} with {micro_batch} images "
+                    f"per process (--batch-size {args.batch_size} over {env.world_size} "
                     "processes): pass a smaller --batch-size, or run on more GPUs") from None
             step, batch_in_epoch, images_seen = step + 1, batch_in_epoch + 1, images_seen + len(x)
             pbar.update(1)
@@ -621,9 +621,9 @@ def main(argv=None):
                 means = means.tolist()
                 row = {'step': step, 'epoch': epoch, 'lr': lr, **dict(zip(names, means)),
                        'bad_images': num_bad,
-                       'img_per_s': images_seen * dist.world_size / (time.time() - t0),
+                       'img_per_s': images_seen * env.world_size / (time.time() - t0),
                        # this rank's, since the start
-                       'peak_mem_gib': utils.peak_memory_gib(dist.device_type)}
+                       'peak_mem_gib': utils.peak_memory_gib(env.device_type)}
                 log_row(row)
                 shown = ('recon', 'lpips', 'g_gan', 'd_loss', 'd_hinge', 'per_sample_entropy',
                          'codebook_entropy', 'commit', 'img_per_s')
@@ -631,16 +631,16 @@ def main(argv=None):
                 if budget_s:  # re-plan the end of the run from the step rate of this log interval
                     left_s = budget_s - reserve_s - (time.time() - start_time)
                     rate = num_summed / (time.time() - t0)  # steps per second
-                    planned_steps = utils.plan_last_step(step, left_s, rate, max_steps, dist)
+                    planned_steps = utils.plan_last_step(step, left_s, rate, max_steps, env)
                 sums, num_summed, images_seen, t0 = {}, 0, 0, time.time()
-            if stop.agreed(step, dist.device):  # no evaluation: the grace period may be short
+            if stop.agreed(step, env.device):  # no evaluation: the grace period may be short
                 save()
                 pbar.close()
                 stop.exit(step, ckpt_path)
             last = step >= planned_steps
             t_pause = time.time()  # evaluation and checkpoints do not count in img/s
             if step % args.eval_every == 0 or last:  # the last evaluation uses every held-out image
-                metrics = evaluate(run.ema, val_set, args, dist, step,
+                metrics = evaluate(run.ema, val_set, args, env, step,
                                    num_images=0 if last else None)
                 log_row({'step': step, 'epoch': epoch, **metrics})
                 # the reserve from this evaluation's time: the one at step 0 also paid for one-off
@@ -658,11 +658,11 @@ def main(argv=None):
     stop.restore()
     if num_bad:
         utils.print0(f"skipped {num_bad} unreadable images of {num_seen} (see the warnings above)")
-    memory = f"; peak memory {utils.peak_memory_gib(dist.device_type):.2f} GiB on rank 0"
+    memory = f"; peak memory {utils.peak_memory_gib(env.device_type):.2f} GiB on rank 0"
     utils.print0(f"done: {step} steps in {(time.time() - start_time) / 60:.1f} minutes, "
-                 f"checkpoint {ckpt_path}" + (memory if dist.device_type != 'cpu' else ''))
+                 f"checkpoint {ckpt_path}" + (memory if env.device_type != 'cpu' else ''))
     # every rank prints its own: equal checksums show that DDP kept the generators bit-identical
-    print(f"rank {dist.rank}: generator weights sha256 {utils.weights_checksum(run.raw_model)}",
+    print(f"rank {env.rank}: generator weights sha256 {utils.weights_checksum(run.raw_model)}",
           flush=True)
     utils.cleanup()
     run.num_bad = num_bad

@@ -31,7 +31,8 @@ import torch.distributed as dist
 
 
 @dataclass
-class Dist:
+class Env:
+    """The device and this process's place in the job (rank 0 of 1 without torchrun)."""
     device: torch.device
     device_type: str  # 'cuda' | 'npu' | 'cpu'
     rank: int = 0
@@ -51,7 +52,7 @@ DEVICES = ('cuda', 'npu', 'cpu')  # every script's --device: these choices, then
 
 
 def setup(device_name='cuda'):
-    """Pick the device and, under torchrun, init the process group. Returns a Dist."""
+    """Pick the device and, under torchrun, init the process group. Returns an Env."""
     if device_name not in DEVICES:
         raise ValueError(f"unknown --device {device_name!r}: choose cuda, npu or cpu")
     if device_name == 'npu':
@@ -87,7 +88,7 @@ def setup(device_name='cuda'):
         torch.backends.cudnn.allow_tf32 = True
         # fixed input shapes: let cuDNN pick the fastest conv algorithms
         torch.backends.cudnn.benchmark = True
-    return Dist(device, device_name, rank, local_rank, world_size)
+    return Env(device, device_name, rank, local_rank, world_size)
 
 
 def cleanup():
@@ -157,7 +158,7 @@ def autocast(device_type):
 
 
 def print0(*args, **kwargs):
-    # reads the environment, not a Dist: callable before setup and from any module
+    # reads the environment, not an Env: callable before setup and from any module
     if int(os.environ.get('RANK', 0)) == 0:
         print(*args, **kwargs, flush=True)
 
@@ -170,13 +171,13 @@ def all_reduce_sum(x):
     return x
 
 
-def plan_last_step(step, seconds_left, steps_per_s, max_steps, dist):
+def plan_last_step(step, seconds_left, steps_per_s, max_steps, env):
     """A wall-clock budget as a step: rank 0's estimate of the step the run reaches in
     seconds_left at steps_per_s, handed to every rank (the sum over ranks of rank 0's value and
     zeros), so that all stop at the same step with the same lr. Never below step nor above
     max_steps. Both trainers' --max-minutes call it at each log line."""
-    plan = step + max(0.0, seconds_left) * steps_per_s if dist.is_main else 0.0
-    plan = all_reduce_sum(torch.tensor(plan, dtype=torch.float64, device=dist.device))
+    plan = step + max(0.0, seconds_left) * steps_per_s if env.is_main else 0.0
+    plan = all_reduce_sum(torch.tensor(plan, dtype=torch.float64, device=env.device))
     return min(max_steps, max(step, int(plan.item())))
 
 

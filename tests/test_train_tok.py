@@ -181,7 +181,7 @@ def test_out_of_memory_names_the_flag_to_change(tmp_path, monkeypatch):
 
 
 def test_global_batch_must_split_over_the_processes(monkeypatch):
-    three = utils.Dist(torch.device('cpu'), 'cpu', world_size=3)
+    three = utils.Env(torch.device('cpu'), 'cpu', world_size=3)
     monkeypatch.setattr(utils, 'setup', lambda device: three)
     with pytest.raises(ValueError, match='--batch-size 8 .global. does not split evenly over 3 '
                                          'processes: pass a multiple of 3'):
@@ -283,10 +283,10 @@ def test_evaluate_matches_direct_computation(tmp_path, monkeypatch):
     monkeypatch.setattr(fid, 'frechet_distance', lambda *stats: received.extend(stats) or 1.5)
     args = train_tok.get_args(FAST + ['--eval-images', '6', '--inception-weights', str(weights),
                                       '--out', str(tmp_path)])
-    dist = utils.setup('cpu')
+    env = utils.setup('cpu')
     model = Tokenizer.from_preset('tiny').eval()
     val_set = build_dataset('synthetic', 32, train=False)
-    metrics = train_tok.evaluate(model, val_set, args, dist, step=7)
+    metrics = train_tok.evaluate(model, val_set, args, env, step=7)
 
     x = torch.stack([val_set[i][0] for i in range(6)])
     with torch.no_grad():

@@ -127,11 +127,11 @@ def test_setup_turns_on_expandable_segments_for_cuda_unless_set(monkeypatch, pre
     switches = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
                 torch.backends.cudnn.benchmark)
     try:
-        dist = utils.setup('cuda')
+        env = utils.setup('cuda')
     finally:
         (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
          torch.backends.cudnn.benchmark) = switches
-    assert dist.device == torch.device('cuda', 0)
+    assert env.device == torch.device('cuda', 0)
     assert seen == [preset or 'expandable_segments:True']
 
 
