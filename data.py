@@ -86,7 +86,7 @@ def crop_image(img, size, train, rng, hflip):
     return x.float() / 127.5 - 1
 
 
-class _Base(torch.utils.data.Dataset):
+class ImageDataset(torch.utils.data.Dataset):
     """Shared __getitem__: item is an index or an (epoch, index) pair; returns None for an
     unreadable image."""
 
@@ -111,7 +111,7 @@ class _Base(torch.utils.data.Dataset):
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 
 
-class ImageFolder(_Base):
+class ImageFolder(ImageDataset):
     """root/<class>/<image>, as torchvision's:
     label = the position of the class folder in sorted order."""
 
@@ -138,7 +138,7 @@ class ImageFolder(_Base):
         return self.paths[i]
 
 
-class NpzImages(_Base):
+class NpzImages(ImageDataset):
     """One or more .npz archives (comma-separated): raw `images` or packed JPEG bytes (image i is
     jpeg[offsets[i]:offsets[i + 1]]); docs/tinyimagenet_to_npz.py writes the second kind."""
 
@@ -183,7 +183,7 @@ class NpzImages(_Base):
         return f"{self.parts[part][0]}[{j}]"
 
 
-class SyntheticShapes(_Base):
+class SyntheticShapes(ImageDataset):
     """Built-in class-conditional data: class c is a shape (c % 5: disc, square, triangle, ring,
     cross) in a colour (c // 5) on a random background, at a random position and size. Image i is a
     pure function of (seed, i)."""
@@ -341,7 +341,7 @@ def _check_made_from(out_dir, made_from):
 
 
 @torch.no_grad()
-def extract_codes(tokenizer, dataset, out_dir, views, batch_size, dist_info, num_workers=4,
+def extract_codes(tokenizer, dataset, out_dir, views, batch_size, env, num_workers=4,
                   source=None, overwrite=False, info=None):
     """Encode every image of `dataset` `views` times (view v = augmentation epoch v: its own random
     crop; an eval dataset gives its centre crop: use views=1). Command line: extract_codes.py.
@@ -361,7 +361,7 @@ def extract_codes(tokenizer, dataset, out_dir, views, batch_size, dist_info, num
 
     from utils import autocast, barrier, weights_checksum
 
-    rank, world = dist_info.rank, dist_info.world_size
+    rank, world = env.rank, env.world_size
     n = len(dataset)
     h = w = dataset.size // tokenizer.downsample
     codes_path, meta_path = os.path.join(out_dir, 'codes.npy'), os.path.join(out_dir, 'meta.json')
@@ -397,19 +397,19 @@ def extract_codes(tokenizer, dataset, out_dir, views, batch_size, dist_info, num
     if os.path.exists(progress_path):
         progress.update(json.load(open(progress_path)))
 
-    mine = list(range(rank, n, world))
-    chunks = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
-    # view-major: all of view 0, then view 1...; progress counts finished jobs, so a resume skips
-    # jobs[:done]
-    jobs = [(v, chunk) for v in range(views) for chunk in chunks]
+    my_images = list(range(rank, n, world))  # image i goes to rank i % world
+    chunks = [my_images[i:i + batch_size] for i in range(0, len(my_images), batch_size)]
+    # view-major: all of view 0, then view 1...; progress counts finished (view, chunk) pairs, so
+    # a resume skips work[:done]
+    work = [(v, chunk) for v in range(views) for chunk in chunks]
     done = progress['chunks_done']
-    batch_sampler = [[(v, i) for i in chunk] for v, chunk in jobs[done:]]
+    batch_sampler = [[(v, i) for i in chunk] for v, chunk in work[done:]]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler,
                                          num_workers=num_workers, collate_fn=list)
     tokenizer.eval()
     for k, batch in enumerate(tqdm(loader, desc=f'extract rank {rank}', initial=done,
-                                   total=len(jobs), disable=rank != 0)):
-        v, chunk = jobs[done + k]
+                                   total=len(work), disable=rank != 0)):
+        v, chunk = work[done + k]
         # an unreadable image (the dataset warns) gets no codes in any view; too many stop the run.
         # The share counts images, not views: one bad file is one of this rank's images however
         # many views read it
@@ -420,16 +420,16 @@ def extract_codes(tokenizer, dataset, out_dir, views, batch_size, dist_info, num
         progress['num_seen'] += len(chunk) if v == 0 else 0
         check_bad_fraction(len(progress['skipped']), progress['num_seen'])
         if good:
-            x = torch.stack([b[0] for _, b in good]).to(dist_info.device)
-            with autocast(dist_info.device_type):  # bf16 on GPU / NPU
+            x = torch.stack([b[0] for _, b in good]).to(env.device)
+            with autocast(env.device_type):  # bf16 on GPU / NPU
                 _, indices, _ = tokenizer.encode(x)  # (B, h, w)
             # rows i of view v: no other rank writes them
             codes[v, [i for i, _ in good]] = indices.cpu().numpy().astype(np.int32)
         # flush the memmap before recording progress: a recorded chunk is always on disk
-        if k % 50 == 49 or done + k + 1 == len(jobs):
+        if k % 50 == 49 or done + k + 1 == len(work):
             codes.flush()
             with open(progress_path + '.tmp', 'w') as f:
-                json.dump({**progress, 'chunks_done': done + k + 1, 'chunks_total': len(jobs)}, f)
+                json.dump({**progress, 'chunks_done': done + k + 1, 'chunks_total': len(work)}, f)
             os.replace(progress_path + '.tmp', progress_path)
     codes.flush()
     barrier()

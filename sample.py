@@ -306,13 +306,13 @@ def main(argv=None):
             json.dump(settings, f, indent=1)
     barrier()
 
-    mine = range(env.rank, len(shards), env.world_size)  # shard s goes to rank s % world
+    my_shards = range(env.rank, len(shards), env.world_size)  # shard s goes to rank s % world
     # shards already on disk (a killed run) are not sampled again
-    todo = [s for s in mine if not (npz and os.path.exists(os.path.join(shard_dir, f'shard{s:06d}.npz')))]
+    todo = [s for s in my_shards if not (npz and os.path.exists(os.path.join(shard_dir, f'shard{s:06d}.npz')))]
     images = {}
     start = time.time()
-    for s in tqdm(todo, desc='sampling', disable=not env.is_main, initial=len(mine) - len(todo),
-                  total=len(mine)):
+    for s in tqdm(todo, desc='sampling', disable=not env.is_main, initial=len(my_shards) - len(todo),
+                  total=len(my_shards)):
         # a stream per shard, not per rank: the images do not depend on the number of GPUs
         generator = torch.Generator(env.device).manual_seed(args.seed * 1_000_003 + s)
         with autocast(env.device_type):

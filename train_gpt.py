@@ -532,6 +532,7 @@ def main(argv=None):
             dist.all_gather_object(rngs, rng_state())
         if env.is_main:
             if evaluate and tokenizer is not None:
+                # ids past the model's classes wrap around (the defaults suit 1000 classes)
                 classes = [int(c) % dataset.num_classes for c in args.sample_classes.split(',')]
                 # 4 samples per class, a row each
                 labels = torch.tensor(classes, device=device).repeat_interleave(4)
