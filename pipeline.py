@@ -45,6 +45,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -115,17 +116,36 @@ def get_args(argv=None):
 
 def run(script, flags):
     """Run `python script flags`, echoing its stdout (progress bars go to stderr as they are);
-    returns the stdout text. A failing stage stops the pipeline."""
+    returns the stdout text. A failing stage stops the pipeline.
+
+    Ctrl-C reaches the stage too (one process group), and the trainers answer it with a
+    checkpoint after their step (utils.StopOnSignal): so the pipeline keeps reading the stage's
+    output until it has exited, rather than leaving at once and closing the pipe the stage
+    writes to. A SIGTERM sent to the pipeline alone is passed on to the stage."""
     command = [sys.executable, '-u', os.path.join(HERE, script)] + [str(f) for f in flags]
     print('$ ' + ' '.join(command[2:]), flush=True)
     lines = []
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as process:
-        for line in process.stdout:
-            print(line, end='', flush=True)
-            lines.append(line)
+        def pass_on(signum, frame):  # the stage stops with a checkpoint; we follow it out
+            process.send_signal(signum)
+        previous = signal.signal(signal.SIGTERM, pass_on)
+        try:
+            try:
+                for line in process.stdout:
+                    print(line, end='', flush=True)
+                    lines.append(line)
+            except KeyboardInterrupt:  # a second Ctrl-C, here, leaves at once
+                print(f"\nwaiting for {script} to stop", file=sys.stderr, flush=True)
+                for line in process.stdout:
+                    print(line, end='', flush=True)
+            process.wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     if process.returncode:
-        sys.exit(f"{script} failed (exit status {process.returncode}); the same pipeline "
-                 "command continues from the stages that finished")
+        stopped = process.returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM)
+        sys.exit(f"{script} {'was stopped' if stopped else 'failed'} (exit status "
+                 f"{process.returncode}); the same pipeline command continues from the stages "
+                 "that finished" + (" and the stage's checkpoint" if stopped else ""))
     return ''.join(lines)
 
 

@@ -102,8 +102,9 @@ class StopOnSignal:
     """Ctrl-C (SIGINT) or SIGTERM (a cluster's preemption or time limit; torchrun passes both on to
     its workers) during training: instead of dying mid-step and losing every step since the last
     checkpoint, the trainer finishes the step, writes a checkpoint and exits with 128 + the
-    signal's number; the same command with --resume continues exactly. A second signal stops at
-    once. Every rank must stop at the same step: under DDP the ranks agree every CHECK_EVERY steps
+    signal's number; the same command with --resume continues exactly. A second Ctrl-C stops at
+    once; a repeated SIGTERM does not (a launcher may pass on the one the job got as well, and a
+    scheduler follows it with SIGKILL when its grace period ends). Every rank must stop at the same step: under DDP the ranks agree every CHECK_EVERY steps
     (one all-reduce of one number, and a host sync), so the stop comes within CHECK_EVERY steps;
     one process checks at every step. The DataLoader workers ignore both signals
     (data.ignore_stop_signals): a terminal sends Ctrl-C to them too, and one that died would end
@@ -117,12 +118,14 @@ class StopOnSignal:
                 self.previous[sig] = signal.signal(sig, self.handle)
 
     def handle(self, signum, frame):
-        if self.signum is not None:  # the second one
+        if self.signum is not None:  # a second one
+            if signum != signal.SIGINT:
+                return
             self.restore()
             raise KeyboardInterrupt
         self.signum = signum
         print(f"\n{signal.Signals(signum).name}: stopping with a checkpoint after this step "
-              "(send it again to stop at once)", file=sys.stderr, flush=True)
+              "(Ctrl-C again stops at once)", file=sys.stderr, flush=True)
 
     def agreed(self, step, device):
         """True on every rank at the same step once any rank received a signal."""

@@ -1,6 +1,13 @@
 """pipeline.py --tiny on CPU: the four stages run in turn on a small .npz, the figures come back,
-the .npz of samples has the ADM layout, and a rerun skips every finished stage."""
+the .npz of samples has the ADM layout, and a rerun skips every finished stage. Ctrl-C or SIGTERM
+during a stage lets the stage finish with its checkpoint."""
+import os
+import signal
+import subprocess
+import sys
+
 import numpy as np
+import pytest
 
 import data
 import pipeline
@@ -85,3 +92,45 @@ def test_a_budget_too_small_for_one_generator_epoch_warns(capsys):
     assert pipeline.plan_epochs(1000.0, 100.0, 15) == 9
     assert capsys.readouterr().err == ''
     assert pipeline.plan_epochs(-152.0, 26.5, 7) == 1  # time already overspent
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a stage that stops as the trainers do (utils.StopOnSignal) and prints at every step: had the
+# pipeline left, closing the pipe, the print after the signal would kill it before its checkpoint
+STAGE = f"""
+import sys, time
+sys.path.insert(0, {ROOT!r})
+import utils
+stop = utils.StopOnSignal()
+print('ready', flush=True)
+for step in range(1, 600):
+    time.sleep(0.05)
+    print(f'step {{step}}', flush=True)
+    if stop.agreed(step, 'cpu'):
+        print(f'checkpoint at step {{step}}', flush=True)
+        stop.exit(step, 'ckpt.pt')
+"""
+
+
+@pytest.mark.parametrize("how", ['ctrl-c', 'sigterm to the pipeline'])
+def test_a_signal_during_a_stage_waits_for_its_checkpoint(tmp_path, how):
+    stage = tmp_path / 'stage.py'
+    stage.write_text(STAGE)
+    driver = f"import sys; sys.path.insert(0, {ROOT!r}); import pipeline; pipeline.run({str(stage)!r}, [])"
+    # a process group of its own, as a shell gives a command it runs
+    process = subprocess.Popen([sys.executable, '-c', driver], start_new_session=True, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        while 'ready' not in process.stdout.readline():
+            assert process.poll() is None
+        if how == 'ctrl-c':  # the terminal signals the whole group: pipeline and stage
+            os.killpg(process.pid, signal.SIGINT)
+        else:  # the pipeline alone, which passes it on
+            os.kill(process.pid, signal.SIGTERM)
+        output = process.communicate(timeout=60)[0]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    code = 128 + (signal.SIGINT if how == 'ctrl-c' else signal.SIGTERM)
+    assert 'checkpoint at step' in output, output[-2000:]
+    assert f'was stopped (exit status {code})' in output and process.returncode == 1

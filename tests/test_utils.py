@@ -5,6 +5,7 @@ import csv
 import errno
 import os
 import random
+import signal
 
 import numpy as np
 import pytest
@@ -177,3 +178,21 @@ def test_cuda_graph_capture_failure_names_the_flag(monkeypatch):
                                          r'rerun without --cuda-graph'):
         graphed(torch.zeros(2, 3, 8, 8))
     assert zeroed == [True, True] and seen == [(2, 3, 8, 8)]  # fn ran inside the capture
+
+
+def test_a_second_ctrl_c_stops_at_once_and_a_repeated_sigterm_does_not():
+    """The trainers' StopOnSignal: the first signal asks for a checkpoint after the step. A launcher
+    may pass on a SIGTERM its job got as well, so SIGTERM never escalates; Ctrl-C twice does."""
+    previous = signal.getsignal(signal.SIGINT)
+    stop = utils.StopOnSignal()
+    try:
+        assert not stop.agreed(0, 'cpu')
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.agreed(1, 'cpu') and stop.signum == signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGTERM)  # still running, still stopping after the step
+        assert stop.signum == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is previous  # the handlers are put back
+    finally:
+        stop.restore()
