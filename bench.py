@@ -398,7 +398,9 @@ def bench_attention():
         for name, mask in (('bool', visible), ('additive', bias)):
             results[f'decode_{slots}_{name}'] = cuda_time(
                 lambda: F.scaled_dot_product_attention(q, keys, values, attn_mask=mask))[0]
-        if slots < 256:  # (all 256: a second compilation; marked dynamic, an error)
+        # the number of slots is symbolic, except for 256: a view of the whole cache is
+        # specialised by Dynamo (one more compilation), and marking it dynamic is an error
+        if slots < 256:
             for t, dim in ((keys, 2), (values, 2), (bias, 1)):
                 torch._dynamo.mark_dynamic(t, dim)
         results[f'decode_{slots}_written_out'] = cuda_time(

@@ -134,7 +134,7 @@ def run(script, flags):
                 for line in process.stdout:
                     print(line, end='', flush=True)
                     lines.append(line)
-            except KeyboardInterrupt:  # a second Ctrl-C, here, leaves at once
+            except KeyboardInterrupt:  # Ctrl-C: the stage got it too; a second one, here, leaves
                 print(f"\nwaiting for {script} to stop", file=sys.stderr, flush=True)
                 for line in process.stdout:
                     print(line, end='', flush=True)

@@ -521,26 +521,29 @@ def main(argv=None):
         log.write({'step': step, 'epoch': epoch, **{name: f'{v:.6f}' for name, v in zip(
             fields[-4:], (ce_pre, ce_post, bits_pre, bits_post))}})
 
-    def evaluate_and_save(evaluate=True):
-        """The held-out loss, a grid of the fixed classes (own RNG, so training randomness is
-        untouched) and a checkpoint; evaluate=False: the checkpoint alone."""
-        if evaluate and val is not None:
+    def evaluate():
+        """The held-out loss (every rank) and a grid of the fixed classes (rank 0; own RNG, so
+        training randomness is untouched)."""
+        if val is not None:
             log_held_out()
+        if env.is_main and tokenizer is not None:
+            # ids past the model's classes wrap around (the defaults suit 1000 classes)
+            classes = [int(c) % dataset.num_classes for c in args.sample_classes.split(',')]
+            # 4 samples per class, a row each
+            labels = torch.tensor(classes, device=device).repeat_interleave(4)
+            generator = torch.Generator(device).manual_seed(args.seed)
+            with autocast(device_type):
+                images = generate_images(raw_model, tokenizer, labels, generator)
+            raw_model.free_caches()  # the KV buffers hold GBs for B/L/XL
+            save_image_grid(images, os.path.join(args.out, f'samples_step{step}.png'), nrow=4)
+
+    def save():
+        """The checkpoint, with every rank's RNG for an exact resume."""
         rngs = [rng_state()]
-        if env.ddp:  # every rank's RNG, for an exact resume
+        if env.ddp:
             rngs = [None] * env.world_size
             dist.all_gather_object(rngs, rng_state())
         if env.is_main:
-            if evaluate and tokenizer is not None:
-                # ids past the model's classes wrap around (the defaults suit 1000 classes)
-                classes = [int(c) % dataset.num_classes for c in args.sample_classes.split(',')]
-                # 4 samples per class, a row each
-                labels = torch.tensor(classes, device=device).repeat_interleave(4)
-                generator = torch.Generator(device).manual_seed(args.seed)
-                with autocast(device_type):
-                    images = generate_images(raw_model, tokenizer, labels, generator)
-                raw_model.free_caches()  # the KV buffers hold GBs for B/L/XL
-                save_image_grid(images, os.path.join(args.out, f'samples_step{step}.png'), nrow=4)
             # an epoch boundary is stored as the start of the next epoch
             position = (epoch + 1,
                         0) if batch_in_epoch == steps_per_epoch else (epoch, batch_in_epoch)
@@ -549,7 +552,7 @@ def main(argv=None):
                 'optimizer': optimizer.state_dict(), 'step': step, 'epoch': position[0],
                 'batch_in_epoch': position[1], 'rng': rngs, 'train_args': vars(args),
                 'tokenizer': tokenizer_info})
-        # the other ranks wait for rank 0's samples and checkpoint: all go on with it on disk
+        # the other ranks wait for rank 0's checkpoint: all go on with it on disk
         barrier()
 
     # the training loop
@@ -643,11 +646,12 @@ def main(argv=None):
                 if not math.isfinite(loss_pre + loss_post):
                     raise RuntimeError(f"loss is {loss_pre + loss_post} at step {step}; lower --lr or check the data")
             if stop.agreed(step, device):  # no evaluation: the grace period may be short
-                evaluate_and_save(evaluate=False)
+                save()
                 progress.close()
                 stop.exit(step, ckpt_path)
             if step % args.eval_every == 0 or step == stop_step:
-                evaluate_and_save()
+                evaluate()
+                save()
             # --max-steps may end mid-epoch: the checkpoint above records the position
             if step == stop_step:
                 break

@@ -104,9 +104,10 @@ class StopOnSignal:
     checkpoint, the trainer finishes the step, writes a checkpoint and exits with 128 + the
     signal's number; the same command with --resume continues exactly. A second Ctrl-C stops at
     once; a repeated SIGTERM does not (a launcher may pass on the one the job got as well, and a
-    scheduler follows it with SIGKILL when its grace period ends). Every rank must stop at the same step: under DDP the ranks agree every CHECK_EVERY steps
-    (one all-reduce of one number, and a host sync), so the stop comes within CHECK_EVERY steps;
-    one process checks at every step. The DataLoader workers ignore both signals
+    scheduler follows it with SIGKILL when its grace period ends). Every rank must stop at the
+    same step: under DDP the ranks agree every CHECK_EVERY steps (one all-reduce of one number,
+    and a host sync), so the stop comes within CHECK_EVERY steps; one process checks at every
+    step. The DataLoader workers ignore both signals
     (data.ignore_stop_signals): a terminal sends Ctrl-C to them too, and one that died would end
     the run before its checkpoint."""
     CHECK_EVERY = 10

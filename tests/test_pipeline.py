@@ -11,6 +11,7 @@ import pytest
 
 import data
 import pipeline
+from conftest import ROOT
 
 # labels with gaps, like Tiny-ImageNet's ImageNet-1k indices: 10 class slots, 4 of them present
 PRESENT = [3, 5, 8, 9]
@@ -94,7 +95,6 @@ def test_a_budget_too_small_for_one_generator_epoch_warns(capsys):
     assert pipeline.plan_epochs(-152.0, 26.5, 7) == 1  # time already overspent
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a stage that stops as the trainers do (utils.StopOnSignal) and prints at every step: had the
 # pipeline left, closing the pipe, the print after the signal would kill it before its checkpoint
 STAGE = f"""

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from tokenizer import (AdaptiveGroupNorm, GroupNorm, Tokenizer, TokenizerConfig,
                        convert_official_tokenizer, depth_to_space)
 from utils import save_checkpoint
+from conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def n_params(module):

@@ -18,7 +18,8 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 import fid
-from conftest import codebook_usage, free_port, read_log, write_random_inception, write_random_lpips
+from conftest import (ROOT, codebook_usage, free_port, read_log, write_random_inception,
+                      write_random_lpips)
 import tokenizer
 import train_tok
 import utils
@@ -119,9 +120,8 @@ def test_ctrl_c_in_a_terminal_with_loader_workers_leaves_a_checkpoint(tmp_path):
     out = tmp_path / 'run'
     command = [sys.executable, 'train_tok.py'] + FAST + ['--max-steps', '100000', '--num-workers',
                                                          '2', '--out', str(out)]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # a process group of its own, as a shell gives a command it runs
-    process = subprocess.Popen(command, cwd=root, start_new_session=True,
+    process = subprocess.Popen(command, cwd=ROOT, start_new_session=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 120
